@@ -1,0 +1,1 @@
+"""metapipe: distributed meta-training on Ray, tracked in MLflow."""

@@ -1,0 +1,59 @@
+"""Meta-test evaluation: adapt to each held-out episode, score its queries, report mean and 95% CI."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.types import MetaLearner, Params
+from tasks.episodes import Episodes
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean of a per-episode metric over ``n`` episodes with its 95% confidence half-width."""
+
+    metric: str
+    mean: float
+    ci95: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.metric == "accuracy":
+            return f"accuracy {100 * self.mean:.2f}% +- {100 * self.ci95:.2f}% (95% CI, {self.n} episodes)"
+        return f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI, {self.n} episodes)"
+
+
+def is_classification(episodes: Episodes) -> bool:
+    """Integer query targets mean classification; floating targets mean regression."""
+    return not episodes.query_y.is_floating_point()
+
+
+def score(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Accuracy for integer targets (predictions are logits), mean squared error otherwise."""
+    if targets.is_floating_point():
+        return float(((predictions - targets) ** 2).mean())
+    return float((predictions.argmax(-1) == targets).float().mean())
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float]:
+    """Mean and 1.96 standard errors (the interval the few-shot papers report)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, 1.96 * math.sqrt(var / n)
+
+
+def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
+    """Adapt to every episode's support set with ``learner.adapt`` and score its queries."""
+    values = []
+    for i in range(len(episodes)):
+        e = episodes[i]
+        predict = learner.adapt(params, e.support_x[0], e.support_y[0])
+        with torch.no_grad():
+            values.append(score(predict(e.query_x[0]), e.query_y[0]))
+    mean, ci = mean_ci95(values)
+    return EvalResult("accuracy" if is_classification(episodes) else "mse", mean, ci, len(values))

@@ -1,0 +1,245 @@
+"""MAML (Finn et al. 2017), first-order MAML and Meta-SGD (Li et al. 2017), as pure functions.
+
+The meta-loss of a batch of episodes is the mean over tasks of the query loss
+after ``inner_steps`` of SGD on the task's support set, starting from the
+meta-parameters. Second-order MAML differentiates through the inner
+gradients; first-order MAML treats them as constants; Meta-SGD learns one
+inner learning rate per parameter (parameters ``inner_lr.<name>``).
+
+Three ways to batch the tasks of a meta-batch compute the same numbers:
+``loop`` (one task at a time with torch.autograd.grad(create_graph=True), the
+way learn2learn and higher do it; the reference), ``stacked`` (all tasks in
+one pass of the network's ``apply_tasks``: batched matmuls and grouped
+convolutions, per-task BatchNorm) and ``vmap`` (torch.func.vmap of the
+per-task function). ``auto`` picks by device, from bench/throughput.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import networks
+from pipeline.config import MAMLAlgorithm, RunConfig
+from pipeline.inner import InnerOptimizer, sgd, unroll
+from pipeline.networks import Conv4, MLP
+from pipeline.types import Metrics, Params, Predictor
+from tasks.episodes import Episodes
+
+LossKind = Literal["cross_entropy", "mse"]
+Batching = Literal["auto", "loop", "stacked", "vmap"]
+LR_PREFIX = "inner_lr."
+
+
+def task_losses(kind: LossKind, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean loss of each task: ``out[..., N, O]`` against ``y[..., N]`` labels or ``y[..., N, O]`` targets."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="none").view(y.shape).mean(-1)
+    return (out - y).square().mean(dim=(-2, -1))
+
+
+def task_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct argmax predictions of each task."""
+    return (out.argmax(-1) == y).to(out.dtype).mean(-1)
+
+
+def resolve_batching(batching: Batching, device: torch.device) -> Batching:
+    """The batching ``auto`` stands for on ``device`` (measured with bench/throughput.py)."""
+    if batching != "auto":
+        return batching
+    return "vmap" if device.type == "cuda" else "stacked"
+
+
+@dataclass(frozen=True)
+class MAML:
+    """Second- or first-order MAML over ``network`` with an SGD inner loop."""
+
+    network: MLP | Conv4
+    loss: LossKind
+    inner_lr: float
+    inner_steps: int = 1
+    eval_inner_steps: int | None = None
+    first_order: bool = False
+    learn_inner_lr: bool = False
+    batching: Batching = "auto"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("cross_entropy", "mse"):
+            raise ValueError(f"MAML.loss must be 'cross_entropy' or 'mse', got {self.loss!r}")
+        if self.batching not in ("auto", "loop", "stacked", "vmap"):
+            raise ValueError(f"MAML.batching must be auto, loop, stacked or vmap, got {self.batching!r}")
+        if not self.inner_lr > 0 or self.inner_steps < 1:
+            raise ValueError(f"MAML: need inner_lr > 0 and inner_steps >= 1, got {self.inner_lr}, {self.inner_steps}")
+
+    def init(self, seed: int, dtype: torch.dtype = torch.float32) -> Params:
+        """The network's initial parameters (plus the Meta-SGD rates, all ``inner_lr``)."""
+        params = self.network.init(seed, dtype)
+        if self.learn_inner_lr:
+            params.update({LR_PREFIX + k: torch.full_like(v, self.inner_lr) for k, v in list(params.items())})
+        return params
+
+    def _inner(self, params: Params) -> tuple[Params, InnerOptimizer]:
+        net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+        if not self.learn_inner_lr:
+            return net, sgd(self.inner_lr)
+        return net, sgd({k: params[LR_PREFIX + k] for k in net})
+
+    def adapt_tasks(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, create_graph: bool
+    ) -> tuple[Params, torch.Tensor]:
+        """Adapted parameters of each task (leading task dimension) and the support losses before adapting."""
+        net, optimizer = self._inner(params)
+        tasks = support_x.shape[0]
+        fast = {k: v.expand(tasks, *v.shape) for k, v in net.items()}
+
+        def losses(p: Params) -> torch.Tensor:
+            return task_losses(self.loss, self.network.apply_tasks(p, support_x), support_y)
+
+        return unroll(losses, fast, optimizer, steps, create_graph)
+
+    def _query(self, fast: Params, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.network.apply_tasks(fast, episodes.query_x)
+        return task_losses(self.loss, out, episodes.query_y), out
+
+    def _metrics(self, losses: torch.Tensor, out: torch.Tensor, y: torch.Tensor, pre: torch.Tensor) -> Metrics:
+        metrics = {"loss": losses.mean().item(), "support_loss": pre.mean().item()}
+        if self.loss == "cross_entropy":
+            metrics["accuracy"] = task_accuracy(out, y).mean().item()
+        return metrics
+
+    def _task_losses(self, params: Params, episodes: Episodes, batching: Batching) -> tuple[torch.Tensor, Metrics]:
+        """Post-adaptation query loss of each task, differentiable w.r.t. ``params``."""
+        create_graph = not self.first_order
+        if batching == "stacked":
+            fast, pre = self.adapt_tasks(params, episodes.support_x, episodes.support_y, self.inner_steps, create_graph)
+            losses, out = self._query(fast, episodes)
+            return losses, self._metrics(losses, out, episodes.query_y, pre)
+        if batching == "vmap":
+            return self._vmap_losses(params, episodes)
+        parts = [self._one_task(params, episodes[i]) for i in range(len(episodes))]
+        losses = torch.cat([p[0] for p in parts])
+        return losses, {k: sum(p[1][k] for p in parts) / len(parts) for k in parts[0][1]}
+
+    def _one_task(self, params: Params, episode: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """The reference: one task through ``network.apply`` with torch.autograd.grad, no task dimension."""
+        net, optimizer = self._inner(params)
+        sx, sy, qx, qy = (t[0] for t in (episode.support_x, episode.support_y, episode.query_x, episode.query_y))
+
+        def losses(p: Params) -> torch.Tensor:
+            return task_losses(self.loss, self.network.apply(p, sx), sy)
+
+        fast, pre = unroll(losses, net, optimizer, self.inner_steps, not self.first_order)
+        out = self.network.apply(fast, qx)
+        loss = task_losses(self.loss, out, qy)
+        return loss[None], self._metrics(loss, out, qy, pre)
+
+    def _vmap_losses(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        net, optimizer = self._inner(params)
+
+        def support_loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return task_losses(self.loss, self.network.apply(p, x), y)
+
+        def one_task(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
+            fast, state = net, optimizer.init(net)
+            pre = support_loss(net, sx, sy)
+            for _ in range(self.inner_steps):
+                grads = torch.func.grad(support_loss)(fast, sx, sy)
+                if self.first_order:
+                    grads = {k: g.detach() for k, g in grads.items()}
+                deltas, state = optimizer.update(grads, state)
+                fast = {k: v + deltas[k] for k, v in fast.items()}
+            out = self.network.apply(fast, qx)
+            return task_losses(self.loss, out, qy), out, pre
+
+        e = episodes
+        losses, out, pre = torch.func.vmap(one_task)(e.support_x, e.support_y, e.query_x, e.query_y)
+        return losses, self._metrics(losses, out, e.query_y, pre)
+
+    def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """Mean post-adaptation query loss over the episodes, differentiable w.r.t. ``params``."""
+        batching = resolve_batching(self.batching, episodes.support_x.device)
+        losses, metrics = self._task_losses(params, episodes, batching)
+        return losses.mean(), metrics
+
+    def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
+        """Gradient of ``meta_loss`` w.r.t. every parameter (the loop path backpropagates task by task)."""
+        batching = resolve_batching(self.batching, episodes.support_x.device)
+        keys = list(params)
+        if batching != "loop":
+            loss, metrics = self.meta_loss(params, episodes)
+            return dict(zip(keys, torch.autograd.grad(loss, [params[k] for k in keys]))), metrics
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        sums: Metrics = {}
+        for i in range(len(episodes)):
+            losses, metrics = self._one_task(params, episodes[i])
+            grads = torch.autograd.grad(losses.sum() / len(episodes), [params[k] for k in keys], allow_unused=True)
+            for k, g in zip(keys, grads):
+                if g is not None:
+                    total[k] += g
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / len(episodes)
+        return total, sums
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to one task with ``eval_inner_steps`` and return its predictor (logits or outputs).
+
+        BatchNorm is transductive, as in MAML: call the predictor on the whole query set at once.
+        """
+        detached = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            fast, _ = self.adapt_tasks(detached, support_x[None], support_y[None], self._eval_steps(), False)
+        fast = {k: v.detach() for k, v in fast.items()}
+
+        def predict(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.network.apply_tasks(fast, query_x[None])[0]
+
+        return predict
+
+    def _eval_steps(self) -> int:
+        return self.eval_inner_steps or self.inner_steps
+
+    def evaluate(
+        self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32
+    ) -> dict[str, torch.Tensor]:
+        """Per-episode query metrics before and after ``steps`` (default ``eval_inner_steps``) of adaptation.
+
+        Returns tensors of shape ``[len(episodes)]``: ``loss``, ``pre_loss`` and, for
+        classification, ``accuracy``, ``pre_accuracy``. Tasks run ``chunk`` at a time.
+        """
+        steps = steps or self._eval_steps()
+        detached = {k: v.detach() for k, v in params.items()}
+        net, _ = self._inner(detached)
+        rows: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(episodes), chunk):
+            part = episodes[start : start + chunk]
+            with torch.enable_grad():
+                fast, _ = self.adapt_tasks(detached, part.support_x, part.support_y, steps, False)
+            with torch.no_grad():
+                row = {}
+                for prefix, p in (("", fast), ("pre_", net)):
+                    out = self.network.apply_tasks({k: v.detach() for k, v in p.items()}, part.query_x)
+                    row[prefix + "loss"] = task_losses(self.loss, out, part.query_y)
+                    if self.loss == "cross_entropy":
+                        row[prefix + "accuracy"] = task_accuracy(out, part.query_y)
+            rows.append(row)
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+def from_config(config: RunConfig) -> MAML:
+    """The MAML learner of ``config`` (algorithm.name == "maml")."""
+    algo = config.algorithm
+    if not isinstance(algo, MAMLAlgorithm):
+        raise ValueError(f"algorithm.name: pipeline.maml builds 'maml', got {algo.name!r}")
+    return MAML(
+        network=networks.from_config(config),
+        loss="mse" if config.task.name == "sinusoid" else "cross_entropy",
+        inner_lr=algo.inner_lr,
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        first_order=algo.first_order,
+        learn_inner_lr=algo.learn_inner_lr,
+        batching=algo.batching,
+    )

@@ -1,0 +1,96 @@
+"""Register a run's logged pyfunc model as a named version in the MLflow model registry.
+
+The version carries the run's test metrics as tags and in its description, and
+links back to the run, so whoever serves ``models:/NAME/VERSION`` knows how it
+tested and where it came from.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.tracking import MlflowClient
+
+MODEL_PATH = "model"
+"""Where the driver logs the pyfunc model inside a run's artifacts."""
+
+
+class RegistryError(RuntimeError):
+    """A run that cannot be registered; the message names the run and what is missing."""
+
+
+def test_metrics(run: Run) -> dict[str, float]:
+    """The run's final ``test/...`` metrics."""
+    return {key: value for key, value in run.data.metrics.items() if key.startswith("test/")}
+
+
+def run_link(tracking_uri: str, run: Run) -> str | None:
+    """The run's page on a tracking server's UI; None for stores without one (sqlite, files)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def version_tags(run: Run) -> dict[str, str]:
+    """Tags of the model version: the test metrics, the source run and its algorithm."""
+    tags = {key: repr(value) for key, value in sorted(test_metrics(run).items())}
+    tags["metapipe.run_id"] = run.info.run_id
+    algorithm = run.data.tags.get("metapipe.algorithm")
+    if algorithm:
+        tags["metapipe.algorithm"] = algorithm
+    return tags
+
+
+def description(run: Run, link: str | None) -> str:
+    """One paragraph: what was tested, how well, and which run produced it."""
+    metrics = test_metrics(run)
+    means = sorted(k for k in metrics if not k.endswith("_ci95") and k != "test/episodes")
+    parts = []
+    for key in means:
+        ci = metrics.get(f"{key}_ci95")
+        parts.append(f"{key} = {metrics[key]:.4g}" + (f" ± {ci:.2g} (95% CI)" if ci is not None else ""))
+    episodes = metrics.get("test/episodes")
+    tested = "; ".join(parts) if parts else "no test metrics logged"
+    if episodes is not None:
+        tested += f" over {int(episodes)} held-out episodes"
+    name = run.info.run_name or run.info.run_id
+    return f"Meta-learner from run {name} ({run.info.run_id}): {tested}." + (f" Run: {link}" if link else "")
+
+
+def register(run_id: str, name: str, tracking_uri: str, await_seconds: int = 60) -> ModelVersion:
+    """Register ``runs:/<run_id>/model`` as a new version of ``name`` and return it.
+
+    Refuses runs that did not finish or have no logged model, naming the run.
+    """
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise RegistryError(f"run {run_id} not found at {tracking_uri}: {e.message}") from None
+    if run.info.status != "FINISHED":
+        raise RegistryError(f"run {run_id} is {run.info.status}: only a FINISHED run's model can be registered")
+    files = {a.path for a in client.list_artifacts(run_id, MODEL_PATH)}
+    if f"{MODEL_PATH}/MLmodel" not in files:
+        raise RegistryError(f"run {run_id} has no logged model: artifact {MODEL_PATH}/MLmodel is missing")
+    _ensure_registered_model(client, name)
+    link = run_link(tracking_uri, run)
+    return client.create_model_version(
+        name=name,
+        source=f"{run.info.artifact_uri.rstrip('/')}/{MODEL_PATH}",
+        run_id=run_id,
+        tags=version_tags(run),
+        run_link=link,
+        description=description(run, link),
+        await_creation_for=await_seconds,
+    )
+
+
+def _ensure_registered_model(client: Any, name: str) -> None:
+    try:
+        client.create_registered_model(name, description="A metapipe meta-learner: adapt to a support set, predict its queries.")
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise RegistryError(f"cannot create registered model {name!r}: {e.message}") from None

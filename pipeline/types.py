@@ -1,0 +1,41 @@
+"""Shared types: parameters, metrics, predictors and the meta-learner contract.
+
+Every algorithm is a small functional object over a dict of meta-parameter
+tensors, so the server, the workers and export never special-case one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from tasks.episodes import Episodes
+
+Params = dict[str, torch.Tensor]
+"""Named tensors, in the style of torch.func (functional_call, grad)."""
+
+Metrics = dict[str, float]
+"""Scalar metrics of one computation, keyed by name (loss, accuracy, ...)."""
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+"""Maps query inputs to logits (classification) or outputs (regression)."""
+
+
+class MetaLearner(Protocol):
+    """The contract every algorithm fulfils; nothing in it knows about Ray."""
+
+    def init(self, seed: int) -> Params:
+        """Fresh meta-parameters, deterministic in ``seed``."""
+        ...
+
+    def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """Differentiable mean meta-loss over the batch of episodes, and its metrics."""
+        ...
+
+    def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
+        """Meta-gradient with the keys of ``params`` (to be applied by a gradient-descent server)."""
+        ...
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to one task's support set (no batch dimension) and return its predictor."""
+        ...

@@ -1,0 +1,1 @@
+"""Task distributions, data sets and the Parquet episode store."""

@@ -1,0 +1,92 @@
+"""Image-classification data for the L2L MLP optimizee: scikit-learn's 8x8 digits, or MNIST.
+
+The digits set (1797 images, bundled with scikit-learn, no download) stands in
+for the paper's MNIST. MNIST is read from torchvision's on-disk layout
+(``<data_root>/MNIST/raw``) when a user has it; nothing is ever downloaded.
+One episode is one optimization problem: ``shots`` training images (the
+support set the optimizee's mini-batches come from) and ``queries`` held-out
+images (the query set it is measured on). Images are flattened, in [0, 1].
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.config import DigitsTask
+from tasks.episodes import Episodes
+
+_FEATURES = {"sklearn": 64, "mnist": 784}
+
+
+def feature_count(task: DigitsTask) -> int:
+    """Input width of the optimizee: 64 (8x8 digits) or 784 (28x28 MNIST)."""
+    return _FEATURES[task.source]
+
+
+def load_images(task: DigitsTask) -> tuple[torch.Tensor, torch.Tensor]:
+    """All images ``[N, features]`` float32 in [0, 1] and labels ``[N]`` int64 (0..9)."""
+    if task.source == "sklearn":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
+        return x, torch.as_tensor(bunch.target, dtype=torch.int64)
+    return _load_mnist(Path(task.data_root or os.environ.get("METAPIPE_DATA", "../shared/data")))
+
+
+def _load_mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision.datasets import MNIST
+
+    raw = root / "MNIST" / "raw"
+    if not raw.is_dir():
+        raise FileNotFoundError(f"task.data_root: MNIST not found at {raw} (torchvision layout; nothing is downloaded)")
+    xs, ys = [], []
+    for train in (True, False):
+        try:
+            data = MNIST(str(root), train=train, download=False)
+        except RuntimeError as e:
+            raise FileNotFoundError(f"task.data_root: cannot read MNIST under {raw}: {e}") from None
+        xs.append(data.data.reshape(len(data.data), -1).float() / 255.0)
+        ys.append(data.targets.long())
+    return torch.cat(xs), torch.cat(ys)
+
+
+@lru_cache(maxsize=4)
+def split(task: DigitsTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed split (``split_seed``) into training and held-out images: ``(x_train, y_train, x_test, y_test)``.
+
+    Cached per task config: episodes decode by index into it.
+    """
+    x, y = load_images(task)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(task.split_seed))
+    n_test = max(1, round(len(x) * task.test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    if task.shots > len(train) or task.queries > len(test):
+        raise ValueError(
+            f"task: shots={task.shots} and queries={task.queries} exceed the {len(train)} training and "
+            f"{len(test)} held-out images of source={task.source!r} (test_fraction={task.test_fraction})"
+        )
+    return x[train], y[train], x[test], y[test]
+
+
+def sample(task: DigitsTask, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """``count`` episodes as indices: ``support_index [count, shots]`` into the training images,
+    ``query_index [count, queries]`` into the held-out ones (each row without repeats)."""
+    x_train, _, x_test, _ = split(task)
+    support = np.argsort(rng.random((count, len(x_train))), axis=1)[:, : task.shots]
+    query = np.argsort(rng.random((count, len(x_test))), axis=1)[:, : task.queries]
+    return {"support_index": support.astype(np.int32), "query_index": query.astype(np.int32)}
+
+
+def decode(task: DigitsTask, fields: dict[str, torch.Tensor]) -> Episodes:
+    """Episodes from stored indices: support ``[B, shots, F]`` / ``[B, shots]``, query likewise."""
+    x_train, y_train, x_test, y_test = split(task)
+    support, query = fields["support_index"].long(), fields["query_index"].long()
+    for name, index, limit in (("support_index", support, len(x_train)), ("query_index", query, len(x_test))):
+        if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < limit:
+            raise ValueError(f"digits field {name}: indices must lie in [0, {limit}), got {int(index.min())}..{int(index.max())}")
+    return Episodes(x_train[support], y_train[support], x_test[query], y_test[query])

@@ -1,0 +1,109 @@
+"""N-way K-shot episodes over an image table, as indices, and their decoding to pixels.
+
+An episode picks N distinct classes (with rotations, a class is a (character,
+rotation) pair, as in the MAML paper) and K+Q distinct images of each: the first
+K support, the other Q queries, so no query image is in the support set. Classes
+come in random order and the order is the label assignment, so labels are
+shuffled per episode.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tasks.episodes import Episodes
+
+
+def distinct(rng: np.random.Generator, population: np.ndarray, size: int) -> np.ndarray:
+    """One uniform random ordered sample of ``size`` distinct values in ``0..population[i]-1`` per row.
+
+    Floyd's algorithm vectorized over rows (exact, no rejection loop), then a
+    random order per row. Returns int64 [len(population), size].
+    """
+    population = np.asarray(population, dtype=np.int64)
+    if np.any(population < size):
+        raise ValueError(f"cannot draw {size} distinct items from a population of {int(population.min())}")
+    rows = len(population)
+    chosen = np.empty((rows, size), dtype=np.int64)
+    for i in range(size):
+        top = population - size + i
+        pick = np.floor(rng.random(rows) * (top + 1)).astype(np.int64)
+        taken = (chosen[:, :i] == pick[:, None]).any(axis=1)
+        chosen[:, i] = np.where(taken, top, pick)
+    order = np.argsort(rng.random((rows, size)), axis=1)
+    return np.take_along_axis(chosen, order, axis=1)
+
+
+def sample(
+    rng: np.random.Generator,
+    class_ids: np.ndarray,
+    class_sizes: np.ndarray,
+    count: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    rotations: bool,
+) -> dict[str, np.ndarray]:
+    """``count`` episodes over the classes ``class_ids`` (table class ids, sizes ``class_sizes``).
+
+    Fields: ``classes`` [count, N] table class ids, ``rotation`` [count, N] quarter
+    turns, ``images`` [count, N, K+Q] image positions within each class.
+    """
+    turns = 4 if rotations else 1
+    if ways > len(class_ids) * turns:
+        raise ValueError(f"{ways}-way episodes need {ways} classes, the split has {len(class_ids) * turns}")
+    small = class_sizes < shots + queries
+    if np.any(small):
+        raise ValueError(
+            f"class {int(class_ids[np.argmax(small)])} has {int(class_sizes[small][0])} images,"
+            f" fewer than shots + queries = {shots + queries}"
+        )
+    virtual = distinct(rng, np.full(count, len(class_ids) * turns), ways)
+    position = virtual // turns
+    classes = class_ids[position]
+    images = distinct(rng, class_sizes[position].reshape(-1), shots + queries).reshape(count, ways, shots + queries)
+    return {
+        "classes": classes.astype(np.uint16 if class_ids.max() < 2**16 else np.int32),
+        "rotation": (virtual % turns).astype(np.uint8),
+        "images": images.astype(np.uint8 if class_sizes.max() <= 256 else np.int32),
+    }
+
+
+def turned(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [4, n, C, H, W]: the table turned by 0, 1, 2 and 3 quarter turns, so decoding is one gather."""
+    return torch.stack([torch.rot90(pixels, k, dims=(-2, -1)) for k in range(4)])
+
+
+def gather(
+    fields: dict[str, torch.Tensor], pixels: torch.Tensor, starts: torch.Tensor, shots: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 support [B, N*K, C, H, W] and query [B, N*Q, C, H, W]: the images the index fields name,
+    each class turned by its rotation.
+
+    ``pixels`` is [turns, n, C, H, W] (``turned`` of the table with rotations, else the table unsqueezed).
+    """
+    turns, n = pixels.shape[:2]
+    rows = starts[fields["classes"].long()].unsqueeze(-1) + fields["images"].long()
+    rows = rows + (fields["rotation"].long() * n).unsqueeze(-1)
+    table = pixels.reshape(turns * n, -1)
+    b = rows.shape[0]
+    return tuple(
+        table.index_select(0, part.reshape(-1)).reshape(b, -1, *pixels.shape[2:])
+        for part in (rows[:, :, :shots], rows[:, :, shots:])
+    )
+
+
+def labels(batch: int, ways: int, per_class: int) -> torch.Tensor:
+    """int64 [batch, ways*per_class]: 0..N-1, each ``per_class`` times, in the order of the images."""
+    return torch.arange(ways).repeat_interleave(per_class).expand(batch, -1).contiguous()
+
+
+def to_episodes(support: torch.Tensor, query: torch.Tensor, ways: int) -> Episodes:
+    """uint8 support/query images [B, N*K, C, H, W] as float episodes in [0, 1] with their labels."""
+    b = support.shape[0]
+    return Episodes(
+        support.to(torch.float32).mul_(1.0 / 255.0),
+        labels(b, ways, support.shape[1] // ways),
+        query.to(torch.float32).mul_(1.0 / 255.0),
+        labels(b, ways, query.shape[1] // ways),
+    )

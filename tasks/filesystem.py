@@ -1,0 +1,56 @@
+"""Local paths and s3:// alike through pyarrow.fs, with atomic writes and whole-file reads.
+
+S3: the endpoint comes from $AWS_ENDPOINT_URL or $METAPIPE_S3_ENDPOINT (e.g.
+http://127.0.0.1:9000), the region from $AWS_REGION / $AWS_DEFAULT_REGION, and
+credentials from the usual AWS environment variables.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``path`` and the path inside it (``bucket/prefix`` for S3, absolute for local)."""
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("METAPIPE_S3_ENDPOINT")
+        options: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+        if endpoint:
+            scheme, _, host = endpoint.rpartition("://")
+            options |= {"endpoint_override": host, "scheme": scheme or "https"}
+        return pafs.S3FileSystem(**options), path.removeprefix("s3://").rstrip("/")
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then move it into place."""
+    parent = path.rsplit("/", 1)[0]
+    fs.create_dir(parent, recursive=True)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with fs.open_output_stream(temporary) as out:
+        out.write(data)
+    fs.move(temporary, path)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    """The whole file; FileNotFoundError when it does not exist."""
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether ``path`` is a file."""
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def delete(fs: pafs.FileSystem, path: str) -> None:
+    """Remove the file ``path`` if it exists."""
+    if exists(fs, path):
+        fs.delete_file(path)
+
+
+ArrowError = (pa.ArrowException, OSError)
+"""What pyarrow raises for I/O problems (missing files, refused connections, denied access)."""

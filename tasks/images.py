@@ -1,0 +1,94 @@
+"""The image table: a data set decoded once into uint8 ``[num_images, C, H, W]``, and its transform.
+
+``to_array`` is the one transform from a PIL image to a table row (the MAML paper's
+resize with PIL LANCZOS: Omniglot 28x28 grayscale, Mini-ImageNet 84x84 RGB);
+``preprocess`` applies exactly that transform to a user's images, so an exported
+model sees the same inputs it was trained on. Omniglot polarity: ink is 1.0 and
+paper 0.0 (the PNGs draw black ink on white, so grayscale values are inverted).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from tasks.config import MiniImageNetTask, OmniglotTask
+from tasks.errors import StoreError
+
+ImageTaskConfig = OmniglotTask | MiniImageNetTask
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """All images of a data set; the images of one class are contiguous and classes ascend."""
+
+    pixels: np.ndarray
+    """uint8 [num_images, C, H, W]"""
+    classes: np.ndarray
+    """int32 [num_images]: class id of each image, 0..num_classes-1"""
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.pixels.dtype != np.uint8 or self.pixels.ndim != 4:
+            raise ValueError(f"image table pixels must be uint8 [n, C, H, W], got {self.pixels.dtype} {self.pixels.shape}")
+        if len(self.classes) != len(self.pixels) or np.any(np.diff(self.classes) < 0):
+            raise ValueError("image table classes must give one ascending class id per image")
+
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 [num_classes]: row of the first image of each class."""
+        return np.searchsorted(self.classes, np.arange(len(self.class_names)))
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """int64 [num_classes]: images per class."""
+        return np.bincount(self.classes, minlength=len(self.class_names))
+
+
+def to_array(image: Image.Image, task: ImageTaskConfig) -> np.ndarray:
+    """One image as a uint8 [C, H, W] table row: LANCZOS resize to ``task.image_size``; Omniglot ink = 255."""
+    size = (task.image_size, task.image_size)
+    if task.name == "omniglot":
+        gray = np.asarray(image.convert("L").resize(size, Image.LANCZOS), dtype=np.uint8)
+        return (255 - gray)[None]
+    rgb = np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8)
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
+
+
+def preprocess(images: list[Image.Image], task: ImageTaskConfig) -> torch.Tensor:
+    """A user's images as model inputs: float32 [N, C, H, W] in [0, 1], the transform of the table."""
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    return torch.from_numpy(np.stack([to_array(im, task) for im in images])).float().div_(255.0)
+
+
+def to_parquet(table: ImageTable) -> bytes:
+    """The table as Parquet bytes (deterministic: same table, same bytes)."""
+    n, c, h, w = table.pixels.shape
+    flat = pa.array(table.pixels.reshape(-1), type=pa.uint8())
+    arrow = pa.table(
+        {"pixels": pa.FixedSizeListArray.from_arrays(flat, c * h * w), "class": pa.array(table.classes, pa.int32())},
+        metadata={"shape": json.dumps([c, h, w]), "class_names": json.dumps(list(table.class_names))},
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow, sink, compression="zstd", use_dictionary=False, write_statistics=False)
+    return sink.getvalue().to_pybytes()
+
+
+def from_parquet(data: bytes, source: str) -> ImageTable:
+    """Read a table written by ``to_parquet``; ``source`` names the file in errors."""
+    try:
+        arrow = pq.read_table(pa.BufferReader(data))
+        meta = arrow.schema.metadata or {}
+        shape = json.loads(meta[b"shape"])
+        names = tuple(json.loads(meta[b"class_names"]))
+        pixels = arrow.column("pixels").combine_chunks().flatten().to_numpy().reshape(-1, *shape).copy()
+        classes = arrow.column("class").to_numpy().astype(np.int32)
+        return ImageTable(pixels, classes, names)
+    except (pa.ArrowException, KeyError, ValueError) as e:
+        raise StoreError(f"{source}: not a valid image table ({e})") from None

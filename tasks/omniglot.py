@@ -1,0 +1,122 @@
+"""Omniglot (Lake et al. 2015): 1623 characters of 50 alphabets, 20 drawings each, 105x105 PNGs.
+
+Read from ``<root>/omniglot`` in one of three layouts, tried in this order:
+the original zips (``images_background.zip``, ``images_evaluation.zip``),
+torchvision's download folder (``omniglot-py/images_background/...``), or the
+unzipped folders (``images_background/...``). Characters are sorted by
+(alphabet, character folder), permuted with ``task.split_seed``: the first
+``train_characters`` are meta-training, the next ``val_characters`` validation
+and the rest (423 by default) test. Rotations are applied when episodes are
+decoded, so the table holds each drawing once.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tasks.config import OmniglotTask
+from tasks.datasets import data_root
+from tasks.errors import DatasetError
+from tasks.images import ImageTable, to_array
+
+SETS = ("images_background", "images_evaluation")
+SOURCE_SIZE = (105, 105)
+
+Member = tuple[str, str, str, Callable[[], bytes]]
+"""(alphabet, character, file name, read bytes) of one drawing."""
+
+
+def locate(root: Path) -> tuple[str, list[Path]]:
+    """The layout found under ``root/omniglot`` and its two set locations (zips or folders)."""
+    base = root / "omniglot"
+    layouts = {
+        "zip": [base / f"{s}.zip" for s in SETS],
+        "torchvision": [base / "omniglot-py" / s for s in SETS],
+        "folder": [base / s for s in SETS],
+    }
+    for name, paths in layouts.items():
+        if all(p.exists() for p in paths):
+            return name, paths
+    tried = "; ".join(" + ".join(str(p) for p in paths) for paths in layouts.values())
+    raise DatasetError(
+        f"Omniglot not found under {base}: expected one of {tried}"
+        " (run `python -m pipeline download omniglot` with internet, or set task.data_root / METAPIPE_DATA)"
+    )
+
+
+def _zip_members(path: Path, top: str) -> Iterator[Member]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: not a readable zip ({e})") from None
+    for name in sorted(archive.namelist()):
+        if name.endswith("/"):
+            continue
+        parts = name.split("/")
+        if len(parts) != 4 or parts[0] != top or not parts[3].endswith(".png"):
+            raise DatasetError(f"{path}: unexpected member {name} (expected {top}/<Alphabet>/<characterNN>/<id>.png)")
+        yield parts[1], parts[2], f"{path}:{name}", lambda name=name: archive.read(name)
+
+
+def _folder_members(path: Path) -> Iterator[Member]:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        parts = file.relative_to(path).parts
+        if len(parts) != 3 or file.suffix != ".png":
+            raise DatasetError(f"{path}: unexpected file {file} (expected <Alphabet>/<characterNN>/<id>.png)")
+        yield parts[0], parts[1], str(file), file.read_bytes
+
+
+def _members(layout: str, paths: list[Path]) -> Iterator[Member]:
+    for top, path in zip(SETS, paths):
+        yield from _zip_members(path, top) if layout == "zip" else _folder_members(path)
+
+
+def _decode(name: str, data: bytes, task: OmniglotTask) -> np.ndarray:
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{name}: unreadable image ({e})") from None
+    if image.size != SOURCE_SIZE:
+        raise DatasetError(f"{name}: image is {image.size[0]}x{image.size[1]}, Omniglot drawings are 105x105")
+    return to_array(image, task)
+
+
+def load(task: OmniglotTask) -> ImageTable:
+    """Every drawing, one class per character, checked against ``task.characters`` and ``task.drawings``."""
+    layout, paths = locate(data_root(task.data_root))
+    by_character: dict[tuple[str, str], list[tuple[str, Callable[[], bytes]]]] = {}
+    for alphabet, character, name, read in _members(layout, paths):
+        by_character.setdefault((alphabet, character), []).append((name, read))
+    where = " and ".join(str(p) for p in paths)
+    if len(by_character) != task.characters:
+        raise DatasetError(
+            f"{where}: found {len(by_character)} character folders, expected {task.characters}"
+            " (a class is missing or extra; check the download)"
+        )
+    pixels, classes, names = [], [], []
+    for cls, key in enumerate(sorted(by_character)):
+        files = sorted(by_character[key])
+        if len(files) != task.drawings:
+            folder = files[0][0].rsplit("/", 1)[0]
+            raise DatasetError(f"{folder}: {len(files)} drawings, expected {task.drawings}")
+        pixels.extend(_decode(name, read(), task) for name, read in files)
+        classes.extend([cls] * len(files))
+        names.append("/".join(key))
+    return ImageTable(np.stack(pixels), np.asarray(classes, dtype=np.int32), tuple(names))
+
+
+def split_classes(task: OmniglotTask, table: ImageTable) -> dict[str, np.ndarray]:
+    """Class ids of the train, val and test characters: a fixed permutation by ``task.split_seed``."""
+    order = np.random.default_rng(task.split_seed).permutation(len(table.class_names))
+    cut = task.train_characters, task.train_characters + task.val_characters
+    return {
+        "train": np.sort(order[: cut[0]]),
+        "val": np.sort(order[cut[0] : cut[1]]),
+        "test": np.sort(order[cut[1] :]),
+    }

@@ -1,0 +1,30 @@
+"""Sinusoid regression of the MAML paper: y = A sin(x - phase), A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tasks.config import SinusoidTask
+from tasks.episodes import Episodes
+
+
+def sample(task: SinusoidTask, rng: np.random.Generator, count: int) -> dict[str, np.ndarray]:
+    """``count`` tasks, each with K support and Q query points, plus the amplitude and phase that made them."""
+    amplitude = rng.uniform(*task.amplitude, size=(count, 1, 1))
+    phase = rng.uniform(*task.phase, size=(count, 1, 1))
+    x = rng.uniform(*task.x_range, size=(count, task.shots + task.queries, 1))
+    y = amplitude * np.sin(x - phase)
+    k = task.shots
+    return {
+        "support_x": x[:, :k].astype(np.float32),
+        "support_y": y[:, :k].astype(np.float32),
+        "query_x": x[:, k:].astype(np.float32),
+        "query_y": y[:, k:].astype(np.float32),
+        "amplitude": amplitude.reshape(count).astype(np.float32),
+        "phase": phase.reshape(count).astype(np.float32),
+    }
+
+
+def decode(task: SinusoidTask, fields: dict[str, torch.Tensor]) -> Episodes:
+    """The stored fields as an episode batch (amplitude and phase are kept for audit only)."""
+    return Episodes(fields["support_x"], fields["support_y"], fields["query_x"], fields["query_y"])

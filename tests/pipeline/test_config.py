@@ -1,0 +1,96 @@
+"""Run config: validation before any cluster work, errors that name key and value, --set overrides."""
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import ConfigError, RunConfig, apply_overrides, load_config, validate
+
+BASE = {"task": {"name": "sinusoid"}, "store": {"path": "episodes/sinusoid"}}
+
+
+def write(tmp_path, raw):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_fill_a_minimal_config(tmp_path):
+    cfg = load_config(write(tmp_path, BASE))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.algorithm.name == "maml" and cfg.train.workers == 1
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.stepz"):
+        load_config(write(tmp_path, {**BASE, "train": {"stepz": 3}}))
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.steps.*'many'"):
+        load_config(write(tmp_path, {**BASE, "train": {"steps": "many"}}))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.workers=0", "train.workers"), ("algorithm.inner_lr=-1", "algorithm.inner_lr"), ("task.shots=0", "task.shots")],
+    ids=["zero-workers", "negative-lr", "zero-shots"],
+)
+def test_impossible_values_are_refused(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(write(tmp_path, BASE), [override])
+
+
+def test_set_overrides_dotted_keys(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["algorithm.inner_lr=0.4", "train.mode=async", "task.shots=5"])
+    assert cfg.algorithm.inner_lr == 0.4 and cfg.train.mode == "async" and cfg.task.shots == 5
+
+
+def test_set_without_equals_or_into_a_value(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(write(tmp_path, BASE), ["train.steps"])
+    with pytest.raises(ConfigError, match="train.steps is not a section"):
+        apply_overrides({"train": {"steps": 3}}, ["train.steps.x=1"])
+
+
+def test_conv4_needs_an_image_task():
+    with pytest.raises(ConfigError, match="conv4 needs an image task"):
+        validate({**BASE, "model": {"network": "conv4"}})
+
+
+def test_meta_batch_below_workers():
+    with pytest.raises(ConfigError, match=r"meta_batch \(1\) must be at least train.workers \(2\)"):
+        validate({**BASE, "train": {"meta_batch": 1, "workers": 2}})
+
+
+def test_config_is_frozen():
+    cfg = validate(BASE)
+    with pytest.raises(Exception):
+        cfg.train.steps = 5
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="expected a YAML mapping"):
+        load_config(bad)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+        lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+        max_leaves=10,
+    )
+)
+def test_fuzzed_configs_either_validate_or_raise_config_error(raw):
+    try:
+        validate(raw if isinstance(raw, dict) else {"task": raw, "store": {"path": "x"}})
+    except ConfigError as e:
+        assert str(e).startswith("invalid config")

@@ -1,0 +1,91 @@
+"""End to end on a real local Ray: sinusoid MAML with 2 workers, MLflow (SQLite), export, resume."""
+import math
+
+import mlflow
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline import driver
+from pipeline.config import validate
+from pipeline.export import load
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def sinusoid_config(tmp_path, **train):
+    return validate(
+        {
+            "name": "test-sinusoid",
+            "seed": 3,
+            "task": {"name": "sinusoid", "shots": 10, "queries": 10},
+            "store": {"path": str(tmp_path / "episodes"), "train_episodes": 2000, "val_episodes": 20, "test_episodes": 40, "shard_episodes": 500},
+            "model": {"network": "mlp", "hidden": [40, 40]},
+            "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
+            "optimizer": {"lr": 0.01},
+            "train": {"meta_batch": 8, "workers": 2, "val_episodes": 20, "test_episodes": 40, "log_every": 1, **train},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        }
+    )
+
+
+def history(client, run_id, key):
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_train_two_workers_tracks_exports_and_serves(tmp_path):
+    config = sinusoid_config(tmp_path, steps=150, val_every=50, checkpoint_every=50)
+    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
+    client = MlflowClient(config.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.steps == 150
+    loss = history(client, result.run_id, "train/loss")
+    assert sorted(loss) == list(range(1, 151))
+    first, last = sum(loss[s] for s in range(1, 11)) / 10, sum(loss[s] for s in range(141, 151)) / 10
+    assert last < first
+    assert set(history(client, result.run_id, "val/mse")) == {50, 100, 150}
+    for key in ("time/compute_s", "time/pull_s", "time/push_s", "time/wait_s", "throughput/episodes_per_s", "server/staleness"):
+        assert key in run.data.metrics
+    assert run.data.params["algorithm.inner_lr"] == "0.01"
+    assert math.isfinite(run.data.metrics["test/mse"]) and run.data.metrics["test/episodes"] == 40
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"checkpoints", "export", "model", "plots", "test_results.json"} <= artifacts
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
+
+    learner = load(tmp_path / "export")
+    x = torch.linspace(-5, 5, 10).unsqueeze(1)
+    y = 2.0 * torch.sin(x - 0.5)
+    predict = learner.adapt(x, y)
+    assert predict(x).shape == (10, 1)
+
+    mlflow.set_tracking_uri(config.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    out = model.predict({"support_x": x.numpy(), "support_y": y.numpy(), "query_x": x.numpy()})
+    assert len(out) == 10
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    full = driver.train(sinusoid_config(tmp_path / "a", steps=12, val_every=6, checkpoint_every=6), progress=False)
+    part_config = sinusoid_config(tmp_path / "b", steps=6, val_every=6, checkpoint_every=6)
+    part = driver.train(part_config, progress=False)
+    resumed = driver.train(sinusoid_config(tmp_path / "b", steps=12, val_every=6, checkpoint_every=6), resume=part.run_id, progress=False)
+    assert resumed.run_id == part.run_id and resumed.steps == 12
+    a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), full.run_id, "train/loss")
+    b = history(MlflowClient(part_config.tracking.uri), part.run_id, "train/loss")
+    for step in range(7, 13):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    part = driver.train(sinusoid_config(tmp_path, steps=2, val_every=2, checkpoint_every=2), progress=False)
+    changed = sinusoid_config(tmp_path, steps=4, val_every=2, checkpoint_every=2).model_copy(update={"seed": 4})
+    with pytest.raises(driver.TrainingError, match=r"config differs .*seed"):
+        driver.train(changed, resume=part.run_id, progress=False)
