@@ -1,1 +1,19 @@
-"""metapipe: distributed meta-training on Ray, tracked in MLflow."""
+"""metapipe: distributed meta-training on Ray, tracked in MLflow.
+
+``pipeline.load(DIR)`` loads an exported meta-learner (see pipeline/export.py).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pipeline.export import ExportedLearner
+
+
+def load(path: str | Path) -> ExportedLearner:
+    """Load an export directory: ``learner.adapt(support_x, support_y)(query_x)``."""
+    from pipeline.export import load as load_export
+
+    return load_export(path)

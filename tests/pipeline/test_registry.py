@@ -28,7 +28,7 @@ def make_run(store: tuple[str, str], tmp_path: Path, model: bool = True, status:
         client.log_metric(run.info.run_id, key, value, step=20)
     client.log_metric(run.info.run_id, "train/loss", 0.5, step=20)
     if model:
-        (tmp_path / "model").mkdir()
+        (tmp_path / "model").mkdir(parents=True)
         (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
         client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
     if status != "RUNNING":
@@ -59,11 +59,13 @@ def test_registering_again_adds_a_version(store: tuple[str, str], tmp_path: Path
     assert (int(first.version), int(second.version)) == (1, 2)
 
 
-def test_run_link_only_for_a_server() -> None:
-    client_run = type("R", (), {})()
-    client_run.info = type("I", (), {"experiment_id": "3", "run_id": "abc"})()
-    assert run_link("http://127.0.0.1:5000/", client_run) == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
-    assert run_link("sqlite:///mlflow.db", client_run) is None
+def test_run_link_only_for_a_server(store: tuple[str, str]) -> None:
+    uri, experiment = store
+    client = MlflowClient(uri)
+    run = client.get_run(client.create_run(experiment).info.run_id)
+    link = run_link("http://127.0.0.1:5000/", run)
+    assert link == f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run.info.run_id}"
+    assert run_link(uri, run) is None
 
 
 def test_description_and_tags_of_a_run_without_test_metrics(store: tuple[str, str], tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def write_omniglot(root: Path, layout: str) -> Path:
 def small_omniglot_task(root: Path, **changes) -> OmniglotTask:
     """The task config matching ``write_omniglot``: 12 characters (6 train, 2 val, 4 test), 6 drawings."""
     fields = dict(
-        data_root=str(root), characters=12, drawings=DRAWINGS, train_characters=6, val_characters=2,
+        data_root=str(root) if root else None, characters=12, drawings=DRAWINGS, train_characters=6, val_characters=2,
         ways=5, shots=1, queries=2,
     )
     return OmniglotTask(**(fields | changes))
