@@ -12,6 +12,7 @@
 # Settings, from the environment:
 #   RAY_HEAD_PORT (6379)  RAY_DASHBOARD_PORT (8265)  RAY_CLIENT_PORT (10001)
 #   RAY_AGENT_PORT (52365)  RAY_NUM_CPUS (all cores)  RAY_NUM_GPUS (detected)
+#   RAY_LOGGER_LEVEL (warning: at info, Ray logs job env vars, credentials included)
 #   RAY_HEAD_DIR  state: pid file, log, Ray's temp dir (default /tmp/metapipe-ray-$USER; keep it short,
 #                 Ray's socket paths live under it)
 #   METAPIPE_VENV the environment to run (default: the project's .venv)
@@ -44,7 +45,8 @@ start() {
   fi
   [[ -x $venv/bin/ray ]] || { echo "error: no ray in $venv (set METAPIPE_VENV or install requirements.txt)" >&2; exit 2; }
   mkdir -p "$dir"
-  export PATH="$venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0
+  # Ray's runtime-env agent logs each job's env_vars (the credentials `pipeline submit` forwards) at INFO.
+  export PATH="$venv/bin:$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_LOGGER_LEVEL=${RAY_LOGGER_LEVEL:-warning}
   local resources=(--num-cpus="${RAY_NUM_CPUS:-$(nproc)}")
   [[ -n ${RAY_NUM_GPUS:-} ]] && resources+=(--num-gpus="$RAY_NUM_GPUS")
   # --block keeps `ray start` in the foreground: stopping its PID stops every process of this head.

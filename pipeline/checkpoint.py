@@ -18,15 +18,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import adam
+from pipeline.errors import CheckpointError
 from pipeline.server import ServerState
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, altered or of another format; names the file."""
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
-from pipeline.export import ExportError
-from pipeline.runs import RunError
+from pipeline.errors import CheckpointError, ExportError, RunError, TrainingError
 from tasks.errors import DatasetError, StoreError
 
 USER_ERRORS = (ConfigError, StoreError, DatasetError, CheckpointError, ExportError, RunError)
@@ -119,7 +117,7 @@ def _add_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.driver import TrainingError, train
+    from pipeline.driver import train
 
     overrides = [f"{key}={value}" for key, value in (("train.workers", args.workers), ("train.steps", args.steps), ("seed", args.seed)) if value is not None]
     config = load_config(args.config, overrides + args.set)

@@ -64,7 +64,12 @@ class GradientMetaLearner(Strict):
     inner_steps: int = Field(1, ge=1)
     eval_inner_steps: int | None = Field(None, ge=1, description="inner steps at evaluation; default inner_steps")
     learn_inner_lr: bool = Field(False, description="Meta-SGD: one learnable inner learning rate per parameter")
-    batching: Literal["auto", "loop", "vmap"] = Field("auto", description="how tasks of a meta-batch are batched")
+    batching: Literal["auto", "loop", "stacked", "vmap"] = Field(
+        "auto", description="how tasks of a meta-batch are batched (see bench/throughput.py)"
+    )
+    task_chunk: int | None = Field(
+        None, ge=1, description="tasks per stacked pass; default 8 for conv4 on a CPU, else the whole meta-batch"
+    )
 
 
 class MAMLAlgorithm(GradientMetaLearner):

@@ -23,12 +23,14 @@ from tqdm import tqdm
 from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.evaluation import EvalResult, evaluate
+from pipeline.errors import TrainingError
 from pipeline.export import export
 from pipeline.flat_params import Layout
 from pipeline.learners import build_learner
 from pipeline.server import ParameterServer, ServerState
 from pipeline.tracking import Tracker, flatten
-from pipeline.worker import EpisodeWorker, StepReport
+from pipeline.pool import WorkerPool
+from pipeline.worker import StepReport
 from tasks.store import Store, precompute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +39,6 @@ WORKER_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "1000000000",
     "MALLOC_TRIM_THRESHOLD_": "1000000000",
 }
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite gradients in a row); a checkpoint was written."""
 
 
 @dataclass(frozen=True)
@@ -77,26 +75,6 @@ def start_ray(config: RunConfig) -> dict[str, float]:
     if gpus and need > gpus:
         raise TrainingError(f"train.workers x train.gpus_per_worker needs {need} GPUs, the cluster has {gpus}")
     return resources
-
-
-def split_batch(meta_batch: int, workers: int) -> list[int]:
-    """Episodes per worker per step: the meta-batch spread as evenly as possible."""
-    return [meta_batch // workers + (i < meta_batch % workers) for i in range(workers)]
-
-
-def make_workers(config: RunConfig, resources: dict[str, float], positions: list[dict | None]) -> list[Any]:
-    """One actor per worker: a GPU each when the cluster has GPUs, else an equal CPU share."""
-    n = config.train.workers
-    gpus = resources.get("GPU", 0.0)
-    cpus = max(resources.get("CPU", 1.0), 1.0)
-    share = cpus / n
-    options: dict[str, Any] = {"num_cpus": min(share, 1.0) if gpus else share, "max_restarts": 0}
-    if gpus:
-        options["num_gpus"] = config.train.gpus_per_worker
-    threads = max(1, int(share))
-    raw = config.model_dump(mode="json")
-    actor = ray.remote(EpisodeWorker).options(**options)
-    return [actor.remote(i, n, raw, b, positions[i], threads) for i, b in enumerate(split_batch(config.train.meta_batch, n))]
 
 
 def summarize(reports: list[StepReport], wall: float) -> dict[str, float]:
@@ -142,7 +120,7 @@ class Run:
             .options(num_cpus=0)
             .remote(state, config.optimizer, t.steps, t.workers, t.mode, t.max_staleness)
         )
-        self.workers = make_workers(config, resources, positions)
+        self.workers = WorkerPool(config, resources, positions)
         self.version = state.version
 
     def _restore(self) -> tuple[ServerState, list[dict | None], float | None]:
@@ -160,7 +138,7 @@ class Run:
 
     def params(self) -> dict[str, torch.Tensor]:
         _, flat = ray.get(self.server.pull.remote())
-        return self.layout.unflatten(torch.from_numpy(flat))
+        return self.layout.unflatten(torch.from_numpy(flat.copy()))
 
     def validate(self) -> dict[str, float]:
         result = evaluate(self.learner, self.params(), self.val)
@@ -174,8 +152,7 @@ class Run:
 
     def save_checkpoint(self, name: str) -> None:
         state = ray.get(self.server.state.remote())
-        positions = ray.get([w.position.remote() for w in self.workers])
-        ckpt = checkpoint.Checkpoint(state, positions, self.best_val, self.config.model_dump(mode="json"), {})
+        ckpt = checkpoint.Checkpoint(state, self.workers.positions, self.best_val, self.config.model_dump(mode="json"), {})
         path = checkpoint.save(self.scratch / name, ckpt)
         self.tracker.log_artifacts(path, f"checkpoints/{name}")
 
@@ -204,6 +181,7 @@ class Run:
         bar.update(advanced)
         metrics = summarize(reports, wall)
         metrics.update({f"server/{k}": v for k, v in stats.items() if k not in ("version", "bad_in_a_row")})
+        metrics["faults/worker_restarts"] = self.workers.restarts
         last = self.version >= t.steps
         if self.version % t.val_every == 0 or last:
             metrics.update(self.validate())
@@ -217,19 +195,21 @@ class Run:
     def _sync_loop(self, bar: tqdm) -> None:
         while self.version < self.config.train.steps:
             start = time.perf_counter()
-            reports = ray.get([w.step.remote(self.server) for w in self.workers])
+            reports = self.workers.step_all(self.server)
             self._after_step(reports, time.perf_counter() - start, bar)
 
     def _async_loop(self, bar: tqdm) -> None:
-        started = {w.step.remote(self.server): (i, time.perf_counter()) for i, w in enumerate(self.workers)}
+        n = len(self.workers.actors)
+        started = {self.workers.submit(i, self.server): (i, time.perf_counter()) for i in range(n)}
         while self.version < self.config.train.steps:
             ready, _ = ray.wait(list(started), num_returns=1)
             i, start = started.pop(ready[0])
-            report = ray.get(ready[0])
+            report = self.workers.result(i, ready[0], self.server)
             self._after_step([report], time.perf_counter() - start, bar)
             if self.version < self.config.train.steps:
-                started[self.workers[i].step.remote(self.server)] = (i, time.perf_counter())
-        ray.get(list(started))
+                started[self.workers.submit(i, self.server)] = (i, time.perf_counter())
+        for ref, (i, _) in started.items():
+            self.workers.result(i, ref, self.server)
 
     def finish(self, export_dir: str | Path | None) -> TrainResult:
         """Meta-test the best parameters, export them, log the model; returns the result."""
@@ -271,8 +251,8 @@ class Run:
         self.tracker.log_artifact(path, "plots")
 
     def shutdown(self, status: str | None = None) -> None:
-        for actor in [self.server, *self.workers]:
-            ray.kill(actor)
+        self.workers.stop()
+        ray.kill(self.server)
         if status:
             self.tracker.finish(status)
 

@@ -15,15 +15,12 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import sha256_file
 from pipeline.config import RunConfig, validate
+from pipeline.errors import ExportError
 from pipeline.learners import build_learner
 from pipeline.types import Params, Predictor
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, META = "weights.safetensors", "config.json", "export.json"
-
-
-class ExportError(ValueError):
-    """An export directory that cannot be loaded; the message names the file and the problem."""
 
 
 def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:

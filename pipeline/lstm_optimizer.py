@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from pipeline.config import RunConfig
 from pipeline.types import Metrics, Params, Predictor
+from tasks.digits import feature_count
 from tasks.episodes import Episodes
 
 LSTMState = tuple[torch.Tensor, ...]
@@ -251,6 +252,7 @@ def episode_generator(episodes: Episodes, salt: int = 0) -> torch.Generator:
 # ---- unrolling ----
 
 
+@torch.enable_grad()
 def unroll(
     params: Params,
     problem: Problem,
@@ -269,7 +271,8 @@ def unroll(
     segment's share of the meta-loss (sum of mean losses after each update,
     divided by ``steps``), still attached to ``params``; then the optimizee and
     LSTM states are detached. ``checkpoint`` recomputes each LSTM update in the
-    backward pass instead of storing its activations.
+    backward pass instead of storing its activations. Runs with autograd on even
+    under ``torch.no_grad()``: the optimizee's own gradients need it.
     """
     if steps < 1:
         raise ValueError(f"unroll: steps must be >= 1, got {steps}")
@@ -291,7 +294,7 @@ def unroll(
     state = init_state(params, theta.numel())
     segment = theta.new_zeros(())
     for t in range(steps):
-        if checkpoint and torch.is_grad_enabled():
+        if checkpoint:
             step, *state = _checkpoint(update, grad, *state, *values, use_reentrant=False)
         else:
             step, *state = update(grad, *state, *values)
@@ -373,8 +376,7 @@ class L2L:
                 if g is not None:
                     grads[k] += g
 
-        with torch.enable_grad():
-            curve, _ = self._run(leaves, episodes, self.truncation, accumulate)
+        curve, _ = self._run(leaves, episodes, self.truncation, accumulate)
         return grads, self._metrics(total[0], curve)
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
@@ -382,8 +384,7 @@ class L2L:
         episode = Episodes(support_x[None], support_y[None], support_x[None], support_y[None])
         fixed = {k: v.detach() for k, v in params.items()}
         problem = self.optimizee.problem(episode.support_x, episode.support_y, self.unroll, episode_generator(episode))
-        with torch.enable_grad():
-            _, theta = unroll(fixed, problem, self.unroll, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
+        _, theta = unroll(fixed, problem, self.unroll, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             return problem.predict(theta, x[None])[0]
@@ -400,8 +401,7 @@ class L2L:
     def curve(self, params: Params, problem: Problem, steps: int) -> torch.Tensor:
         """Loss curve ``[steps + 1, B]`` of the learned optimizer on ``problem`` (evaluation, no meta-gradient)."""
         fixed = {k: v.detach() for k, v in params.items()}
-        with torch.enable_grad():
-            curve, _ = unroll(fixed, problem, steps, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
+        curve, _ = unroll(fixed, problem, steps, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
         return curve
 
 
@@ -411,8 +411,6 @@ def optimizee_from_config(config: RunConfig) -> Optimizee:
     if task.name == "quadratic":
         return Quadratic()
     if task.name == "digits":
-        from tasks.digits import feature_count
-
         model = config.model
         if model.network != "mlp":
             raise ValueError(f"model.network: the digits optimizee is an mlp, got {model.network!r}")

@@ -24,6 +24,7 @@ first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ from pipeline.networks import Conv4
 from pipeline.networks import from_config as network_from_config
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 INIT = "init."
 
@@ -173,6 +177,25 @@ class MetaLSTM:
         with torch.enable_grad():
             _, trace = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
         return trace
+
+
+def plot_gates(trace: GateTrace) -> Figure:
+    """The paper's gate figure: median and 10-90% band of the forget and input gates at each update."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, (name, values) in zip(axes, (("forget gate", trace.forget), ("input gate", trace.input))):
+        steps = torch.arange(1, values.shape[0] + 1)
+        low, mid, high = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
+        ax.fill_between(steps, low, high, alpha=0.3)
+        ax.plot(steps, mid)
+        ax.set_xlabel("update")
+        ax.set_title(name)
+    figure.tight_layout()
+    return figure
 
 
 def from_config(config: RunConfig) -> MetaLSTM:

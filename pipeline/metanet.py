@@ -184,7 +184,7 @@ class MetaNet:
         weight, hu = params["u.fc1"].detach(), hu.detach()
         shots_one = labels.shape[1] == self.ways
         if shots_one:
-            head = _representation_head(self.ways, self.representation, weight.dtype)
+            head = _representation_head(self.ways, self.representation).to(weight)
 
             def example_loss(w: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                 logits = F.linear(F.relu(F.linear(h, w)), head)
@@ -204,7 +204,7 @@ class MetaNet:
 
             per_example = vmap(vmap(grad(example_loss), in_dims=(None, 0, 0, None, None)),
                                in_dims=(None, 0, 0, 0, 0))(weight, hu, labels, hu, labels)
-        return torch.einsum("ts,bs...->bt...", self._chunks(labels.shape[1], weight.dtype), per_example)
+        return torch.einsum("ts,bs...->bt...", self._chunks(labels.shape[1]).to(weight), per_example)
 
     def _task_grads(self, params: Params, hb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Flat task-loss gradients ``[B, S, P]`` of b's augmented layers, one per support example."""
@@ -218,11 +218,11 @@ class MetaNet:
         g1, g2 = vmap(per_example, in_dims=(None, None, 0, 0))(w1, w2, hb, labels)
         return torch.cat((g1.flatten(2), g2.flatten(2)), dim=2)
 
-    def _chunks(self, support: int, dtype: torch.dtype) -> torch.Tensor:
+    def _chunks(self, support: int) -> torch.Tensor:
         """``[T, S]`` averaging matrix of T contiguous chunks of the support set (T = min(rep_steps, S))."""
         steps = min(self.rep_steps, support)
         chunk = torch.arange(support) * steps // support
-        weights = F.one_hot(chunk, steps).T.to(dtype)
+        weights = F.one_hot(chunk, steps).T.to(torch.float64)
         return weights / weights.sum(1, keepdim=True)
 
     def _check(self, field: str, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -256,7 +256,7 @@ def _kaiming(shape: tuple[int, ...], fan_in: int, gen: torch.Generator, dtype: t
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / fan_in)).to(dtype)
 
 
-def _representation_head(ways: int, representation: int, dtype: torch.dtype) -> torch.Tensor:
+def _representation_head(ways: int, representation: int) -> torch.Tensor:
     """The fixed softmax layer of the one-shot representation loss.
 
     Algorithm 1 updates the slow weights with the query loss only, which never
@@ -264,7 +264,7 @@ def _representation_head(ways: int, representation: int, dtype: torch.dtype) -> 
     it is a constant of the architecture rather than a meta-parameter.
     """
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(ways, representation, generator=gen, dtype=torch.float64) / math.sqrt(representation)).to(dtype)
+    return torch.randn(ways, representation, generator=gen, dtype=torch.float64) / math.sqrt(representation)
 
 
 def from_config(config: RunConfig) -> MetaNet:

@@ -8,14 +8,11 @@ from mlflow.exceptions import MlflowException
 
 from pipeline import checkpoint
 from pipeline.config import RunConfig, TrackingConfig, apply_overrides, validate
+from pipeline.errors import RunError
 from pipeline.flat_params import Layout
 from pipeline.learners import build_learner
 from pipeline.tracking import Tracker
 from pipeline.types import Params
-
-
-class RunError(ValueError):
-    """A run id that cannot be read back (unknown, or without checkpoints); names the run."""
 
 
 def load_run(run_id: str, tracking_uri: str | None, which: str = "best", overrides: list[str] | None = None) -> tuple[RunConfig, Params]:

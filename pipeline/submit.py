@@ -55,6 +55,7 @@ class JobSpec:
     entrypoint: str
     runtime_env: dict[str, Any]
     metadata: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def job_spec(
@@ -67,7 +68,8 @@ def job_spec(
 
     The config must lie inside the project (the job sees the project folder only),
     and the run must be tracked somewhere that outlives the job: a tracking URI
-    in the config or in $MLFLOW_TRACKING_URI.
+    in the config or in $MLFLOW_TRACKING_URI. A local store path only warns: it
+    works on a single-node cluster.
     """
     path = Path(config_path).resolve()
     root = root.resolve()
@@ -90,18 +92,13 @@ def job_spec(
             raise SubmitError(f"the command line contains the value of ${name}: pass credentials through the environment only")
     env_vars = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
     runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars}
-    return JobSpec(entrypoint, runtime_env, {"metapipe.config": relative, "metapipe.name": config.name})
-
-
-def local_store_warning(config_path: str | Path, overrides: list[str]) -> str | None:
-    """A warning when the episode store is a local path, which other nodes of a cluster cannot read."""
-    config = load_config(config_path, overrides)
-    if config.store.path.startswith("s3://"):
-        return None
-    return (
-        f"store.path={config.store.path!r} is local to the node running the job: workers on other nodes cannot read it; "
-        "precompute to s3:// (python -m pipeline precompute CONFIG --out s3://BUCKET/PREFIX) for a multi-node cluster"
-    )
+    warnings = ()
+    if not config.store.path.startswith("s3://"):
+        warnings = (
+            f"store.path={config.store.path!r} is local to the node running the job: workers on other nodes cannot read it; "
+            "precompute to s3:// (python -m pipeline precompute CONFIG --out s3://BUCKET/PREFIX) for a multi-node cluster",
+        )
+    return JobSpec(entrypoint, runtime_env, {"metapipe.config": relative, "metapipe.name": config.name}, warnings)
 
 
 def run_id_in(text: str) -> str | None:
@@ -174,14 +171,17 @@ def submit(
     """
     environ = os.environ if environ is None else environ
     spec = job_spec(config_path, overrides, environ)
-    warning = local_store_warning(config_path, overrides)
-    if warning:
+    for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     client = _client(address)
     job_id = client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata)
     print(f"job_id: {job_id}", file=out, flush=True)
     if follow_logs:
-        status, run_id = follow(client, job_id, out)
+        try:
+            status, run_id = follow(client, job_id, out)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; job {job_id} goes on (ray job stop {job_id} --address {address} ends it)", file=out)
+            return 130
     else:
         status, run_id = wait_for_run(client, job_id, run_timeout)
     if run_id:

@@ -83,7 +83,7 @@ class EpisodeWorker:
         episodes = next(self.reader).to(self.device, self.dtype)
         t2 = time.perf_counter()
         params = {
-            k: v.to(self.device, self.dtype).requires_grad_() for k, v in self.layout.unflatten(torch.from_numpy(flat)).items()
+            k: v.to(self.device, self.dtype).requires_grad_() for k, v in self.layout.unflatten(torch.from_numpy(flat.copy())).items()
         }
         grads, metrics = self.learner.meta_grad(params, episodes)
         grad = self.layout.flatten(grads).numpy()

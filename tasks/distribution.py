@@ -49,6 +49,7 @@ class TaskDistribution:
 
     @property
     def is_image(self) -> bool:
+        """Whether episodes are image classification over a table (Omniglot, Mini-ImageNet)."""
         return self.table is not None
 
     def layout(self, split: str, eval_pixels: bool) -> str:
@@ -86,4 +87,4 @@ class TaskDistribution:
     def episodes(self, split: str, rng: np.random.Generator, count: int) -> Episodes:
         """``count`` fresh episodes, sampled and decoded in process (no store)."""
         fields = self.sample(split, rng, count)
-        return self.decode({k: torch.from_numpy(v) for k, v in fields.items()}, "arrays" if not self.is_image else "indices")
+        return self.decode({k: torch.from_numpy(v) for k, v in fields.items()}, self.layout(split, eval_pixels=False))

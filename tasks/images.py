@@ -9,6 +9,7 @@ paper 0.0 (the PNGs draw black ink on white, so grayscale values are inverted).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,11 +69,14 @@ def preprocess(images: list[Image.Image], task: ImageTaskConfig) -> torch.Tensor
 
 
 def to_parquet(table: ImageTable) -> bytes:
-    """The table as Parquet bytes (deterministic: same table, same bytes)."""
+    """The table as Parquet bytes (deterministic: same table, same bytes); one binary cell per image."""
     n, c, h, w = table.pixels.shape
-    flat = pa.array(table.pixels.reshape(-1), type=pa.uint8())
+    pixels = np.ascontiguousarray(table.pixels)
     arrow = pa.table(
-        {"pixels": pa.FixedSizeListArray.from_arrays(flat, c * h * w), "class": pa.array(table.classes, pa.int32())},
+        {
+            "pixels": pa.FixedSizeBinaryArray.from_buffers(pa.binary(c * h * w), n, [None, pa.py_buffer(pixels)]),
+            "class": pa.array(table.classes, pa.int32()),
+        },
         metadata={"shape": json.dumps([c, h, w]), "class_names": json.dumps(list(table.class_names))},
     )
     sink = pa.BufferOutputStream()
@@ -87,7 +91,11 @@ def from_parquet(data: bytes, source: str) -> ImageTable:
         meta = arrow.schema.metadata or {}
         shape = json.loads(meta[b"shape"])
         names = tuple(json.loads(meta[b"class_names"]))
-        pixels = arrow.column("pixels").combine_chunks().flatten().to_numpy().reshape(-1, *shape).copy()
+        column = arrow.column("pixels").combine_chunks()
+        if column.type != pa.binary(math.prod(shape)):
+            raise ValueError(f"pixels column is {column.type}, expected {pa.binary(math.prod(shape))}")
+        data = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * math.prod(shape), offset=column.offset * math.prod(shape))
+        pixels = data.reshape(-1, *shape).copy()
         classes = arrow.column("class").to_numpy().astype(np.int32)
         return ImageTable(pixels, classes, names)
     except (pa.ArrowException, KeyError, ValueError) as e:

@@ -89,3 +89,34 @@ def test_resume_with_another_config_is_refused(tmp_path):
     changed = sinusoid_config(tmp_path, steps=4, val_every=2, checkpoint_every=2).model_copy(update={"seed": 4})
     with pytest.raises(driver.TrainingError, match=r"config differs .*seed"):
         driver.train(changed, resume=part.run_id, progress=False)
+
+
+def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
+    """Kill a worker process mid-run: the run finishes with the same losses as an undisturbed run."""
+    import os
+    import signal
+
+    from pipeline.pool import WorkerPool
+
+    killed = []
+    original = WorkerPool.step_all
+
+    def step_all_killing_once(self, server):
+        if len(killed) == 0 and ray.get(server.version.remote()) == 5:
+            pid = self.pids()[1]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return original(self, server)
+
+    reference = driver.train(sinusoid_config(tmp_path / "a", steps=10, val_every=10, checkpoint_every=10), progress=False)
+    monkeypatch.setattr(WorkerPool, "step_all", step_all_killing_once)
+    faulty_config = sinusoid_config(tmp_path / "b", steps=10, val_every=10, checkpoint_every=10)
+    faulty = driver.train(faulty_config, progress=False)
+    assert killed and faulty.steps == 10
+    client = MlflowClient(faulty_config.tracking.uri)
+    assert client.get_run(faulty.run_id).data.metrics["faults/worker_restarts"] == 1
+    a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), reference.run_id, "train/loss")
+    b = history(client, faulty.run_id, "train/loss")
+    assert sorted(b) == list(range(1, 11))
+    for step in range(1, 11):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -181,6 +181,17 @@ def test_meta_gradient_is_finite_and_reaches_every_parameter() -> None:
     assert all(math.isfinite(v) for v in metrics.values())
 
 
+def test_meta_loss_and_adapt_work_under_no_grad() -> None:
+    learner = L2L(Quadratic(), unroll=4, truncation=2)
+    params = learner.init(0)
+    episode = quadratics(1, seed=0, dtype=torch.float32)
+    with torch.no_grad():
+        loss, metrics = learner.meta_loss(params, episode)
+        prediction = learner.adapt(params, episode.support_x[0], episode.support_y[0])(episode.query_x[0])
+    assert math.isfinite(loss.item()) and metrics["loss"] == loss.item()
+    assert prediction.shape == (10,) and torch.isfinite(prediction).all()
+
+
 def test_meta_loss_is_deterministic_in_the_episodes() -> None:
     learner = L2L(Quadratic(), unroll=5, truncation=5)
     params = learner.init(0)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.config import ConfigError, validate
 from pipeline.learners import build_learner
-from pipeline.meta_lstm import INIT, MetaLSTM
+from pipeline.meta_lstm import INIT, MetaLSTM, plot_gates
 from pipeline.networks import Conv4
 from tasks.episodes import Episodes
 
@@ -100,6 +100,8 @@ def test_adapt_predicts_with_the_learned_parameters() -> None:
     torch.testing.assert_close(logits, NET.apply({k: v[0] for k, v in fast.items()}, batch.query_x[0]))
     trace = learner.gate_trace(params, batch.support_x[0], batch.support_y[0])
     assert trace.forget.shape == trace.input.shape == (3, sum(v.numel() for k, v in params.items() if k.startswith(INIT)))
+    figure = plot_gates(trace)
+    assert [ax.get_title() for ax in figure.axes] == ["forget gate", "input gate"]
 
 
 def test_a_few_meta_steps_lower_the_meta_loss() -> None:

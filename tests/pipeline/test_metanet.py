@@ -31,7 +31,7 @@ def episodes(ways: int, shots: int, queries: int, batch: int, seed: int, dtype=t
     """Learnable synthetic episodes: each class is a random 7x7 binary pattern drawn at 28x28, plus noise."""
     gen = torch.Generator().manual_seed(seed)
     protos = torch.rand(batch, ways, 1, 1, 7, 7, generator=gen).round().repeat_interleave(4, -1).repeat_interleave(4, -2)
-    noise = lambda n: 0.3 * torch.rand(batch, ways, n, 1, 28, 28, generator=gen)  # noqa: E731
+    noise = lambda n: 0.1 * torch.rand(batch, ways, n, 1, 28, 28, generator=gen)  # noqa: E731
     support = (protos + noise(shots)).clamp(0, 1).flatten(1, 2)
     query = (protos + noise(queries)).clamp(0, 1).flatten(1, 2)
     labels = lambda n: torch.arange(ways).repeat_interleave(n).repeat(batch, 1)  # noqa: E731
@@ -179,20 +179,20 @@ def test_init_is_deterministic_in_seed():
 
 
 def test_meta_loss_decreases_with_adam_on_learnable_episodes():
-    torch.manual_seed(0)
-    net = tiny()
+    # narrower generators or layers than these learn too slowly to leave the uniform guess within the test's steps
+    net = MetaNet(ways=5, conv_layers=4, filters=16, rep_steps=3)
     params = {k: v.requires_grad_(True) for k, v in net.init(0).items()}
     held_out = episodes(5, 1, 3, 16, seed=10_000)
     before = net.meta_loss(params, held_out)[0].item()
-    opt = torch.optim.Adam(params.values(), lr=3e-3)
-    for step in range(60):
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    for step in range(40):
         grads, _ = net.meta_grad(params, episodes(5, 1, 3, 4, seed=step))
         for k, p in params.items():
             p.grad = grads[k]
         opt.step()
     after, metrics = net.meta_loss(params, held_out)
-    assert after.item() < 0.8 * before, (before, after.item())
-    assert metrics["accuracy"] > 0.4
+    assert after.item() < 0.5 * before, (before, after.item())
+    assert metrics["accuracy"] > 0.8
 
 
 def test_bad_episodes_name_the_field():
@@ -223,3 +223,40 @@ def test_config_rejects_unknown_metanet_key_and_non_image_task():
     config = validate({**base, "task": {"name": "sinusoid"}})
     with pytest.raises(ValueError, match="metanet needs an image task"):
         build_learner(config)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_metanet_trains_through_the_parameter_server_and_exports(tmp_path, local_ray):
+    from pipeline import driver
+    from pipeline.export import load
+
+    from ..tasks.conftest import small_omniglot_task, write_omniglot
+
+    root = write_omniglot(tmp_path / "data", "folder")
+    config = validate(
+        {
+            "name": "test-metanet",
+            "seed": 2,
+            "task": small_omniglot_task(root).model_dump(),
+            "store": {"path": str(tmp_path / "episodes"), "train_episodes": 40, "val_episodes": 4, "test_episodes": 4, "shard_episodes": 20},
+            "algorithm": {"name": "metanet", "conv_layers": 2, "filters": 4, "hidden": 8, "representation": 8, "rep_steps": 3},
+            "train": {"steps": 6, "meta_batch": 2, "workers": 1, "val_every": 3, "val_episodes": 4, "test_episodes": 4, "checkpoint_every": 3, "log_every": 1},
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        }
+    )
+    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
+    assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
+    exported = load(tmp_path / "export")
+    assert set(exported.params) == set(build_learner(config).init(0))
+    batch = episodes(5, 1, 2, 1, seed=9)
+    predict = exported.adapt(batch.support_x[0], batch.support_y[0])
+    assert predict(batch.query_x[0]).shape == (10, 5)

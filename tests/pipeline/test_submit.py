@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.submit import EXCLUDES, FORWARDED_ENV, SubmitError, exit_code, job_spec, local_store_warning, run_id_in
+from pipeline.submit import EXCLUDES, FORWARDED_ENV, SubmitError, exit_code, job_spec, run_id_in
 
 CONFIG = """
 name: tiny
@@ -88,9 +88,9 @@ def test_config_is_validated_before_submission(project: Path) -> None:
 
 def test_local_store_is_flagged_for_multi_node_clusters(project: Path) -> None:
     config = project / "configs" / "tiny.yaml"
-    assert local_store_warning(config, []) is None
-    warning = local_store_warning(config, ["store.path=episodes/tiny"])
-    assert warning is not None and "episodes/tiny" in warning and "s3://" in warning
+    assert job_spec(config, [], ENV, root=project).warnings == ()
+    (warning,) = job_spec(config, ["store.path=episodes/tiny"], ENV, root=project).warnings
+    assert "episodes/tiny" in warning and "s3://" in warning
 
 
 def test_run_id_is_read_from_the_driver_log_line() -> None:

@@ -35,6 +35,7 @@ def test_on_the_fly_episodes_show_the_sampled_images_turned(omniglot):
     episodes = omniglot.decode({k: torch.from_numpy(v) for k, v in fields.items()}, "indices")
     assert episodes.support_x.shape == (7, 5, 1, 28, 28) and episodes.query_x.shape == (7, 10, 1, 28, 28)
     assert episodes.support_y.tolist()[0] == [0, 1, 2, 3, 4]
+    assert torch.equal(omniglot.episodes("train", np.random.default_rng(0), 7).query_x, episodes.query_x)
     table, starts = omniglot.table.pixels, omniglot.table.starts
     for b in range(7):
         for c in range(5):
