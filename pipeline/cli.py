@@ -175,12 +175,15 @@ def _export(args: argparse.Namespace) -> int:
         config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out)}")
     if args.register:
-        from pipeline.registry import register
-
         from pipeline.config import TrackingConfig
+        from pipeline.registry import RegistryError, register
         from pipeline.tracking import tracking_uri
 
-        version = register(args.run_id, args.register, tracking_uri(TrackingConfig(uri=args.tracking_uri)))
+        try:
+            version = register(args.run_id, args.register, tracking_uri(TrackingConfig(uri=args.tracking_uri)))
+        except RegistryError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"registered models:/{version.name}/{version.version}")
     return 0
 

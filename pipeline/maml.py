@@ -48,13 +48,11 @@ def task_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def resolve_batching(batching: Batching, device: torch.device) -> Batching:
     """The batching ``auto`` stands for on ``device``: ``stacked`` (measured with bench/throughput.py).
 
-    Second-order Omniglot 5w1s, meta-batch 32: on 2 CPU cores stacked in chunks of 8
-    beat the loop (1.06x, 1.5x with MALLOC_ENV) and vmap; on an H100 stacked beat
-    vmap by 1.2x and the loop by 19x.
+    Second-order Omniglot 5w1s, meta-batch 32, on 2 pinned Xeon cores: stacked in
+    chunks of 8 beat the loop 1.06x (1.5x with bench/throughput.py's MALLOC_ENV)
+    and vmap; on an H100 stacked beat vmap 1.2x and the loop 19x.
     """
-    if batching != "auto":
-        return batching
-    return "stacked"
+    return "stacked" if batching == "auto" else batching
 
 
 def resolve_chunk(task_chunk: int | None, network: MLP | Conv4, device: torch.device, tasks: int) -> int:
@@ -84,8 +82,15 @@ def adapt_tasks(
     return unroll(losses, fast, optimizer, steps, create_graph)
 
 
-def predictor(network: MLP | Conv4, loss: LossKind, optimizer: InnerOptimizer, params: Params,
-              support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> Predictor:
+def predictor(
+    network: MLP | Conv4,
+    loss: LossKind,
+    optimizer: InnerOptimizer,
+    params: Params,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    steps: int,
+) -> Predictor:
     """Adapt to one task's support set and return the predictor of its query inputs.
 
     BatchNorm is transductive, as in MAML: call the predictor on the whole query set at once.
@@ -133,7 +138,9 @@ def evaluate_tasks(
     return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
-def query_metrics(loss: LossKind, losses: torch.Tensor, out: torch.Tensor, y: torch.Tensor, pre: torch.Tensor) -> Metrics:
+def query_metrics(
+    loss: LossKind, losses: torch.Tensor, out: torch.Tensor, y: torch.Tensor, pre: torch.Tensor
+) -> Metrics:
     """Batch metrics: post-adaptation query ``loss`` (and ``accuracy``), ``support_loss`` before adapting."""
     metrics = {"loss": losses.mean().item(), "support_loss": pre.mean().item()}
     if loss == "cross_entropy":
@@ -163,7 +170,9 @@ class MAML:
         if self.batching not in ("auto", "loop", "stacked", "vmap"):
             raise ValueError(f"MAML.batching must be auto, loop, stacked or vmap, got {self.batching!r}")
         if not self.inner_lr > 0 or self.inner_steps < 1:
-            raise ValueError(f"MAML: need inner_lr > 0 and inner_steps >= 1, got {self.inner_lr}, {self.inner_steps}")
+            raise ValueError(
+                f"MAML: need inner_lr > 0 and inner_steps >= 1, got {self.inner_lr}, {self.inner_steps}"
+            )
 
     def init(self, seed: int, dtype: torch.dtype = torch.float32) -> Params:
         """The network's initial parameters (plus the Meta-SGD rates, all ``inner_lr``)."""
@@ -173,9 +182,13 @@ class MAML:
         return params
 
     def _inner(self, params: Params) -> tuple[Params, InnerOptimizer]:
+        """The network's parameters and the inner SGD (with the Meta-SGD rates of ``params``)."""
         net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
         if not self.learn_inner_lr:
             return net, sgd(self.inner_lr)
+        missing = [LR_PREFIX + k for k in net if LR_PREFIX + k not in params]
+        if missing:
+            raise KeyError(f"learn_inner_lr: params lack the Meta-SGD rates {missing}; build them with init()")
         return net, sgd({k: params[LR_PREFIX + k] for k in net})
 
     def _query(self, fast: Params, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,8 +200,10 @@ class MAML:
         create_graph = not self.first_order
         if batching == "stacked":
             net, optimizer = self._inner(params)
-            e = episodes
-            fast, pre = adapt_tasks(self.network, self.loss, optimizer, net, e.support_x, e.support_y, self.inner_steps, create_graph)
+            fast, pre = adapt_tasks(
+                self.network, self.loss, optimizer, net, episodes.support_x, episodes.support_y,
+                self.inner_steps, create_graph,
+            )
             losses, out = self._query(fast, episodes)
             return losses, query_metrics(self.loss, losses, out, episodes.query_y, pre)
         if batching == "vmap":

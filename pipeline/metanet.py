@@ -106,7 +106,8 @@ class MetaNet:
         for net in ("b", "u"):
             channels = self.in_channels
             for i in range(self.conv_layers):
-                params[f"{net}.conv{i}.weight"] = _kaiming((self.filters, channels, 3, 3), channels * 9, gen, self.dtype)
+                shape = (self.filters, channels, 3, 3)
+                params[f"{net}.conv{i}.weight"] = _kaiming(shape, channels * 9, gen, self.dtype)
                 params[f"{net}.norm{i}.weight"] = torch.ones(self.filters, dtype=self.dtype)
                 params[f"{net}.norm{i}.bias"] = torch.zeros(self.filters, dtype=self.dtype)
                 channels = self.filters
@@ -232,7 +233,9 @@ class MetaNet:
         if y.shape != x.shape[:2]:
             raise ValueError(f"MetaNet: {field}_y must be {list(x.shape[:2])}, got {list(y.shape)}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.ways):
-            raise ValueError(f"MetaNet: {field}_y labels must lie in 0..{self.ways - 1}, got {int(y.min())}..{int(y.max())}")
+            raise ValueError(
+                f"MetaNet: {field}_y labels must lie in 0..{self.ways - 1}, got {int(y.min())}..{int(y.max())}"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from tests.integration.conftest import BUCKET, ROOT, S3, Credentials, RayHead, b
 
 pytestmark = pytest.mark.integration
 
-CONFIG = "configs/sinusoid.yaml"
+CONFIG = "configs/sinusoid_maml.yaml"
 STORE = [
     f"store.path=s3://{BUCKET}/episodes/sinusoid", "store.train_episodes=400", "store.val_episodes=8",
     "store.test_episodes=8", "store.shard_episodes=200",
@@ -146,3 +146,18 @@ def test_no_credential_in_params_tags_artifacts_or_logs(
         leaks = [where for where, text in texts.items() if secret in text]
         leaks += [where for where, blob in blobs.items() if secret.encode() in blob]
         assert not leaks, f"${name} appears in {leaks}"
+
+
+def test_s3_store_accepts_only_the_configured_credentials(s3: S3, creds: Credentials) -> None:
+    from botocore.exceptions import ClientError
+
+    wrong = S3(s3.endpoint).client(Credentials(creds.access_key, "not-the-secret", creds.mlflow_token))
+    with pytest.raises(ClientError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId"):
+        wrong.list_objects_v2(Bucket=BUCKET)
+
+
+def test_s3_script_refuses_to_start_without_credentials(scratch: Path) -> None:
+    env = base_env(scratch) | {"METAPIPE_S3_DIR": str(scratch / "unused")}
+    refused = subprocess.run([str(ROOT / "mlflow" / "s3.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "AWS_SECRET_ACCESS_KEY" in refused.stderr
+    assert not (scratch / "unused").exists()
