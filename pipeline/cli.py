@@ -126,6 +126,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     print(f"test {result.test}")
     print(f"exported to {result.export_dir} (MLflow run {result.run_id}, artifacts export/ and model/)")
     return 0

@@ -284,7 +284,11 @@ def train(
     try:
         run.loop()
     except KeyboardInterrupt:
-        run.save_checkpoint("latest")
+        try:
+            run.save_checkpoint("latest")
+            print(f"interrupted at step {run.version}: checkpoint written, run marked KILLED", file=sys.stderr)
+        except Exception as e:  # the actors may have received the signal too
+            print(f"interrupted; the final checkpoint failed ({e}), the last periodic one stands", file=sys.stderr)
         run.shutdown("KILLED")
         raise
     except BaseException:

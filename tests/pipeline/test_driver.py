@@ -120,3 +120,48 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
     assert sorted(b) == list(range(1, 11))
     for step in range(1, 11):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_path):
+    config = sinusoid_config(tmp_path, steps=50, val_every=50, checkpoint_every=50, max_bad_grads=3)
+    config = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"inner_lr": 1e30})})
+    with pytest.raises(driver.TrainingError, match=r"\d+ rejected gradients in a row \(train.max_bad_grads=3\).*non-finite"):
+        driver.train(config, progress=False)
+    client = MlflowClient(config.tracking.uri)
+    run = client.search_runs(client.get_experiment_by_name("test").experiment_id)[0]
+    assert run.info.status == "FAILED"
+    from pipeline import checkpoint
+
+    saved = checkpoint.load(client.download_artifacts(run.info.run_id, "checkpoints/latest", str(tmp_path / "dl")))
+    assert saved.server.version == 0 and saved.server.rejected_nonfinite >= 3
+    assert torch.isfinite(saved.server.params).all()
+
+
+def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    cfg = sinusoid_config(tmp_path, steps=100000, val_every=1000, checkpoint_every=1000).model_dump(mode="json")
+    cfg["train"]["workers"] = 1
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(tmp_path / "run.yaml")], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_id = re.match(r"run_id: (\w+)", proc.stdout.readline()).group(1)
+    client = MlflowClient(cfg["tracking"]["uri"])
+    deadline = time.time() + 180
+    while not client.get_metric_history(run_id, "train/loss") and time.time() < deadline:
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint written, run marked KILLED" in err
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/latest"}

@@ -13,6 +13,7 @@ from pipeline.lstm_optimizer import (
     L2L,
     MLPClassifier,
     Quadratic,
+    episode_generator,
     init_lstm,
     init_state,
     lstm_update,
@@ -134,8 +135,6 @@ def test_meta_grad_matches_hand_written_truncated_unroll(truncation: int) -> Non
     params = learner.init(3)
     episodes = quadratics(3, seed=4, dim=4)
     grads, metrics = learner.meta_grad(params, episodes)
-    from pipeline.lstm_optimizer import episode_generator
-
     theta0 = Quadratic().problem(episodes.support_x, episodes.support_y, 6, episode_generator(episodes)).theta0
     total, expected = reference_meta_grad(params, episodes.support_x, episodes.support_y, theta0, 6, truncation)
     assert metrics["loss"] == pytest.approx(total, rel=1e-10)
