@@ -17,11 +17,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.evaluation import evaluate  # noqa: E402
 from pipeline.server import ParameterServer  # noqa: E402
+from pipeline.types import Params  # noqa: E402
 from pipeline.worker import EpisodeWorker  # noqa: E402
 from tasks.store import precompute  # noqa: E402
+
+
+def meta_train(config: RunConfig, log_every: int) -> tuple[EpisodeWorker, Params]:
+    """Train ``config`` with an in-process server and worker; the worker and the final parameters."""
+    t = config.train
+    worker = EpisodeWorker(0, 1, config.model_dump(mode="json"), t.meta_batch)
+    params = worker.learner.init(config.seed)
+    server = ParameterServer(ParameterServer.fresh(worker.layout.flatten(params)), config.optimizer, t.steps, 1, "sync")
+    print(f"device {worker.device}, {t.steps} steps of {t.meta_batch} episodes, {config.algorithm.name}", flush=True)
+    start = time.perf_counter()
+    while server.version() < t.steps:
+        report = worker.step(server)
+        step = server.version()
+        if step % log_every == 0 or step == t.steps:
+            rate = step * t.meta_batch / (time.perf_counter() - start)
+            eta = (t.steps - step) * t.meta_batch / rate
+            shown = " ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
+            print(f"step {step} {shown} | {rate:.1f} episodes/s, ETA {eta:.0f} s", flush=True)
+    print(f"trained {t.steps} steps in {time.perf_counter() - start:.0f} s on {worker.device}", flush=True)
+    return worker, worker.layout.unflatten(torch.from_numpy(server.pull()[1]))
 
 
 def main() -> None:
@@ -33,24 +54,9 @@ def main() -> None:
     args = parser.parse_args()
     config = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []))
     store = precompute(config)
-    t = config.train
-    worker = EpisodeWorker(0, 1, config.model_dump(mode="json"), t.meta_batch)
-    params = worker.learner.init(config.seed)
-    server = ParameterServer(ParameterServer.fresh(worker.layout.flatten(params)), config.optimizer, t.steps, 1, "sync")
-    print(f"device {worker.device}, {t.steps} steps of {t.meta_batch} episodes, {config.algorithm.name}", flush=True)
-    start = time.perf_counter()
-    while server.version() < t.steps:
-        report = worker.step(server)
-        step = server.version()
-        if step % args.log_every == 0 or step == t.steps:
-            rate = step * t.meta_batch / (time.perf_counter() - start)
-            eta = (t.steps - step) * t.meta_batch / rate
-            shown = " ".join(f"{k} {v:.4f}" for k, v in report.metrics.items())
-            print(f"step {step} {shown} | {rate:.1f} episodes/s, ETA {eta:.0f} s", flush=True)
-    elapsed = time.perf_counter() - start
-    final = worker.layout.unflatten(torch.from_numpy(server.pull()[1]))
-    result = evaluate(worker.learner, final, store.read_split("test", limit=t.test_episodes))
-    print(f"trained {t.steps} steps in {elapsed:.0f} s on {worker.device}; test {result}")
+    worker, params = meta_train(config, args.log_every)
+    result = evaluate(worker.learner, params, store.read_split("test", limit=config.train.test_episodes))
+    print(f"test {result}")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ after one warm-up step. Rows:
   keeps freed autograd buffers in the heap instead of returning them to the OS.
 
 Torch threads default to 2 (this project's CPU machines have 2 cores; a Ray
-worker gets its CPU share). ``distributed_rows`` is the hook for the columns
-that need Ray (the full distributed step with 1 and 2 workers).
+worker gets its CPU share). The last rows are the full distributed step on
+local Ray with 1 and 2 workers, on real Omniglot episodes from the store, with
+the parameter-server overhead as a share of the step's wall time.
 """
 from __future__ import annotations
 
@@ -36,14 +37,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from pipeline.maml import MAML, resolve_batching  # noqa: E402
 from pipeline.networks import Conv4  # noqa: E402
+from pipeline.worker import MALLOC_ENV  # noqa: E402
 from tasks.episodes import Episodes  # noqa: E402
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-"""glibc malloc settings for meta-training processes (set before the process starts, e.g. a Ray runtime_env)."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,45 @@ def in_subprocess(paths: list[str], env: dict[str, str], args: argparse.Namespac
 
 
 def distributed_rows(args: argparse.Namespace) -> list[Row]:
-    """Rows for the full distributed step (parameter server + 1 and 2 Ray workers); the driver's part."""
-    return []
+    """The full distributed step on local Ray (parameter server + 1 and 2 workers) on real store episodes.
+
+    The parameter-server overhead is the share of a step's wall time not spent in
+    the busiest worker's meta-gradient (pull, push, Adam, the sync barrier, Ray).
+    """
+    import ray
+
+    from pipeline.config import load_config
+    from pipeline.driver import start_ray
+    from pipeline.flat_params import Layout
+    from pipeline.learners import build_learner
+    from pipeline.pool import WorkerPool
+    from pipeline.server import ParameterServer
+    from tasks.store import precompute
+
+    rows = []
+    for n in args.workers:
+        overrides = [f"train.workers={n}", f"train.meta_batch={args.meta_batch}"]
+        config = load_config(ROOT / "configs" / "omniglot_maml_5w1s.yaml", overrides)
+        precompute(config)
+        resources = start_ray(config)
+        params = build_learner(config).init(config.seed)
+        state = ParameterServer.fresh(Layout.of(params).flatten(params))
+        server = ray.remote(ParameterServer).options(num_cpus=0).remote(state, config.optimizer, 10**6, n, "sync")
+        pool = WorkerPool(config, resources, [None] * n)
+        pool.step_all(server)
+        walls, overheads = [], []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            reports = pool.step_all(server)
+            wall = time.perf_counter() - start
+            walls.append(wall)
+            overheads.append(1 - max(r.timings["compute_s"] for r in reports) / wall)
+        pool.stop()
+        ray.kill(server)
+        overhead = statistics.median(overheads)
+        rows.append(Row(f"Ray, {n} worker(s), PS overhead {overhead:.0%}", args.meta_batch / statistics.median(walls)))
+    ray.shutdown()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paths", nargs="+", default=["loop", "stacked", "vmap"])
     parser.add_argument("--malloc-paths", nargs="*", default=None, help="paths to rerun with MALLOC_ENV")
     parser.add_argument("--json", action="store_true", help="print {path: tasks/s} only (used for subprocesses)")
+    parser.add_argument("--workers", nargs="*", type=int, default=[1, 2], help="Ray workers of the distributed rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {path: measure(path, args) for path in args.paths}
@@ -118,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [Row(f"worker path (auto = {auto})", results[auto])] if auto in results else []
     rows += [Row(path, rate) for path, rate in results.items()]
     rows += [Row(f"{path} + malloc env", rate) for path, rate in malloc.items()]
-    rows += distributed_rows(args)
+    rows += distributed_rows(args) if args.workers else []
     base = results.get("loop")
     print(f"MAML 2nd order, Omniglot 5w1s 15q, Conv4-64, meta-batch {args.meta_batch}, "
           f"{args.device}, torch {torch.__version__}, {args.threads} threads")

@@ -28,17 +28,12 @@ from pipeline.export import export
 from pipeline.flat_params import Layout
 from pipeline.learners import build_learner
 from pipeline.server import ParameterServer, ServerState
-from pipeline.tracking import Tracker, flatten
 from pipeline.pool import WorkerPool
-from pipeline.worker import StepReport
-from tasks.store import Store, precompute
+from pipeline.tracking import Tracker, flatten
+from pipeline.worker import MALLOC_ENV, StepReport
+from tasks.store import precompute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-WORKER_ENV = {
-    # Large glibc malloc thresholds keep autograd's big temporaries mapped (faster second-order loops).
-    "MALLOC_MMAP_THRESHOLD_": "1000000000",
-    "MALLOC_TRIM_THRESHOLD_": "1000000000",
-}
 
 
 @dataclass(frozen=True)
@@ -51,19 +46,10 @@ class TrainResult:
     export_dir: Path
 
 
-def ensure_store(config: RunConfig) -> Store:
-    """The configured episode store, precomputed first if it is not there yet.
-
-    A store already there with the same task and store config is used as it is;
-    one made for another config is refused with an error naming the difference.
-    """
-    return precompute(config)
-
-
 def start_ray(config: RunConfig) -> dict[str, float]:
     """Connect to $RAY_ADDRESS (a cluster) or start an embedded local Ray; return its resources."""
     if not ray.is_initialized():
-        env = {"env_vars": {**WORKER_ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}}
+        env = {"env_vars": {**MALLOC_ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}}
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=env, log_to_driver=True)
         else:
@@ -99,7 +85,8 @@ class Run:
     def __init__(self, config: RunConfig, resume: str | None, progress: bool) -> None:
         self.config = config
         self.progress = progress
-        self.store = ensure_store(config)
+        # Precomputes the store when it is missing; refuses one made for another config.
+        self.store = precompute(config)
         self.learner = build_learner(config)
         self.layout = Layout.of(self.learner.init(config.seed))
         self.tracker = Tracker(config.tracking, config.name, run_id=resume)

@@ -107,7 +107,7 @@ class ParameterServer:
         staleness = s.version - push.version
         if s.version >= self._total_steps:
             return PushResult(False, "run complete", s.version, False, staleness)
-        grad = torch.from_numpy(np.asarray(push.grad, dtype=np.float32))
+        grad = torch.from_numpy(np.array(push.grad, dtype=np.float32))
         if grad.shape != s.params.shape:
             raise ValueError(
                 f"worker {push.worker_id} pushed a gradient of shape {tuple(grad.shape)}, "
@@ -147,7 +147,7 @@ class ParameterServer:
         total = sum(p.n_episodes for p in good)
         grad = torch.zeros_like(s.params)
         for p in good:
-            grad += torch.from_numpy(np.asarray(p.grad, dtype=np.float32)) * (p.n_episodes / total)
+            grad += torch.from_numpy(np.array(p.grad, dtype=np.float32)) * (p.n_episodes / total)
         self._apply(grad)
         return True
 
