@@ -202,6 +202,10 @@ class RunConfig(EpisodeConfig):
             raise ValueError(f"algorithm.name: l2l optimizes task.name quadratic or digits, got {self.task.name!r}")
         if self.algorithm.name == "meta_lstm" and self.model.network != "conv4":
             raise ValueError(f"algorithm.name: meta_lstm trains a conv4 learner, got model.network={self.model.network!r}")
+        if self.model.network == "mlp" and self.model.activation == "sigmoid" and self.algorithm.name != "l2l":
+            raise ValueError(
+                f"model.activation: sigmoid is used only by l2l's MLP optimizee; {self.algorithm.name} networks use relu"
+            )
         return self
 
 

@@ -94,3 +94,8 @@ def test_fuzzed_configs_either_validate_or_raise_config_error(raw):
         validate(raw if isinstance(raw, dict) else {"task": raw, "store": {"path": "x"}})
     except ConfigError as e:
         assert str(e).startswith("invalid config")
+
+
+def test_sigmoid_mlp_only_for_l2l():
+    with pytest.raises(ConfigError, match="model.activation: sigmoid is used only by l2l"):
+        validate({**BASE, "model": {"network": "mlp", "activation": "sigmoid"}})
