@@ -80,7 +80,7 @@ def summarize(reports: list[StepReport], wall: float) -> dict[str, float]:
 
 
 class Run:
-    """One training run's mutable shell: actors, tracker, best parameters and history."""
+    """One training run's mutable shell: the actors, the tracker and the best validation so far."""
 
     def __init__(self, config: RunConfig, resume: str | None, progress: bool) -> None:
         self.config = config
@@ -89,6 +89,7 @@ class Run:
         self.store = precompute(config)
         self.learner = build_learner(config)
         self.layout = Layout.of(self.learner.init(config.seed))
+        resources = start_ray(config)
         self.tracker = Tracker(config.tracking, config.name, run_id=resume)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{self.tracker.run_id[:8]}-"))
         self.val = self.store.read_split("val", limit=config.train.val_episodes)
@@ -100,7 +101,6 @@ class Run:
             self.best_val = None
             self.tracker.log_params(flatten(config.model_dump(mode="json")))
             self.tracker.set_tag("metapipe.algorithm", config.algorithm.name)
-        resources = start_ray(config)
         t = config.train
         self.server = (
             ray.remote(ParameterServer)

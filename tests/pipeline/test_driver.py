@@ -165,3 +165,15 @@ def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
     assert "checkpoint written, run marked KILLED" in err
     assert client.get_run(run_id).info.status == "KILLED"
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/latest"}
+
+
+def test_async_mode_applies_every_step_and_logs_staleness(tmp_path):
+    config = sinusoid_config(tmp_path, steps=20, val_every=20, checkpoint_every=20, mode="async", max_staleness=1)
+    result = driver.train(config, progress=False)
+    client = MlflowClient(config.tracking.uri)
+    assert result.steps == 20 and client.get_run(result.run_id).info.status == "FINISHED"
+    staleness = history(client, result.run_id, "server/staleness")
+    # A step's metrics are logged at the server version seen after its push, which another worker's push
+    # may already have moved on, so a few versions can go unlogged.
+    assert 20 in staleness and set(staleness) <= set(range(1, 21)) and len(staleness) >= 10
+    assert all(0 <= s <= 1 for s in staleness.values())
