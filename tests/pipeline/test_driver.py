@@ -152,15 +152,20 @@ def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
     cfg["train"]["workers"] = 1
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(repo), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(tmp_path / "run.yaml")], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_id = re.match(r"run_id: (\w+)", proc.stdout.readline()).group(1)
+    err_file = tmp_path / "stderr.txt"
+    # stderr (the progress bar) goes to a file: a pipe nobody reads would fill up and block the run.
+    with open(err_file, "w") as err_sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(tmp_path / "run.yaml")], cwd=tmp_path,
+                                env=env, stdout=subprocess.PIPE, stderr=err_sink, text=True)
+    # Ray may forward worker output to the driver's stdout before the run id line.
+    run_id = next(m.group(1) for line in proc.stdout if (m := re.match(r"run_id: (\w+)", line)))
     client = MlflowClient(cfg["tracking"]["uri"])
     deadline = time.time() + 180
     while not client.get_metric_history(run_id, "train/loss") and time.time() < deadline:
         time.sleep(1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=180)
+    proc.communicate(timeout=180)
+    err = err_file.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "checkpoint written, run marked KILLED" in err
     assert client.get_run(run_id).info.status == "KILLED"
