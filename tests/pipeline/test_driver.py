@@ -11,14 +11,7 @@ from pipeline import driver
 from pipeline.config import validate
 from pipeline.export import load
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 def sinusoid_config(tmp_path, **train):

@@ -2,21 +2,13 @@
 import math
 
 import pytest
-import ray
 import torch
 
 from pipeline import driver
 from pipeline.config import validate
 from pipeline.export import load
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 def test_l2l_trains_on_the_server_and_exports_a_torch_optimizer(tmp_path):

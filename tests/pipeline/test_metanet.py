@@ -225,15 +225,6 @@ def test_config_rejects_unknown_metanet_key_and_non_image_task():
         build_learner(config)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
 def test_metanet_trains_through_the_parameter_server_and_exports(tmp_path, local_ray):
     from pipeline import driver

@@ -1,0 +1,11 @@
+"""Fixtures shared by the test packages."""
+import pytest
+import ray
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One embedded Ray per test module, pinned to 2 CPUs (Ray's testing tips)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
