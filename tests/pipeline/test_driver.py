@@ -149,7 +149,9 @@ def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
     # stderr (the progress bar) goes to a file: a pipe nobody reads would fill up and block the run.
     with open(err_file, "w") as err_sink:
         proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(tmp_path / "run.yaml")], cwd=tmp_path,
-                                env=env, stdout=subprocess.PIPE, stderr=err_sink, text=True)
+                                env=env, stdout=subprocess.PIPE, stderr=err_sink, text=True,
+                                # A shell's background jobs inherit SIGINT ignored; give the run a terminal's default.
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Ray may forward worker output to the driver's stdout before the run id line.
     run_id = next(m.group(1) for line in proc.stdout if (m := re.match(r"run_id: (\w+)", line)))
     client = MlflowClient(cfg["tracking"]["uri"])
