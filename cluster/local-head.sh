@@ -13,21 +13,24 @@
 #   RAY_HEAD_PORT (6379)  RAY_DASHBOARD_PORT (8265)  RAY_CLIENT_PORT (10001)
 #   RAY_AGENT_PORT (52365)  RAY_NUM_CPUS (all cores)  RAY_NUM_GPUS (detected)
 #   RAY_LOGGER_LEVEL (warning: at info, Ray logs job env vars, credentials included)
-#   RAY_HEAD_DIR  state: pid file, log, Ray's temp dir (default /tmp/metapipe-ray-$USER; keep it short,
-#                 Ray's socket paths live under it)
+#   RAY_HEAD_DIR  state: pid file, log, Ray's temp dir (default /tmp/metapipe-ray-$UID; at most 32
+#                 characters: Ray's socket paths live under it and a socket path is capped at 107 bytes)
 #   METAPIPE_VENV the environment to run (default: the project's .venv)
 # `stop` stops this head only (the PID recorded by `start`), never other Ray instances on the machine.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv=${METAPIPE_VENV:-$root/.venv}
-dir=${RAY_HEAD_DIR:-/tmp/metapipe-ray-$(id -un)}
+dir=${RAY_HEAD_DIR:-/tmp/metapipe-ray-$(id -u)}
 pidfile=$dir/head.pid
 port=${RAY_HEAD_PORT:-6379}
 dashboard_port=${RAY_DASHBOARD_PORT:-8265}
 client_port=${RAY_CLIENT_PORT:-10001}
 agent_port=${RAY_AGENT_PORT:-52365}
 dashboard=http://127.0.0.1:$dashboard_port
+# Ray puts sockets at $dir/ray/session_<date>_<time>_<usec>_<pid>/sockets/dash_TaskEventsHead:
+# 4 + 42 + 9 + 19 characters after $dir. Longer, and the dashboard fails a minute into `ray start`.
+max_dir=32
 
 running() {
   [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
@@ -42,6 +45,10 @@ start() {
   if running; then
     echo "Ray head already running (pid $(cat "$pidfile")), dashboard $dashboard"
     return 0
+  fi
+  if (( ${#dir} > max_dir )); then
+    echo "error: RAY_HEAD_DIR=$dir is ${#dir} characters; at most $max_dir (Ray's socket paths under it are capped at 107 bytes)" >&2
+    exit 2
   fi
   [[ -x $venv/bin/ray ]] || { echo "error: no ray in $venv (set METAPIPE_VENV or install requirements.txt)" >&2; exit 2; }
   mkdir -p "$dir"

@@ -7,8 +7,10 @@ token authentication and usage-stats settings, and give GPUs to the workers only
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +129,12 @@ def test_local_head_binds_the_dashboard_to_loopback_and_stops_only_itself() -> N
     assert "--block" in code and "ray stop" not in code
     assert "RAY_LOGGER_LEVEL=${RAY_LOGGER_LEVEL:-warning}" in code
     assert code.index('export PATH="$venv/bin:$PATH"') < code.index("ray start")
+
+
+def test_local_head_refuses_a_head_dir_too_long_for_rays_socket_paths(tmp_path: Path) -> None:
+    head_dir = tmp_path / ("x" * 40)
+    env = {"PATH": os.environ["PATH"], "RAY_HEAD_DIR": str(head_dir)}
+    started = subprocess.run([str(ROOT / "cluster" / "local-head.sh"), "start"], env=env, capture_output=True, text=True, timeout=30)
+    assert started.returncode == 2
+    assert f"RAY_HEAD_DIR={head_dir}" in started.stderr and "at most 32" in started.stderr
+    assert not head_dir.exists()

@@ -217,28 +217,19 @@ def ray_head(scratch: Path) -> Iterator[RayHead]:
     """A Ray head (cluster/local-head.sh start) on free ports: its jobs API address and log folder."""
     dashboard = free_port()
     ports = {name: str(free_port()) for name in ("RAY_HEAD_PORT", "RAY_CLIENT_PORT", "RAY_AGENT_PORT")}
-    env = base_env(scratch) | ports | {"RAY_DASHBOARD_PORT": str(dashboard), "RAY_HEAD_DIR": str(scratch / "ray"), "RAY_NUM_CPUS": "2"}
+    head_dir = Path(tempfile.mkdtemp(prefix="mp-ray-", dir="/tmp"))  # short: Ray's socket paths live under it
+    env = base_env(scratch) | ports | {"RAY_DASHBOARD_PORT": str(dashboard), "RAY_HEAD_DIR": str(head_dir), "RAY_NUM_CPUS": "2"}
     script = str(ROOT / "cluster" / "local-head.sh")
-    pidfile = scratch / "ray" / "head.pid"
-
-    def stop() -> None:
+    pidfile = head_dir / "head.pid"
+    try:
+        started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180)
+        assert started.returncode == 0, f"local-head.sh start failed:\n{started.stdout}\n{started.stderr}"
+        yield RayHead(f"http://127.0.0.1:{dashboard}", head_dir / "ray" / "session_latest" / "logs")
+    finally:
         if pidfile.exists():  # also after a start that failed or timed out
             pid = int(pidfile.read_text())
             stop_tree(pid, timeout=30, graceful=lambda: subprocess.run([script, "stop"], env=env, capture_output=True, timeout=60))
-            pidfile.unlink(missing_ok=True)
-
-    try:
-        # On a loaded 2-core machine Ray's client server sometimes times out waiting for the node
-        # ("Timed out waiting for node info") on a first, cold start; one more try is enough.
-        for attempt in range(2):
-            started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180)
-            if started.returncode == 0:
-                break
-            stop()
-        assert started.returncode == 0, f"local-head.sh start failed twice:\n{started.stdout}\n{started.stderr}"
-        yield RayHead(f"http://127.0.0.1:{dashboard}", scratch / "ray" / "ray" / "session_latest" / "logs")
-    finally:
-        stop()
+        shutil.rmtree(head_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
