@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import CheckpointError, ExportError, RunError, TrainingError
+from pipeline.errors import CheckpointError, ExportError, RunError, TrackingError, TrainingError
 from tasks.errors import DatasetError, StoreError
 
 USER_ERRORS = (ConfigError, StoreError, DatasetError, CheckpointError, ExportError, RunError)
@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides + args.set)
     try:
         result = train(config, resume=args.resume, export_dir=args.export)
-    except TrainingError as e:
+    except (TrainingError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

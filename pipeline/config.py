@@ -177,6 +177,7 @@ class TrackingConfig(Strict):
 
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = "metapipe"
+    outage_timeout_s: float = Field(3600.0, gt=0, description="how long the run's end waits for an unreachable MLflow to return")
 
 
 class RunConfig(EpisodeConfig):

@@ -1,8 +1,8 @@
 """The driver: starts the parameter server and workers, runs the step loop, and tracks the run.
 
 It validates on fixed validation episodes every ``train.val_every`` steps, keeps
-the best parameters, checkpoints every ``train.checkpoint_every`` steps, and ends
-with the meta-test (mean and 95% CI over ``train.test_episodes`` held-out
+the best parameters, checkpoints every ``train.checkpoint_every`` steps (a
+parameter server that dies is restored from the last one), and ends with the meta-test (mean and 95% CI over ``train.test_episodes`` held-out
 episodes), an export directory and an MLflow pyfunc model.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from pipeline import checkpoint
@@ -28,12 +29,14 @@ from pipeline.export import export
 from pipeline.flat_params import Layout
 from pipeline.learners import build_learner
 from pipeline.server import ParameterServer, ServerState
-from pipeline.pool import WorkerPool
+from pipeline.pool import ServerLost, WorkerPool
 from pipeline.tracking import Tracker, flatten
 from pipeline.worker import MALLOC_ENV, StepReport
 from tasks.store import precompute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_SERVER_RESTORES = 3
+"""Server restores in a row with no new checkpoint between them before the run gives up."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,20 @@ class TrainResult:
     export_dir: Path
 
 
+def check_gpus(config: RunConfig, gpus: float) -> None:
+    """Refuse a run whose workers need more GPUs than there are (with no GPU at all, workers use CPUs)."""
+    need = config.train.workers * config.train.gpus_per_worker
+    if gpus and need > gpus:
+        raise TrainingError(
+            f"train.workers x train.gpus_per_worker = {config.train.workers} x {config.train.gpus_per_worker} "
+            f"needs {need:g} GPUs, there are {gpus:g}"
+        )
+
+
 def start_ray(config: RunConfig) -> dict[str, float]:
     """Connect to $RAY_ADDRESS (a cluster) or start an embedded local Ray; return its resources."""
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        check_gpus(config, torch.cuda.device_count())  # before Ray starts; a cluster is checked once joined
     if not ray.is_initialized():
         env = {"env_vars": {**MALLOC_ENV, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}}
         if os.environ.get("RAY_ADDRESS"):
@@ -56,10 +71,7 @@ def start_ray(config: RunConfig) -> dict[str, float]:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env)
     resources = ray.cluster_resources()
-    gpus = resources.get("GPU", 0.0)
-    need = config.train.workers * config.train.gpus_per_worker
-    if gpus and need > gpus:
-        raise TrainingError(f"train.workers x train.gpus_per_worker needs {need} GPUs, the cluster has {gpus}")
+    check_gpus(config, resources.get("GPU", 0.0))
     return resources
 
 
@@ -101,14 +113,42 @@ class Run:
             self.best_val = None
             self.tracker.log_params(flatten(config.model_dump(mode="json")))
             self.tracker.set_tag("metapipe.algorithm", config.algorithm.name)
-        t = config.train
-        self.server = (
-            ray.remote(ParameterServer)
-            .options(num_cpus=0)
-            .remote(state, config.optimizer, t.steps, t.workers, t.mode, t.max_staleness)
-        )
+        self.server = self._start_server(state)
         self.workers = WorkerPool(config, resources, positions)
         self.version = state.version
+        self.restore_point = (state, list(positions))
+        self.server_restores = 0
+        self.restores_in_a_row = 0
+        self.steps_redone = 0
+
+    def _start_server(self, state: ServerState) -> Any:
+        t = self.config.train
+        return (
+            ray.remote(ParameterServer)
+            .options(num_cpus=0)
+            .remote(state, self.config.optimizer, t.steps, t.workers, t.mode, t.max_staleness)
+        )
+
+    def _restore_server(self, error: BaseException, bar: tqdm) -> None:
+        """Replace a dead server by one from the last checkpoint; the workers restart at its positions."""
+        self.restores_in_a_row += 1
+        if self.restores_in_a_row > MAX_SERVER_RESTORES:
+            raise TrainingError(f"the parameter server died {MAX_SERVER_RESTORES + 1} times with no checkpoint between: {error}") from error
+        state, positions = self.restore_point
+        redone = self.version - state.version
+        print(
+            f"parameter server died at step {self.version} ({type(error).__name__}); restoring it from the "
+            f"checkpoint of step {state.version}: {redone} steps will be redone",
+            file=sys.stderr,
+        )
+        ray.kill(self.server)
+        self.server = self._start_server(state)
+        self.workers.restart(positions)
+        self.version = state.version
+        self.server_restores += 1
+        self.steps_redone += redone
+        bar.n = self.version
+        bar.refresh()
 
     def _restore(self) -> tuple[ServerState, list[dict | None], float | None]:
         ckpt = checkpoint.load(self.tracker.download("checkpoints/latest", self.scratch / "resume"))
@@ -140,6 +180,8 @@ class Run:
     def save_checkpoint(self, name: str) -> None:
         state = ray.get(self.server.state.remote())
         ckpt = checkpoint.Checkpoint(state, self.workers.positions, self.best_val, self.config.model_dump(mode="json"), {})
+        self.restore_point = (state, list(self.workers.positions))
+        self.restores_in_a_row = 0
         path = checkpoint.save(self.scratch / name, ckpt)
         self.tracker.log_artifacts(path, f"checkpoints/{name}")
 
@@ -147,10 +189,14 @@ class Run:
         t = self.config.train
         bar = tqdm(total=t.steps, initial=self.version, disable=not self.progress, unit="step", file=sys.stderr)
         try:
-            if t.mode == "sync":
-                self._sync_loop(bar)
-            else:
-                self._async_loop(bar)
+            while self.version < t.steps:
+                try:
+                    if t.mode == "sync":
+                        self._sync_loop(bar)
+                    else:
+                        self._async_loop(bar)
+                except (ServerLost, RayActorError) as e:  # worker deaths are handled in the pool
+                    self._restore_server(e, bar)
         finally:
             bar.close()
 
@@ -169,6 +215,9 @@ class Run:
         metrics = summarize(reports, wall)
         metrics.update({f"server/{k}": v for k, v in stats.items() if k not in ("version", "bad_in_a_row")})
         metrics["faults/worker_restarts"] = self.workers.restarts
+        metrics["faults/server_restores"] = self.server_restores
+        metrics["faults/steps_redone"] = self.steps_redone
+        metrics["faults/tracking_outages"] = self.tracker.outages
         last = self.version >= t.steps
         if self.version % t.val_every == 0 or last:
             metrics.update(self.validate())
@@ -223,6 +272,7 @@ class Run:
         import matplotlib.pyplot as plt
 
         keys = ["train/loss", "train/accuracy", "val/accuracy", "val/mse"]
+        self.tracker.flush()  # the series is read back from MLflow (a resumed run's start is not in this process)
         series = {k: self.tracker.client.get_metric_history(self.tracker.run_id, k) for k in keys}
         series = {k: v for k, v in series.items() if v}
         fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)

@@ -17,5 +17,9 @@ class RunError(ValueError):
     """A run id that cannot be read back (unknown, or without checkpoints); names the run."""
 
 
+class TrackingError(RuntimeError):
+    """MLflow refused a write, or stayed unreachable past ``tracking.outage_timeout_s``; names the run."""
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite gradients in a row); a checkpoint was written."""

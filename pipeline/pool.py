@@ -4,7 +4,9 @@ Every result is tagged with the worker that produced it (StepReport.worker_id). 
 worker whose process dies is replaced by a new actor that starts at the reader
 position of its last finished step, so it recomputes exactly the gradient the
 dead one was computing; the server ignores a second push for the same version,
-so no gradient is applied twice.
+so no gradient is applied twice. A step that fails because the *server* died
+(the worker is alive; its call to the server failed) raises ServerLost: the driver
+restores the server and calls ``restart`` with the positions of its checkpoint.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import sys
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline.config import RunConfig
 from pipeline.worker import EpisodeWorker, StepReport
@@ -22,6 +24,10 @@ MAX_RESTARTS_PER_STEP = 3
 
 class WorkerLost(RuntimeError):
     """A worker kept dying: the message names it and how often it was replaced."""
+
+
+class ServerLost(RuntimeError):
+    """A worker's call to the parameter server failed because the server's actor died."""
 
 
 def split_batch(meta_batch: int, workers: int) -> list[int]:
@@ -63,6 +69,8 @@ class WorkerPool:
                 self.positions[i] = report.position
                 return report
             except RayActorError as e:
+                if isinstance(e, RayTaskError):  # the worker is alive: the actor that died is the server
+                    raise ServerLost(f"worker {i} lost the parameter server: {type(e.cause).__name__}") from e
                 if attempt == MAX_RESTARTS_PER_STEP:
                     raise WorkerLost(f"worker {i} died {attempt + 1} times in one step: {e}") from None
                 print(f"worker {i} died ({type(e).__name__}); replacing it", file=sys.stderr)
@@ -76,6 +84,12 @@ class WorkerPool:
         """One synchronous step of every worker."""
         refs = [self.submit(i, server) for i in range(len(self.actors))]
         return [self.result(i, ref, server) for i, ref in enumerate(refs)]
+
+    def restart(self, positions: list[dict | None]) -> None:
+        """Replace every worker by a new one starting at ``positions`` (after a server restore)."""
+        self.stop()
+        self.positions = list(positions)
+        self.actors = [self._start(i) for i in range(len(self.actors))]
 
     def pids(self) -> list[int]:
         return ray.get([a.pid.remote() for a in self.actors])

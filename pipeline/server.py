@@ -9,6 +9,7 @@ rejected and counted, never applied.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,6 +85,10 @@ class ParameterServer:
 
     def version(self) -> int:
         return self._s.version
+
+    def pid(self) -> int:
+        """The process holding this server (fault-injection tests kill it)."""
+        return os.getpid()
 
     def stats(self) -> dict[str, float]:
         """Counters for tracking: rejections, consecutive bad gradients, last gradient norm."""

@@ -71,6 +71,19 @@ class OmniglotTask(ImageTask):
                 f"task.train_characters + task.val_characters ({self.train_characters} + {self.val_characters})"
                 f" must leave test characters out of task.characters ({self.characters})"
             )
+        turns = 4 if self.rotations else 1
+        splits = {
+            "train": self.train_characters,
+            "val": self.val_characters,
+            "test": self.characters - self.train_characters - self.val_characters,
+        }
+        for split, characters in splits.items():
+            if self.ways > characters * turns:
+                raise ValueError(f"task.ways={self.ways}: the {split} split has only {characters * turns} classes")
+        if self.shots + self.queries > self.drawings:
+            raise ValueError(
+                f"task.shots + task.queries = {self.shots} + {self.queries}: a character has only {self.drawings} drawings"
+            )
         return self
 
 

@@ -63,6 +63,24 @@ def test_meta_batch_below_workers():
         validate({**BASE, "train": {"meta_batch": 1, "workers": 2}})
 
 
+OMNIGLOT = {"task": {"name": "omniglot"}, "store": {"path": "episodes/omniglot"}, "model": {"network": "conv4"}}
+
+
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ({"ways": 401}, r"task.ways=401: the val split has only 400 classes"),
+        ({"ways": 101, "rotations": False}, r"task.ways=101: the val split has only 100 classes"),
+        ({"shots": 5, "queries": 16}, r"task.shots \+ task.queries = 5 \+ 16: a character has only 20 drawings"),
+    ],
+    ids=["ways-over-val-classes", "ways-without-rotations", "shots-plus-queries-over-drawings"],
+)
+def test_episodes_the_data_set_cannot_hold_are_refused(task, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**OMNIGLOT, "task": {"name": "omniglot", **task}})
+    validate({**OMNIGLOT, "task": {"name": "omniglot", "ways": 20, "shots": 5, "queries": 15}})
+
+
 def test_config_is_frozen():
     cfg = validate(BASE)
     with pytest.raises(Exception):

@@ -115,6 +115,40 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
 
 
+def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypatch):
+    """Kill the server's process at step 7: it comes back from the checkpoint of step 5; steps 6-7 are redone."""
+    import os
+    import signal
+
+    from pipeline.pool import WorkerPool
+
+    killed = []
+    original = WorkerPool.step_all
+
+    def step_all_killing_the_server_once(self, server):
+        if not killed and ray.get(server.version.remote()) == 7:
+            pid = ray.get(server.pid.remote())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return original(self, server)
+
+    reference = driver.train(sinusoid_config(tmp_path / "a", steps=10, val_every=10, checkpoint_every=5), progress=False)
+    monkeypatch.setattr(WorkerPool, "step_all", step_all_killing_the_server_once)
+    faulty_config = sinusoid_config(tmp_path / "b", steps=10, val_every=10, checkpoint_every=5)
+    faulty = driver.train(faulty_config, progress=False)
+    assert killed and faulty.steps == 10
+    client = MlflowClient(faulty_config.tracking.uri)
+    metrics = client.get_run(faulty.run_id).data.metrics
+    assert metrics["faults/server_restores"] == 1 and metrics["faults/steps_redone"] == 2
+    assert metrics["faults/worker_restarts"] == 0
+    a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), reference.run_id, "train/loss")
+    b = history(client, faulty.run_id, "train/loss")
+    assert sorted(b) == list(range(1, 11))
+    for step in range(1, 11):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert faulty.test.mean == pytest.approx(reference.test.mean, rel=1e-5)
+
+
 def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_path):
     config = sinusoid_config(tmp_path, steps=50, val_every=50, checkpoint_every=50, max_bad_grads=3)
     config = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"inner_lr": 1e30})})
@@ -177,3 +211,11 @@ def test_async_mode_applies_every_step_and_logs_staleness(tmp_path):
     # may already have moved on, so a few versions can go unlogged.
     assert 20 in staleness and set(staleness) <= set(range(1, 21)) and len(staleness) >= 10
     assert all(0 <= s <= 1 for s in staleness.values())
+
+
+def test_more_gpus_than_there_are_is_refused_and_none_means_cpu(tmp_path):
+    config = sinusoid_config(tmp_path, gpus_per_worker=1)  # two workers
+    with pytest.raises(driver.TrainingError, match=r"train.workers x train.gpus_per_worker = 2 x 1.0 needs 2 GPUs, there are 1"):
+        driver.check_gpus(config, 1)
+    driver.check_gpus(config, 2)
+    driver.check_gpus(config, 0)  # no GPU at all: workers run on CPUs
