@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation", choices=("sigmoid", "relu"), help="evaluation MLP activation (generalization)")
     parser.add_argument("--json", help="write the curves' means here")
     parser.add_argument("--plot", help="write the loss curves as a PNG here")
+    parser.add_argument("--mlflow-run", metavar="RUN_ID",
+                        help="also log the curves (plots/, baselines.json) and final losses to this run ($MLFLOW_TRACKING_URI)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -171,9 +173,40 @@ def main(argv: list[str] | None = None) -> None:
     print(_table(results, args.steps))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({n: {"lr": lr, "mean_curve": c.mean(1).tolist()} for n, (lr, c) in results.items()}, f, indent=1)
+            json.dump(summary(results), f, indent=1)
     if args.plot:
         plot_curves(results).savefig(args.plot, dpi=100)
+    if args.mlflow_run:
+        log_to_run(args.mlflow_run, results, suffix="_".join(filter(None, [*map(str, args.hidden or []), args.activation])))
+
+
+def summary(results: dict[str, tuple[float | None, torch.Tensor]]) -> dict[str, dict]:
+    """Each optimizer's tuned learning rate (None for L2L) and mean loss per step."""
+    return {n: {"lr": lr, "mean_curve": c.mean(1).tolist()} for n, (lr, c) in results.items()}
+
+
+def log_to_run(run_id: str, results: dict[str, tuple[float | None, torch.Tensor]], suffix: str = "") -> None:
+    """The curves as plots/baselines[_suffix].png and baselines[_suffix].json, final losses as metrics."""
+    import tempfile
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import tracking_uri
+
+    name = f"baselines_{suffix}" if suffix else "baselines"
+    client = MlflowClient(tracking_uri(TrackingConfig()))
+    with tempfile.TemporaryDirectory() as folder:
+        figure = plot_curves(results)
+        figure.savefig(Path(folder) / f"{name}.png", dpi=100)
+        plt.close(figure)
+        (Path(folder) / f"{name}.json").write_text(json.dumps(summary(results), indent=1))
+        client.log_artifact(run_id, str(Path(folder) / f"{name}.png"), "plots")
+        client.log_artifact(run_id, str(Path(folder) / f"{name}.json"))
+    for optimizer, (_, curve) in results.items():
+        client.log_metric(run_id, f"{name}/{optimizer}_final_loss", float(curve.mean(1)[-1]))
 
 
 def plot_curves(results: dict[str, tuple[float | None, torch.Tensor]]) -> Figure:

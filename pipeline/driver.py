@@ -31,7 +31,9 @@ from pipeline.learners import build_learner
 from pipeline.server import ParameterServer, ServerState
 from pipeline.pool import ServerLost, WorkerPool
 from pipeline.tracking import Tracker, flatten
+from pipeline.types import Illustrated
 from pipeline.worker import MALLOC_ENV, StepReport
+from tasks.episodes import Episodes
 from tasks.store import precompute
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -259,6 +261,7 @@ class Run:
         table.write_text(json.dumps({"metric": result.metric, "mean": result.mean, "ci95": result.ci95, "episodes": result.n}, indent=1))
         self.tracker.log_artifact(table)
         self._log_learning_curve()
+        self._log_figures(params, test_set)
         out = export(params, self.config, export_dir or self.scratch / "export", metrics)
         self.tracker.log_artifacts(out, "export")
         log_pyfunc(self.tracker, out, self.scratch / "model")
@@ -286,6 +289,18 @@ class Run:
         fig.savefig(path, dpi=80)
         plt.close(fig)
         self.tracker.log_artifact(path, "plots")
+
+    def _log_figures(self, params: dict[str, torch.Tensor], episodes: Episodes) -> None:
+        """The learner's own figures (e.g. the Meta-LSTM's gates), when it draws any."""
+        if not isinstance(self.learner, Illustrated):
+            return
+        import matplotlib.pyplot as plt
+
+        for name, figure in self.learner.figures(params, episodes).items():
+            path = self.scratch / f"{name}.png"
+            figure.savefig(path, dpi=80)
+            plt.close(figure)
+            self.tracker.log_artifact(path, "plots")
 
     def shutdown(self, status: str | None = None) -> None:
         self.workers.stop()

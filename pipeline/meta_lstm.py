@@ -178,6 +178,10 @@ class MetaLSTM:
             _, trace = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
         return trace
 
+    def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:
+        """The gate figure on the first of ``episodes`` (the driver logs it as plots/gates.png)."""
+        return {"gates": plot_gates(self.gate_trace(params, episodes.support_x[0], episodes.support_y[0]))}
+
 
 def plot_gates(trace: GateTrace) -> Figure:
     """The paper's gate figure: median and 10-90% band of the forget and input gates at each update."""

@@ -5,11 +5,14 @@ tensors, so the server, the workers and export never special-case one.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
 
 import torch
 
 from tasks.episodes import Episodes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Params = dict[str, torch.Tensor]
 """Named tensors, in the style of torch.func (functional_call, grad)."""
@@ -38,4 +41,13 @@ class MetaLearner(Protocol):
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task's support set (no batch dimension) and return its predictor."""
+        ...
+
+
+@runtime_checkable
+class Illustrated(Protocol):
+    """Optional for a MetaLearner: figures of what it learned, logged under ``plots/`` at the run's end."""
+
+    def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:
+        """Named matplotlib figures drawn on ``episodes`` (held-out test episodes)."""
         ...

@@ -1,6 +1,7 @@
 """Tuned hand-designed baselines: torch.optim curves on batched problems, grid tuning, the comparison table."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -76,3 +77,21 @@ def test_mlp_problems_give_every_optimizer_the_same_mini_batches() -> None:
 def test_unknown_baseline_is_named() -> None:
     with pytest.raises(ValueError, match="unknown baseline 'adagrad'"):
         baselines.hand_curve("adagrad", 0.1, problem(1, seed=0), 1)
+
+
+def test_curves_and_final_losses_are_logged_to_an_mlflow_run(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.baselines import log_to_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("b")).info.run_id
+    results = {"l2l": (None, torch.tensor([[2.0, 4.0], [1.0, 2.0]])), "adam": (0.1, torch.tensor([[3.0], [1.0]]).expand(2, 2))}
+    log_to_run(run_id, results, suffix="relu")
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics == {"baselines_relu/l2l_final_loss": 1.5, "baselines_relu/adam_final_loss": 1.0}  # [steps, problems]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/baselines_relu.png"}
+    saved = json.loads(open(client.download_artifacts(run_id, "baselines_relu.json", str(tmp_path))).read())
+    assert saved["adam"] == {"lr": 0.1, "mean_curve": [3.0, 1.0]} and saved["l2l"]["lr"] is None
