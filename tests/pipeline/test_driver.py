@@ -1,5 +1,8 @@
-"""End to end on a real local Ray: sinusoid MAML with 2 workers, MLflow (SQLite), export, resume."""
+"""End to end on a real local Ray: sinusoid MAML with 2 workers, MLflow (SQLite), export, resume, faults."""
 import math
+import os
+import signal
+from typing import Any, Callable
 
 import mlflow
 import pytest
@@ -10,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import driver
 from pipeline.config import validate
 from pipeline.export import load
+from pipeline.pool import WorkerPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
@@ -84,68 +88,53 @@ def test_resume_with_another_config_is_refused(tmp_path):
         driver.train(changed, resume=part.run_id, progress=False)
 
 
-def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
-    """Kill a worker process mid-run: the run finishes with the same losses as an undisturbed run."""
-    import os
-    import signal
-
-    from pipeline.pool import WorkerPool
-
-    killed = []
+def kill_at_step(step: int, pid_of: Callable[[WorkerPool, Any], int], monkeypatch) -> list[int]:
+    """Before the pool's step at server version ``step``, SIGKILL the process ``pid_of(pool, server)`` once."""
+    killed: list[int] = []
     original = WorkerPool.step_all
 
     def step_all_killing_once(self, server):
-        if len(killed) == 0 and ray.get(server.version.remote()) == 5:
-            pid = self.pids()[1]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        if not killed and ray.get(server.version.remote()) == step:
+            killed.append(pid_of(self, server))
+            os.kill(killed[0], signal.SIGKILL)
         return original(self, server)
 
-    reference = driver.train(sinusoid_config(tmp_path / "a", steps=10, val_every=10, checkpoint_every=10), progress=False)
     monkeypatch.setattr(WorkerPool, "step_all", step_all_killing_once)
-    faulty_config = sinusoid_config(tmp_path / "b", steps=10, val_every=10, checkpoint_every=10)
-    faulty = driver.train(faulty_config, progress=False)
-    assert killed and faulty.steps == 10
-    client = MlflowClient(faulty_config.tracking.uri)
-    assert client.get_run(faulty.run_id).data.metrics["faults/worker_restarts"] == 1
+    return killed
+
+
+def assert_same_losses(tmp_path, reference, faulty, steps: int) -> None:
+    """Every step of the faulty run logged, each with the undisturbed run's loss."""
     a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), reference.run_id, "train/loss")
-    b = history(client, faulty.run_id, "train/loss")
-    assert sorted(b) == list(range(1, 11))
-    for step in range(1, 11):
+    b = history(MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db"), faulty.run_id, "train/loss")
+    assert sorted(b) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
+    """Kill a worker process mid-run: the run finishes with the same losses as an undisturbed run."""
+    train = dict(steps=10, val_every=10, checkpoint_every=10)
+    reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
+    killed = kill_at_step(5, lambda pool, server: pool.pids()[1], monkeypatch)
+    faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
+    assert killed and faulty.steps == 10
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
+    assert metrics["faults/worker_restarts"] == 1 and metrics["faults/server_restores"] == 0
+    assert_same_losses(tmp_path, reference, faulty, 10)
 
 
 def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypatch):
     """Kill the server's process at step 7: it comes back from the checkpoint of step 5; steps 6-7 are redone."""
-    import os
-    import signal
-
-    from pipeline.pool import WorkerPool
-
-    killed = []
-    original = WorkerPool.step_all
-
-    def step_all_killing_the_server_once(self, server):
-        if not killed and ray.get(server.version.remote()) == 7:
-            pid = ray.get(server.pid.remote())
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-        return original(self, server)
-
-    reference = driver.train(sinusoid_config(tmp_path / "a", steps=10, val_every=10, checkpoint_every=5), progress=False)
-    monkeypatch.setattr(WorkerPool, "step_all", step_all_killing_the_server_once)
-    faulty_config = sinusoid_config(tmp_path / "b", steps=10, val_every=10, checkpoint_every=5)
-    faulty = driver.train(faulty_config, progress=False)
+    train = dict(steps=10, val_every=10, checkpoint_every=5)
+    reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
+    killed = kill_at_step(7, lambda pool, server: ray.get(server.pid.remote()), monkeypatch)
+    faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
     assert killed and faulty.steps == 10
-    client = MlflowClient(faulty_config.tracking.uri)
-    metrics = client.get_run(faulty.run_id).data.metrics
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
     assert metrics["faults/server_restores"] == 1 and metrics["faults/steps_redone"] == 2
     assert metrics["faults/worker_restarts"] == 0
-    a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), reference.run_id, "train/loss")
-    b = history(client, faulty.run_id, "train/loss")
-    assert sorted(b) == list(range(1, 11))
-    for step in range(1, 11):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert_same_losses(tmp_path, reference, faulty, 10)
     assert faulty.test.mean == pytest.approx(reference.test.mean, rel=1e-5)
 
 
@@ -165,9 +154,7 @@ def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_p
 
 
 def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
-    import os
     import re
-    import signal
     import subprocess
     import sys
     import time
