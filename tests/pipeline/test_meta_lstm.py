@@ -170,3 +170,22 @@ def test_meta_lstm_trains_through_the_parameter_server_logs_its_gates_and_export
     assert plots == {"plots/gates.png", "plots/learning_curve.png"}
     exported = load(tmp_path / "export")
     assert set(exported.params) == set(build_learner(config).init(0))
+
+
+@pytest.mark.parametrize(
+    "name, image_size, downsample, steps",
+    [
+        ("meta_lstm_omniglot_5w1s.yaml", 28, "stride", 12),
+        ("meta_lstm_omniglot_5w5s.yaml", 28, "stride", 8),
+        ("meta_lstm_miniimagenet_5w1s.yaml", 84, "maxpool", 12),
+        ("meta_lstm_miniimagenet_5w5s.yaml", 84, "maxpool", 8),
+    ],
+)
+def test_shipped_configs_build_the_papers_learner(name: str, image_size: int, downsample: str, steps: int) -> None:
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    learner = build_learner(load_config(Path(__file__).resolve().parents[2] / "configs" / name))
+    assert isinstance(learner, MetaLSTM) and learner.inner_steps == steps and learner.hidden == 20
+    assert (learner.network.image_size, learner.network.downsample, learner.network.filters) == (image_size, downsample, 32)
