@@ -149,20 +149,12 @@ def test_meta_lstm_trains_through_the_parameter_server_logs_its_gates_and_export
     from pipeline import driver
     from pipeline.export import load
 
-    from ..tasks.conftest import small_omniglot_task, write_omniglot
+    from ..tasks.conftest import small_omniglot_run
 
-    root = write_omniglot(tmp_path / "data", "folder")
     config = validate(
-        {
-            "name": "test-meta-lstm",
-            "seed": 2,
-            "task": small_omniglot_task(root).model_dump(),
-            "store": {"path": str(tmp_path / "episodes"), "train_episodes": 40, "val_episodes": 4, "test_episodes": 4, "shard_episodes": 20},
-            "model": {"network": "conv4", "filters": 4},
-            "algorithm": {"name": "meta_lstm", "inner_steps": 3},
-            "train": {"steps": 6, "meta_batch": 2, "workers": 1, "val_every": 3, "val_episodes": 4, "test_episodes": 4, "checkpoint_every": 3, "log_every": 1},
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
-        }
+        small_omniglot_run(
+            tmp_path, "test-meta-lstm", model={"network": "conv4", "filters": 4}, algorithm={"name": "meta_lstm", "inner_steps": 3}
+        )
     )
     result = driver.train(config, export_dir=tmp_path / "export", progress=False)
     assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0

@@ -230,20 +230,10 @@ def test_metanet_trains_through_the_parameter_server_and_exports(tmp_path, local
     from pipeline import driver
     from pipeline.export import load
 
-    from ..tasks.conftest import small_omniglot_task, write_omniglot
+    from ..tasks.conftest import small_omniglot_run
 
-    root = write_omniglot(tmp_path / "data", "folder")
-    config = validate(
-        {
-            "name": "test-metanet",
-            "seed": 2,
-            "task": small_omniglot_task(root).model_dump(),
-            "store": {"path": str(tmp_path / "episodes"), "train_episodes": 40, "val_episodes": 4, "test_episodes": 4, "shard_episodes": 20},
-            "algorithm": {"name": "metanet", "conv_layers": 2, "filters": 4, "hidden": 8, "representation": 8, "rep_steps": 3},
-            "train": {"steps": 6, "meta_batch": 2, "workers": 1, "val_every": 3, "val_episodes": 4, "test_episodes": 4, "checkpoint_every": 3, "log_every": 1},
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
-        }
-    )
+    algorithm = {"name": "metanet", "conv_layers": 2, "filters": 4, "hidden": 8, "representation": 8, "rep_steps": 3}
+    config = validate(small_omniglot_run(tmp_path, "test-metanet", algorithm=algorithm))
     result = driver.train(config, export_dir=tmp_path / "export", progress=False)
     assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
     exported = load(tmp_path / "export")

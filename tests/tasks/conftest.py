@@ -80,3 +80,17 @@ def small_omniglot(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def omniglot_table() -> ImageTable:
     """The real Omniglot (../shared/data/omniglot) decoded once per session (~10 s)."""
     return omniglot.load(OmniglotTask())
+
+
+def small_omniglot_run(tmp_path: Path, name: str, **sections: dict) -> dict:
+    """A raw run config on a fresh ``write_omniglot`` fixture: 6 steps of 2 episodes, SQLite MLflow in ``tmp_path``."""
+    root = write_omniglot(tmp_path / "data", "folder")
+    return {
+        "name": name,
+        "seed": 2,
+        "task": small_omniglot_task(root).model_dump(),
+        "store": {"path": str(tmp_path / "episodes"), "train_episodes": 40, "val_episodes": 4, "test_episodes": 4, "shard_episodes": 20},
+        "train": {"steps": 6, "meta_batch": 2, "workers": 1, "val_every": 3, "val_episodes": 4, "test_episodes": 4, "checkpoint_every": 3, "log_every": 1},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
+        **sections,
+    }
