@@ -2,8 +2,9 @@
 
 It validates on fixed validation episodes every ``train.val_every`` steps, keeps
 the best parameters, checkpoints every ``train.checkpoint_every`` steps (a
-parameter server that dies is restored from the last one), and ends with the meta-test (mean and 95% CI over ``train.test_episodes`` held-out
-episodes), an export directory and an MLflow pyfunc model.
+parameter server that dies is restored from the last one), and ends with the
+meta-test (mean and 95% CI over ``train.test_episodes`` held-out episodes), an
+export directory and an MLflow pyfunc model.
 """
 from __future__ import annotations
 
