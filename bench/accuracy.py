@@ -19,10 +19,10 @@ import torch  # noqa: E402
 
 from pipeline.config import RunConfig, load_config  # noqa: E402
 from pipeline.evaluation import evaluate  # noqa: E402
-from pipeline.server import ParameterServer  # noqa: E402
+from pipeline.runtime.server import ParameterServer  # noqa: E402
+from pipeline.runtime.worker import EpisodeWorker  # noqa: E402
 from pipeline.types import Params  # noqa: E402
-from pipeline.worker import EpisodeWorker  # noqa: E402
-from tasks.store import precompute  # noqa: E402
+from tasks.store.parquet import precompute  # noqa: E402
 
 
 def meta_train(config: RunConfig, log_every: int) -> tuple[EpisodeWorker, Params]:

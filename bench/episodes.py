@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tasks.config import EpisodeConfig  # noqa: E402
 from tasks.episodes import Episodes  # noqa: E402
-from tasks.store import open_store, precompute  # noqa: E402
+from tasks.store.parquet import open_store, precompute  # noqa: E402
 
 BATCH = 32
 WORKER_RATE = 23.0

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.lstm_optimizer import L2L, Quadratic  # noqa: E402
-from tasks import quadratic  # noqa: E402
+from pipeline.algorithms.l2l import L2L, Quadratic  # noqa: E402
 from tasks.config import QuadraticTask  # noqa: E402
+from tasks.families import quadratic  # noqa: E402
 
 
 def _rss_mib() -> float:

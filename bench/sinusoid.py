@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from accuracy import meta_train  # noqa: E402
 
+from pipeline.build import build_learner  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.evaluation import mean_ci95  # noqa: E402
-from pipeline.learners import build_learner  # noqa: E402
-from tasks.store import precompute  # noqa: E402
+from tasks.store.parquet import precompute  # noqa: E402
 
 
 def pretrain(config, log_every: int):

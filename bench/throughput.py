@@ -40,9 +40,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.maml import MAML, resolve_batching  # noqa: E402
-from pipeline.networks import Conv4  # noqa: E402
-from pipeline.worker import MALLOC_ENV  # noqa: E402
+from pipeline.algorithms.maml import MAML, resolve_batching  # noqa: E402
+from pipeline.nets.networks import Conv4  # noqa: E402
+from pipeline.runtime.worker import MALLOC_ENV  # noqa: E402
 from tasks.episodes import Episodes  # noqa: E402
 
 
@@ -100,13 +100,13 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
     """
     import ray
 
+    from pipeline.build import build_learner
     from pipeline.config import load_config
-    from pipeline.driver import start_ray
-    from pipeline.flat_params import Layout
-    from pipeline.learners import build_learner
-    from pipeline.pool import WorkerPool
-    from pipeline.server import ParameterServer
-    from tasks.store import precompute
+    from pipeline.runtime.driver import start_ray
+    from pipeline.runtime.flat_buffer import Layout
+    from pipeline.runtime.pool import WorkerPool
+    from pipeline.runtime.server import ParameterServer
+    from tasks.store.parquet import precompute
 
     rows = []
     for n in args.workers:

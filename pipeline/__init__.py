@@ -1,6 +1,6 @@
 """metapipe: distributed meta-training on Ray, tracked in MLflow.
 
-``pipeline.load(DIR)`` loads an exported meta-learner (see pipeline/export.py).
+``pipeline.load(DIR)`` loads an exported meta-learner (see pipeline/export/directory.py).
 """
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from pipeline.export import ExportedLearner
+    from pipeline.export.directory import ExportedLearner
 
 
 def load(path: str | Path) -> ExportedLearner:
     """Load an export directory: ``learner.adapt(support_x, support_y)(query_x)``."""
-    from pipeline.export import load as load_export
+    from pipeline.export.directory import load as load_export
 
     return load_export(path)

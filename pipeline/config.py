@@ -87,7 +87,7 @@ class ReptileAlgorithm(GradientMetaLearner):
 
 
 class L2LAlgorithm(Strict):
-    """The LSTM optimizer of Andrychowicz et al. 2016 (pipeline/lstm_optimizer.py)."""
+    """The LSTM optimizer of Andrychowicz et al. 2016 (pipeline/algorithms/l2l.py)."""
 
     name: Literal["l2l"] = "l2l"
     hidden: int = Field(20, ge=1, description="LSTM hidden units per layer")
@@ -100,7 +100,7 @@ class L2LAlgorithm(Strict):
 
 
 class MetaLSTMAlgorithm(Strict):
-    """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/meta_lstm.py)."""
+    """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/algorithms/meta_lstm.py)."""
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -112,7 +112,7 @@ class MetaLSTMAlgorithm(Strict):
 
 
 class MetaNetAlgorithm(Strict):
-    """Meta Networks of Munkhdalai & Yu 2017 (pipeline/metanet.py); defaults follow the paper's Omniglot setup."""
+    """Meta Networks of Munkhdalai & Yu 2017 (pipeline/algorithms/metanet.py); defaults follow the paper's Omniglot setup."""
 
     name: Literal["metanet"] = "metanet"
     conv_layers: int = Field(5, ge=1, description="3x3 conv + 2x2 max-pool blocks per trunk (b and u)")

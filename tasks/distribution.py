@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks import digits, fewshot, miniimagenet, omniglot, quadratic, sinusoid
+from tasks import fewshot
 from tasks.config import TaskConfig
 from tasks.episodes import Episodes
+from tasks.families import digits, miniimagenet, omniglot, quadratic, sinusoid
 from tasks.images import ImageTable
 
 SPLITS = ("train", "val", "test")

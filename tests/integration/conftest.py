@@ -7,136 +7,27 @@ The AWS credentials and the MLflow token are random per session, so a test can l
 """
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = ROOT / ".venv" / "bin"
-BUCKET = "metapipe"
-
-
-def free_port(offsets: tuple[int, ...] = (0,)) -> int:
-    """A port ``p`` such that ``p + offset`` is free on 127.0.0.1 for every offset."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + max(offsets) >= 65536:
-            continue
-        try:
-            for offset in offsets:
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", base + offset))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no free block of ports at offsets {offsets} on 127.0.0.1")
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of every process below ``pid`` (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def stop_tree(pid: int, timeout: float = 20.0, graceful: Callable[[], None] | None = None) -> None:
-    """Stop ``pid`` (by ``graceful()`` or SIGTERM), then SIGKILL it and anything it spawned that is left."""
-    tree = [pid, *descendants(pid)]
-    try:
-        if graceful:
-            graceful()
-        else:
-            os.kill(pid, signal.SIGTERM)
-    except (ProcessLookupError, subprocess.SubprocessError):
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(alive(p) for p in tree):
-        time.sleep(0.2)
-    for p in tree + [d for p in tree if alive(p) for d in descendants(p)]:
-        if alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def wait_until(check: Callable[[], bool], what: str, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            break
-        try:
-            if check():
-                return
-        except Exception:  # noqa: BLE001 - not up yet: connection refused, 5xx, ...
-            pass
-        time.sleep(0.3)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not come up in {timeout:.0f} s\n{tail}")
-
-
-def http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=3) as response:
-        return response.status == 200
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """Random per-session secrets; none may leak into runs or logs."""
-
-    access_key: str
-    secret_key: str
-    mlflow_token: str
-
-    def values(self) -> dict[str, str]:
-        return {"AWS_SECRET_ACCESS_KEY": self.secret_key, "MLFLOW_TRACKING_TOKEN": self.mlflow_token}
-
-
-@dataclass(frozen=True)
-class S3:
-    endpoint: str
-
-    def client(self, creds: Credentials):  # noqa: ANN201 - a boto3 client
-        import boto3
-
-        return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
-        )
+from tests.helpers import (
+    BUCKET,
+    ROOT,
+    S3,
+    Credentials,
+    RayHead,
+    base_env,
+    free_port,
+    http_ok,
+    stop_tree,
+    wait_until,
+)
 
 
 @pytest.fixture(scope="session")
@@ -150,19 +41,6 @@ def scratch() -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def creds() -> Credentials:
     return Credentials("MPK" + secrets.token_hex(6).upper(), "mps-" + secrets.token_urlsafe(24), "mpt-" + secrets.token_urlsafe(24))
-
-
-def base_env(scratch: Path) -> dict[str, str]:
-    """The environment every started process shares: no credentials, no telemetry, scratch TMPDIR."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_"))}
-    tmp = scratch / "tmp"
-    tmp.mkdir(exist_ok=True)
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", TMPDIR=str(tmp), HOME=env.get("HOME", str(scratch)),
-        RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
-        RAY_AUTH_MODE="disabled",  # loopback-only test cluster; outside tests token authentication stays on
-    )
-    return env
 
 
 @pytest.fixture(scope="session")
@@ -204,12 +82,6 @@ def mlflow_server(scratch: Path, creds: Credentials, s3: S3) -> Iterator[str]:
         yield uri
     finally:
         stop_tree(process.pid)
-
-
-@dataclass(frozen=True)
-class RayHead:
-    address: str
-    logs: Path
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from typing import Iterator
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import checkpoint
-from tests.integration.conftest import ROOT, base_env, free_port, http_ok, stop_tree, wait_until
+from pipeline.runtime import checkpoint
+from tests.helpers import ROOT, base_env, free_port, http_ok, stop_tree, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.submit import run_id_in
-from tests.integration.conftest import BUCKET, ROOT, S3, Credentials, RayHead, base_env, free_port, http_ok, stop_tree, wait_until
+from pipeline.runtime.submit import run_id_in
+from tests.helpers import (
+    BUCKET,
+    ROOT,
+    S3,
+    Credentials,
+    RayHead,
+    base_env,
+    free_port,
+    http_ok,
+    stop_tree,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,13 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, RunConfig, apply_overrides, load_config, validate
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    load_config,
+    validate,
+)
 
 BASE = {"task": {"name": "sinusoid"}, "store": {"path": "episodes/sinusoid"}}
 

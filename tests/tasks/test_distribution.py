@@ -4,8 +4,7 @@ import torch
 
 from tasks.config import QuadraticTask, SinusoidTask
 from tasks.distribution import TaskDistribution
-
-from .conftest import small_omniglot_task
+from tests.helpers import small_omniglot_task
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,220 @@
+"""The Meta-learner LSTM of Ravi & Larochelle 2017 ("Optimization as a model for few-shot learning").
+
+The learner is the Conv4 of pipeline/nets/networks.py (each episode's own BatchNorm
+statistics, at meta-training and meta-test alike). The meta-learner is
+coordinate-wise, shared by every learner parameter:
+
+1. a plain LSTM over the preprocessed, detached inputs of each coordinate,
+   ``(log|L|/p, sgn L)`` of the task's loss and the same of its gradient;
+2. the meta-LSTM cell, whose cell state IS the learner's parameter:
+   ``theta_t = f_t * theta_{t-1} + i_t * (-grad_t)``, with
+   ``f_t = sigmoid(W_F [h_t, theta_{t-1}, f_{t-1}] + b_F)`` and
+   ``i_t = sigmoid(W_I [h_t, theta_{t-1}, i_{t-1}] + b_I)``.
+
+Its initial cell state is the learner's learned initialization. The forget
+bias starts high and the input bias low, so training starts near gradient
+descent with a small step (f = 1, i = lr is exactly gradient descent). The
+meta-loss is the query loss after ``inner_steps`` updates on the support set;
+the gradients and losses fed to the meta-learner are detached (no second
+derivatives), as the paper assumes.
+
+Meta-parameters: ``init.<learner key>`` (the initialization), ``lstm.*`` (the
+first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.algorithms.l2l import lstm_cell, preprocess
+from pipeline.config import RunConfig
+from pipeline.nets.networks import Conv4
+from pipeline.nets.networks import from_config as network_from_config
+from pipeline.types import Metrics, Params, Predictor
+from tasks.episodes import Episodes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+INIT = "init."
+
+
+@dataclass(frozen=True)
+class GateTrace:
+    """Gate values of every coordinate at every update: ``forget`` and ``input`` ``[steps, coordinates]``."""
+
+    forget: torch.Tensor
+    input: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MetaLSTM:
+    """The Meta-learner LSTM as a MetaLearner over a Conv4 learner."""
+
+    network: Conv4
+    inner_steps: int = 12
+    eval_inner_steps: int | None = None
+    hidden: int = 20
+    preprocess_p: float = 10.0
+    forget_bias: tuple[float, float] = (4.0, 6.0)
+    input_bias: tuple[float, float] = (-5.0, -4.0)
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        if self.inner_steps < 1:
+            raise ValueError(f"MetaLSTM.inner_steps must be >= 1, got {self.inner_steps}")
+        for name in ("forget_bias", "input_bias"):
+            low, high = getattr(self, name)
+            if not low <= high:
+                raise ValueError(f"MetaLSTM.{name}: low must not exceed high, got {[low, high]}")
+
+    def init(self, seed: int) -> Params:
+        """Learner initialization, first-layer LSTM (uniform +-0.01) and gates (biases from their ranges)."""
+        gen = torch.Generator().manual_seed(seed)
+        params = {INIT + k: v for k, v in self.network.init(gen, self.dtype).items()}
+        h = self.hidden
+
+        def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
+            return (torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low).to(self.dtype)
+
+        params["lstm.weight_ih"] = uniform(-0.01, 0.01, 4 * h, 4)
+        params["lstm.weight_hh"] = uniform(-0.01, 0.01, 4 * h, h)
+        params["lstm.bias"] = uniform(-0.01, 0.01, 4 * h)
+        params["metalstm.WF"] = uniform(-0.01, 0.01, h + 2)
+        params["metalstm.WI"] = uniform(-0.01, 0.01, h + 2)
+        params["metalstm.bF"] = uniform(*self.forget_bias, 1)
+        params["metalstm.bI"] = uniform(*self.input_bias, 1)
+        return params
+
+    def learn(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, differentiable: bool = True
+    ) -> tuple[Params, GateTrace]:
+        """Run ``steps`` meta-LSTM updates of the learner on B support sets ``x[B, N, C, H, W]``, ``y[B, N]``.
+
+        Returns the learner's parameters (with a leading task dimension B) and the
+        gate trace. ``differentiable=False`` (evaluation) drops the graph at every step.
+        """
+        tasks = support_x.shape[0]
+        keys = [k[len(INIT) :] for k in params if k.startswith(INIT)]
+        shapes = [params[INIT + k].shape for k in keys]
+        sizes = [s.numel() for s in shapes]
+        theta = torch.cat([params[INIT + k].reshape(1, -1).expand(tasks, -1) for k in keys], dim=1)  # [B, P]
+        coordinates = theta.numel()
+        h = theta.new_zeros(coordinates, self.hidden)
+        c = theta.new_zeros(coordinates, self.hidden)
+        f_prev = theta.new_zeros(coordinates)
+        i_prev = theta.new_zeros(coordinates)
+        forget, inputs = [], []
+        for _ in range(steps):
+            if not theta.requires_grad:
+                theta = theta.requires_grad_()
+            loss = self._loss(theta, keys, shapes, sizes, support_x, support_y)
+            (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=differentiable)
+            grad = grad.detach().reshape(-1)
+            loss_in = loss.detach()[:, None].expand(tasks, theta.shape[1]).reshape(-1)
+            x = torch.cat([preprocess(loss_in, self.preprocess_p), preprocess(grad, self.preprocess_p)], dim=1)
+            h, c = lstm_cell(x, h, c, params["lstm.weight_ih"], params["lstm.weight_hh"], params["lstm.bias"])
+            flat = theta.reshape(-1)
+            f = torch.sigmoid(torch.cat([h, flat[:, None], f_prev[:, None]], 1) @ params["metalstm.WF"] + params["metalstm.bF"])
+            i = torch.sigmoid(torch.cat([h, flat[:, None], i_prev[:, None]], 1) @ params["metalstm.WI"] + params["metalstm.bI"])
+            theta = (f * flat - i * grad).reshape(tasks, -1)
+            forget.append(f.detach())
+            inputs.append(i.detach())
+            f_prev, i_prev = f, i
+            if not differentiable:
+                theta, h, c, f_prev, i_prev = (t.detach() for t in (theta, h, c, f_prev, i_prev))
+        return self._unflatten(theta, keys, shapes, sizes), GateTrace(torch.stack(forget), torch.stack(inputs))
+
+    def _unflatten(self, theta: torch.Tensor, keys: list[str], shapes: list[torch.Size], sizes: list[int]) -> Params:
+        parts = theta.split(sizes, dim=1)
+        return {k: p.reshape(theta.shape[0], *s) for k, p, s in zip(keys, parts, shapes)}
+
+    def _loss(
+        self, theta: torch.Tensor, keys: list[str], shapes: list[torch.Size], sizes: list[int], x: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        logits = self.network.apply_tasks(self._unflatten(theta, keys, shapes, sizes), x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1)
+
+    def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """Mean query cross-entropy after ``inner_steps`` updates on each support set."""
+        with torch.enable_grad():
+            fast, trace = self.learn(params, episodes.support_x, episodes.support_y, self.inner_steps)
+        logits = self.network.apply_tasks(fast, episodes.query_x)
+        loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
+        accuracy = (logits.argmax(-1) == episodes.query_y).float().mean().item()
+        return loss, {
+            "loss": loss.item(),
+            "accuracy": accuracy,
+            "forget_gate": trace.forget.mean().item(),
+            "input_gate": trace.input.mean().item(),
+        }
+
+    def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
+        """Autodiff of ``meta_loss`` (first-order in the learner's gradients by construction)."""
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        with torch.enable_grad():
+            loss, metrics = self.meta_loss(leaves, episodes)
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+        return dict(zip(leaves, grads)), metrics
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Learn on one support set (``eval_inner_steps`` updates); the predictor maps queries to logits."""
+        fixed = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            fast, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return self.network.apply_tasks(fast, x[None])[0]
+
+        return predict
+
+    def gate_trace(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> GateTrace:
+        """Gate values over the updates on one support set (the paper's gate figure)."""
+        fixed = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            _, trace = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+        return trace
+
+    def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:
+        """The gate figure on the first of ``episodes`` (the driver logs it as plots/gates.png)."""
+        return {"gates": plot_gates(self.gate_trace(params, episodes.support_x[0], episodes.support_y[0]))}
+
+
+def plot_gates(trace: GateTrace) -> Figure:
+    """The paper's gate figure: median and 10-90% band of the forget and input gates at each update."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, (name, values) in zip(axes, (("forget gate", trace.forget), ("input gate", trace.input))):
+        steps = torch.arange(1, values.shape[0] + 1)
+        low, mid, high = torch.quantile(values.double(), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64), dim=1)
+        ax.fill_between(steps, low, high, alpha=0.3)
+        ax.plot(steps, mid)
+        ax.set_xlabel("update")
+        ax.set_title(name)
+    figure.tight_layout()
+    return figure
+
+
+def from_config(config: RunConfig) -> MetaLSTM:
+    """The Meta-LSTM of a run config (``algorithm.name: meta_lstm``, ``model.network: conv4``)."""
+    algo = config.algorithm
+    network = network_from_config(config)
+    if not isinstance(network, Conv4):
+        raise ValueError(f"model.network: meta_lstm trains a conv4 learner, got {config.model.network!r}")
+    return MetaLSTM(
+        network=network,
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        hidden=algo.hidden,
+        preprocess_p=algo.preprocess_p,
+        forget_bias=tuple(algo.forget_bias),
+        input_bias=tuple(algo.input_bias),
+        dtype=torch.float64 if config.train.dtype == "float64" else torch.float32,
+    )

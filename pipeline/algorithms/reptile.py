@@ -1,0 +1,136 @@
+"""Reptile (Nichol, Achiam and Schulman 2018) as pure functions.
+
+Each task takes ``inner_steps`` of SGD or Adam on its support set from the
+meta-parameters theta; the meta-"gradient" is ``theta - mean(adapted theta)``,
+which the parameter server feeds to its Adam like any gradient. Tasks run
+one at a time (``loop``) or stacked in one pass (``stacked``); both give the
+same numbers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from pipeline.algorithms.maml import (
+    LossKind,
+    adapt_tasks,
+    evaluate_tasks,
+    predictor,
+    query_metrics,
+    task_losses,
+)
+from pipeline.config import ReptileAlgorithm, RunConfig
+from pipeline.nets import networks
+from pipeline.nets.networks import MLP, Conv4
+from pipeline.optim.inner import InnerOptimizer, adam, sgd
+from pipeline.types import Metrics, Params, Predictor
+from tasks.episodes import Episodes
+
+ReptileBatching = Literal["auto", "loop", "stacked"]
+
+
+@dataclass(frozen=True)
+class Reptile:
+    """Reptile over ``network`` with an SGD or Adam inner loop (Adam with beta1 = 0, as in the paper)."""
+
+    network: MLP | Conv4
+    loss: LossKind
+    inner_lr: float
+    inner_steps: int = 5
+    eval_inner_steps: int | None = None
+    inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    batching: ReptileBatching = "auto"
+
+    def __post_init__(self) -> None:
+        if self.inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"Reptile.inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
+        if self.batching not in ("auto", "loop", "stacked"):
+            raise ValueError(f"Reptile.batching must be auto, loop or stacked, got {self.batching!r}")
+        if not self.inner_lr > 0 or self.inner_steps < 1:
+            raise ValueError(
+                f"Reptile: need inner_lr > 0 and inner_steps >= 1, got {self.inner_lr}, {self.inner_steps}"
+            )
+
+    def init(self, seed: int, dtype: torch.dtype = torch.float32) -> Params:
+        """The network's initial parameters."""
+        return self.network.init(seed, dtype)
+
+    def optimizer(self) -> InnerOptimizer:
+        """The inner-loop optimizer."""
+        if self.inner_optimizer == "adam":
+            return adam(self.inner_lr, betas=(0.0, 0.999))
+        return sgd(self.inner_lr)
+
+    def adapt_tasks(self, params: Params, episodes: Episodes) -> tuple[Params, torch.Tensor]:
+        """Each task's adapted parameters (leading task dimension) and its support loss before adapting."""
+        batching = self.batching
+        if batching == "auto":
+            batching = "stacked" if episodes.support_x.device.type == "cuda" else "loop"
+        e = episodes
+        if batching == "stacked":
+            return adapt_tasks(
+                self.network, self.loss, self.optimizer(), params, e.support_x, e.support_y, self.inner_steps, False
+            )
+        parts = [
+            adapt_tasks(self.network, self.loss, self.optimizer(), params, e.support_x[i : i + 1],
+                        e.support_y[i : i + 1], self.inner_steps, False)
+            for i in range(len(e))
+        ]
+        fast = {k: torch.cat([p[0][k] for p in parts]) for k in params}
+        return fast, torch.cat([p[1] for p in parts])
+
+    def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """Mean query loss at the adapted parameters (first-order: differentiable through the update path only)."""
+        fast, pre = self.adapt_tasks(params, episodes)
+        out = self.network.apply_tasks(fast, episodes.query_x)
+        losses = task_losses(self.loss, out, episodes.query_y)
+        return losses.mean(), query_metrics(self.loss, losses, out, episodes.query_y, pre)
+
+    def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
+        """``theta - mean over tasks of the adapted theta``, and the query metrics at the adapted parameters."""
+        detached = {k: v.detach() for k, v in params.items()}
+        with torch.enable_grad():
+            fast, pre = self.adapt_tasks(detached, episodes)
+        fast = {k: v.detach() for k, v in fast.items()}
+        with torch.no_grad():
+            out = self.network.apply_tasks(fast, episodes.query_x)
+            losses = task_losses(self.loss, out, episodes.query_y)
+        grads = {k: detached[k] - fast[k].mean(0) for k in params}
+        return grads, query_metrics(self.loss, losses, out, episodes.query_y, pre)
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``maml.predictor``."""
+        return predictor(self.network, self.loss, self.optimizer(), params, support_x, support_y, self._eval_steps())
+
+    def _eval_steps(self) -> int:
+        return self.eval_inner_steps or self.inner_steps
+
+    def evaluate(
+        self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32
+    ) -> dict[str, torch.Tensor]:
+        """Per-episode metrics after ``steps`` (default ``eval_inner_steps``); see ``maml.evaluate_tasks``."""
+        return evaluate_tasks(
+            self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk
+        )
+
+
+def from_config(config: RunConfig) -> Reptile:
+    """The Reptile learner of ``config`` (algorithm.name == "reptile")."""
+    algo = config.algorithm
+    if not isinstance(algo, ReptileAlgorithm):
+        raise ValueError(f"algorithm.name: pipeline.algorithms.reptile builds 'reptile', got {algo.name!r}")
+    if algo.learn_inner_lr:
+        raise ValueError("algorithm.learn_inner_lr: Meta-SGD rates are a MAML option, not Reptile's")
+    if algo.batching == "vmap":
+        raise ValueError("algorithm.batching: Reptile supports auto, loop or stacked, got 'vmap'")
+    return Reptile(
+        network=networks.from_config(config),
+        loss="mse" if config.task.name == "sinusoid" else "cross_entropy",
+        inner_lr=algo.inner_lr,
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        inner_optimizer=algo.inner_optimizer,
+        batching=algo.batching,
+    )

@@ -1,0 +1,92 @@
+"""Run commands: ``train`` a config, ``evaluate`` and ``export`` a tracked run."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import ConfigError, load_config
+from pipeline.errors import TrackingError, TrainingError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.runtime.driver import train
+
+    overrides = [f"{key}={value}" for key, value in (("train.workers", args.workers), ("train.steps", args.steps), ("seed", args.seed)) if value is not None]
+    config = load_config(args.config, overrides + args.set)
+    try:
+        result = train(config, resume=args.resume, export_dir=args.export)
+    except (TrainingError, TrackingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    print(f"test {result.test}")
+    print(f"exported to {result.export_dir} (MLflow run {result.run_id}, artifacts export/ and model/)")
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="meta-train on Ray, track in MLflow, test and export")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("--workers", type=int, help="episode workers (train.workers)")
+    p.add_argument("--steps", type=int, help="meta-iterations (train.steps)")
+    p.add_argument("--seed", type=int, help="run seed (seed)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
+    p.add_argument("--export", metavar="DIR", help="also write the export directory here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. algorithm.inner_lr=0.4")
+    p.set_defaults(func=_train)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline.build import build_learner
+    from pipeline.evaluation import evaluate
+    from pipeline.runtime.runs import load_run
+    from tasks.store.parquet import open_store
+
+    config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint, args.set)
+    episodes = open_store(config.store.path).read_split("test", limit=args.episodes)
+    print(f"run {args.run_id} ({args.checkpoint} checkpoint): test {evaluate(build_learner(config), params, episodes)}")
+    return 0
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="meta-test a run's checkpoint: mean and 95%% interval")
+    p.add_argument("run_id")
+    p.add_argument("--episodes", type=int, default=600, help="held-out test episodes (default 600)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. algorithm.eval_inner_steps=10")
+    p.set_defaults(func=_evaluate)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export.directory import export
+    from pipeline.runtime.runs import load_run
+
+    if args.out is None and args.register is None:
+        raise ConfigError("export: give --out DIR, --register NAME, or both")
+    if args.out:
+        config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint)
+        print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out)}")
+    if args.register:
+        from pipeline.config import TrackingConfig
+        from pipeline.tracking.mlflow_tracker import tracking_uri
+        from pipeline.tracking.model_registry import RegistryError, register
+
+        try:
+            version = register(args.run_id, args.register, tracking_uri(TrackingConfig(uri=args.tracking_uri)))
+        except RegistryError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"registered models:/{version.name}/{version.version}")
+    return 0
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write a run's meta-learner to a directory and/or register it in MLflow")
+    p.add_argument("run_id")
+    p.add_argument("--out", metavar="DIR", help="export directory, loadable with pipeline.load(DIR)")
+    p.add_argument("--register", metavar="NAME", help="register the run's MLflow model as a version of NAME")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=_export)

@@ -1,0 +1,91 @@
+"""Export a trained meta-learner to a directory and load it back without the training paths.
+
+The directory holds ``weights.safetensors``, ``config.json`` (the run config) and
+``export.json`` (format version, algorithm, sha256 of the weights, test metrics).
+Loading checks all three and never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.build import build_learner
+from pipeline.config import RunConfig, validate
+from pipeline.errors import ExportError
+from pipeline.runtime.checkpoint import sha256_file
+from pipeline.types import Params, Predictor
+
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG, META = "weights.safetensors", "config.json", "export.json"
+
+
+def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:
+    """Write ``params`` and ``config`` to ``out_dir`` in the export format; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(out / WEIGHTS))
+    (out / CONFIG).write_text(json.dumps(config.model_dump(mode="json"), indent=1))
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "algorithm": config.algorithm.name,
+        "task": config.task.name,
+        "weights_sha256": sha256_file(out / WEIGHTS),
+        "metrics": metrics or {},
+    }
+    (out / META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+class ExportedLearner:
+    """A trained meta-learner: preprocess inputs, adapt to a support set, predict queries."""
+
+    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any]) -> None:
+        self.config = config
+        self.params = params
+        self.meta = meta
+        self._learner = build_learner(config)
+
+    def preprocess(self, images: list[Any]) -> torch.Tensor:
+        """PIL images as read from the data set's files -> the input tensor ``[N, C, H, W]``."""
+        from tasks.images import preprocess
+
+        return preprocess(images, self.config.task)
+
+    def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        """Adapt to one task's support set; the returned predictor maps queries to logits/outputs."""
+        predict = self._learner.adapt(self.params, support_x, support_y)
+
+        def predictor(query_x: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return predict(query_x)
+
+        return predictor
+
+    def optimizer(self, params: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+        """A learned optimizer as a torch.optim.Optimizer (learned-optimizer algorithms only)."""
+        make = getattr(self._learner, "torch_optimizer", None)
+        if make is None:
+            raise TypeError(f"algorithm {self.config.algorithm.name!r} learns an initialization, not an optimizer")
+        return make(self.params, params, **kwargs)
+
+
+def load(path: str | Path) -> ExportedLearner:
+    """Load an export directory; refuses missing files, other format versions and altered weights."""
+    root = Path(path)
+    for name in (WEIGHTS, CONFIG, META):
+        if not (root / name).is_file():
+            raise ExportError(f"export file missing: {root / name}")
+    try:
+        meta = json.loads((root / META).read_text())
+        raw = json.loads((root / CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{root}: invalid JSON in export metadata: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{root / META}: format_version {meta.get('format_version')!r}, this metapipe reads {FORMAT_VERSION}")
+    if sha256_file(root / WEIGHTS) != meta.get("weights_sha256"):
+        raise ExportError(f"{root / WEIGHTS}: sha256 does not match {META} (weights altered or truncated)")
+    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta)

@@ -1,0 +1,95 @@
+"""Checkpoints: tensors in safetensors, the rest in a small JSON file. Nothing is unpickled.
+
+A checkpoint directory holds ``tensors.safetensors`` (meta-parameters as one flat
+buffer, Adam moments) and ``state.json`` (version, Adam step, counters, reader
+positions of every worker, best validation, the run config and a sha256 of the
+tensor file so an altered checkpoint is refused).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import CheckpointError
+from pipeline.optim import adam
+from pipeline.runtime.server import ServerState
+
+FORMAT_VERSION = 1
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The server's state plus where every worker's reader stands and the run's bookkeeping."""
+
+    server: ServerState
+    positions: list[dict[str, Any]]
+    best_val: float | None
+    config: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` into ``directory`` (created); the JSON is written last, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    s = checkpoint.server
+    tensors = {"params": s.params.contiguous(), "adam.exp_avg": s.adam.exp_avg.contiguous(), "adam.exp_avg_sq": s.adam.exp_avg_sq.contiguous()}
+    save_file(tensors, str(directory / TENSORS))
+    state = {
+        "format_version": FORMAT_VERSION,
+        "tensors_sha256": sha256_file(directory / TENSORS),
+        "version": s.version,
+        "adam_step": s.adam.step,
+        "rejected_nonfinite": s.rejected_nonfinite,
+        "rejected_stale": s.rejected_stale,
+        "positions": checkpoint.positions,
+        "best_val": checkpoint.best_val,
+        "config": checkpoint.config,
+        "extra": checkpoint.extra,
+    }
+    tmp = directory / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+    os.replace(tmp, directory / STATE)
+    return directory
+
+
+def load(directory: str | Path) -> Checkpoint:
+    """Read a checkpoint written by ``save``; refuses missing files, other formats and altered tensors."""
+    directory = Path(directory)
+    state_path, tensor_path = directory / STATE, directory / TENSORS
+    for path in (state_path, tensor_path):
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        state = json.loads(state_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{state_path} is not valid JSON: {e}") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{state_path}: format_version {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if sha256_file(tensor_path) != state["tensors_sha256"]:
+        raise CheckpointError(f"{tensor_path}: sha256 does not match {state_path} (file altered or truncated)")
+    t = load_file(str(tensor_path))
+    server = ServerState(
+        params=t["params"],
+        adam=adam.AdamState(state["adam_step"], t["adam.exp_avg"], t["adam.exp_avg_sq"]),
+        version=state["version"],
+        rejected_nonfinite=state["rejected_nonfinite"],
+        rejected_stale=state["rejected_stale"],
+    )
+    return Checkpoint(server, state["positions"], state["best_val"], state["config"], state["extra"])

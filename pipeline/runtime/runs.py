@@ -1,0 +1,29 @@
+"""Read back what a tracked run produced: its config and its best or latest parameters."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from pipeline.build import build_learner
+from pipeline.config import RunConfig, TrackingConfig, apply_overrides, validate
+from pipeline.errors import RunError
+from pipeline.runtime import checkpoint
+from pipeline.runtime.flat_buffer import Layout
+from pipeline.tracking.mlflow_tracker import Tracker
+from pipeline.types import Params
+
+
+def load_run(run_id: str, tracking_uri: str | None, which: str = "best", overrides: list[str] | None = None) -> tuple[RunConfig, Params]:
+    """The run's config (with ``overrides`` applied) and the parameters of checkpoint ``which``."""
+    tracker = Tracker(TrackingConfig(uri=tracking_uri), run_name="", run_id=run_id)
+    scratch = Path(tempfile.mkdtemp(prefix="metapipe-run-"))
+    try:
+        path = tracker.download(f"checkpoints/{which}", scratch)
+    except (MlflowException, OSError) as e:
+        raise RunError(f"run {run_id} at {tracker.uri}: no checkpoints/{which} artifact ({e})") from None
+    ckpt = checkpoint.load(path)
+    config = validate(apply_overrides(ckpt.config, overrides or []), f"run {run_id}")
+    layout = Layout.of(build_learner(config).init(config.seed))
+    return config, layout.unflatten(ckpt.server.params)

@@ -1,0 +1,166 @@
+"""The parameter server: meta-parameters as one flat buffer, Adam, a version counter.
+
+A plain class so it runs in-process in unit tests; the driver wraps it with
+``ray.remote``. Sync mode waits for every worker of a version and averages their
+gradients weighted by episode count (summed in worker order, so the result does
+not depend on arrival order); async mode applies each push at once and rejects
+pushes more than ``max_staleness`` versions old. Non-finite gradients are
+rejected and counted, never applied.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.config import OptimizerConfig
+from pipeline.optim import adam
+
+
+@dataclass(frozen=True)
+class Push:
+    """A worker's meta-gradient for the parameters of ``version``."""
+
+    worker_id: int
+    version: int
+    grad: np.ndarray
+    n_episodes: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What the server did with a push: accepted or why not, and whether it applied an update."""
+
+    accepted: bool
+    reason: str
+    version: int
+    applied: bool
+    staleness: int
+
+
+@dataclass
+class ServerState:
+    """Everything a checkpoint needs to restore the server exactly."""
+
+    params: torch.Tensor
+    adam: adam.AdamState
+    version: int
+    rejected_nonfinite: int = 0
+    rejected_stale: int = 0
+    bad_in_a_row: int = 0
+    grad_norm: float = 0.0
+    pending: dict[int, Push] = field(default_factory=dict)
+
+
+class ParameterServer:
+    """Holds the meta-parameters and applies Adam to the gradients workers push."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        optimizer: OptimizerConfig,
+        total_steps: int,
+        num_workers: int,
+        mode: str = "sync",
+        max_staleness: int = 0,
+    ) -> None:
+        self._s = state
+        self._opt = optimizer
+        self._total_steps = total_steps
+        self._num_workers = num_workers
+        self._mode = mode
+        self._max_staleness = max_staleness
+
+    @staticmethod
+    def fresh(params: torch.Tensor) -> ServerState:
+        """Server state for new meta-parameters at version 0."""
+        params = params.detach().to(torch.float32).clone()
+        return ServerState(params=params, adam=adam.init(params), version=0)
+
+    def pull(self) -> tuple[int, np.ndarray]:
+        """The current version and a copy of the parameters as one float32 array."""
+        return self._s.version, self._s.params.numpy().copy()
+
+    def version(self) -> int:
+        return self._s.version
+
+    def pid(self) -> int:
+        """The process holding this server (fault-injection tests kill it)."""
+        return os.getpid()
+
+    def stats(self) -> dict[str, float]:
+        """Counters for tracking: rejections, consecutive bad gradients, last gradient norm."""
+        s = self._s
+        return {
+            "version": s.version,
+            "rejected_nonfinite": s.rejected_nonfinite,
+            "rejected_stale": s.rejected_stale,
+            "bad_in_a_row": s.bad_in_a_row,
+            "grad_norm": s.grad_norm,
+        }
+
+    def state(self) -> ServerState:
+        """The full state (for checkpoints); pending sync pushes are not part of a checkpoint."""
+        s = self._s
+        return ServerState(s.params.clone(), s.adam, s.version, s.rejected_nonfinite, s.rejected_stale, s.bad_in_a_row, s.grad_norm)
+
+    def push(self, push: Push) -> PushResult:
+        """Accept or reject one worker's gradient; apply an update when a step is complete."""
+        s = self._s
+        staleness = s.version - push.version
+        if s.version >= self._total_steps:
+            return PushResult(False, "run complete", s.version, False, staleness)
+        grad = torch.from_numpy(np.array(push.grad, dtype=np.float32))
+        if grad.shape != s.params.shape:
+            raise ValueError(
+                f"worker {push.worker_id} pushed a gradient of shape {tuple(grad.shape)}, "
+                f"the server holds {tuple(s.params.shape)}"
+            )
+        if not torch.isfinite(grad).all():
+            s.rejected_nonfinite += 1
+            s.bad_in_a_row += 1
+            if self._mode == "sync" and push.version == s.version:
+                s.pending[push.worker_id] = Push(push.worker_id, push.version, np.empty(0), 0)
+                applied = self._maybe_apply_sync()
+                return PushResult(False, "non-finite gradient", s.version, applied, staleness)
+            return PushResult(False, "non-finite gradient", s.version, False, staleness)
+        if self._mode == "sync":
+            if push.version != s.version:
+                s.rejected_stale += 1
+                return PushResult(False, f"sync push for version {push.version}, server at {s.version}", s.version, False, staleness)
+            if push.worker_id in s.pending:
+                return PushResult(False, "duplicate push for this version", s.version, False, staleness)
+            s.pending[push.worker_id] = push
+            applied = self._maybe_apply_sync()
+            return PushResult(True, "", s.version, applied, staleness)
+        if staleness > self._max_staleness:
+            s.rejected_stale += 1
+            return PushResult(False, f"stale by {staleness} versions (bound {self._max_staleness})", s.version, False, staleness)
+        self._apply(grad)
+        return PushResult(True, "", s.version, True, staleness)
+
+    def _maybe_apply_sync(self) -> bool:
+        s = self._s
+        if len(s.pending) < self._num_workers:
+            return False
+        good = [s.pending[w] for w in sorted(s.pending) if s.pending[w].n_episodes > 0]
+        s.pending = {}
+        if not good:
+            return False
+        total = sum(p.n_episodes for p in good)
+        grad = torch.zeros_like(s.params)
+        for p in good:
+            grad += torch.from_numpy(np.array(p.grad, dtype=np.float32)) * (p.n_episodes / total)
+        self._apply(grad)
+        return True
+
+    def _apply(self, grad: torch.Tensor) -> None:
+        s = self._s
+        grad, s.grad_norm = adam.clip(grad, self._opt.clip_norm)
+        lr = adam.learning_rate(self._opt, s.version, self._total_steps)
+        delta, s.adam = adam.update(grad, s.adam, lr, self._opt.betas, self._opt.eps)
+        s.params = s.params + delta
+        s.version += 1
+        s.bad_in_a_row = 0

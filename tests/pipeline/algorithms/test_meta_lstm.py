@@ -1,0 +1,182 @@
+"""The Meta-learner LSTM: the gradient-descent identity, gates at initialization, per-episode BatchNorm."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.algorithms.meta_lstm import INIT, MetaLSTM, plot_gates
+from pipeline.build import build_learner
+from pipeline.config import ConfigError, validate
+from pipeline.nets.networks import Conv4
+from tasks.episodes import Episodes
+
+NET = Conv4(in_channels=1, image_size=8, ways=3, filters=4)
+
+
+def episodes(count: int, seed: int, dtype: torch.dtype = torch.float64) -> Episodes:
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(3).repeat(2).expand(count, -1)
+    return Episodes(
+        torch.rand(count, 6, 1, 8, 8, generator=gen, dtype=dtype),
+        labels.clone(),
+        torch.rand(count, 6, 1, 8, 8, generator=gen, dtype=dtype),
+        labels.clone(),
+    )
+
+
+def gradient_descent_gates(params: dict[str, torch.Tensor], lr: float) -> dict[str, torch.Tensor]:
+    """f = sigmoid(40) == 1.0 exactly in float64, i = sigmoid(logit(lr)) == lr (to one ulp)."""
+    params = dict(params)
+    params["metalstm.WF"] = torch.zeros_like(params["metalstm.WF"])
+    params["metalstm.WI"] = torch.zeros_like(params["metalstm.WI"])
+    params["metalstm.bF"] = torch.full_like(params["metalstm.bF"], 40.0)
+    params["metalstm.bI"] = torch.full_like(params["metalstm.bI"], math.log(lr / (1 - lr)))
+    return params
+
+
+def test_forget_one_and_input_lr_is_exactly_gradient_descent() -> None:
+    learner = MetaLSTM(NET, inner_steps=3, dtype=torch.float64)
+    lr = 0.1
+    params = gradient_descent_gates(learner.init(0), lr)
+    batch = episodes(1, seed=1)
+    fast, trace = learner.learn(params, batch.support_x, batch.support_y, 3)
+    assert torch.all(trace.forget == 1.0)
+    torch.testing.assert_close(trace.input, torch.full_like(trace.input, lr), rtol=1e-15, atol=0)
+
+    theta = {k[len(INIT) :]: v.clone().requires_grad_() for k, v in params.items() if k.startswith(INIT)}
+    for _ in range(3):
+        loss = F.cross_entropy(NET.apply(theta, batch.support_x[0]), batch.support_y[0])
+        grads = torch.autograd.grad(loss, list(theta.values()))
+        theta = {k: (v - lr * g).detach().requires_grad_() for (k, v), g in zip(theta.items(), grads)}
+    for key, value in theta.items():
+        torch.testing.assert_close(fast[key][0], value.detach(), rtol=1e-12, atol=1e-14)
+
+    # inputs are detached, so d theta_T / d theta_0 = I: the init's meta-gradient is first-order MAML's
+    meta, _ = learner.meta_grad(params, batch)
+    query_loss = F.cross_entropy(NET.apply(theta, batch.query_x[0]), batch.query_y[0])
+    expected = torch.autograd.grad(query_loss, list(theta.values()))
+    for key, g in zip(theta, expected):
+        torch.testing.assert_close(meta[INIT + key], g, rtol=1e-10, atol=1e-13)
+
+
+def test_training_starts_like_gradient_descent_with_a_small_step() -> None:
+    learner = MetaLSTM(NET, inner_steps=4)
+    _, metrics = learner.meta_loss(learner.init(0), episodes(2, seed=0, dtype=torch.float32))
+    assert metrics["forget_gate"] > 0.98
+    assert metrics["input_gate"] < 0.02
+
+
+def test_meta_gradient_is_finite_and_reaches_every_parameter() -> None:
+    learner = MetaLSTM(NET, inner_steps=3)
+    params = learner.init(1)
+    grads, metrics = learner.meta_grad(params, episodes(2, seed=3, dtype=torch.float32))
+    assert set(grads) == set(params)
+    for key, g in grads.items():
+        assert g.shape == params[key].shape
+        assert torch.isfinite(g).all(), key
+        assert g.abs().sum() > 0, key
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_each_episode_uses_its_own_batch_statistics() -> None:
+    learner = MetaLSTM(NET, inner_steps=2, dtype=torch.float64)
+    params = learner.init(2)
+    batch = episodes(3, seed=4)
+    together, _ = learner.learn(params, batch.support_x, batch.support_y, 2)
+    alone, _ = learner.learn(params, batch.support_x[1:2], batch.support_y[1:2], 2)
+    for key in alone:
+        torch.testing.assert_close(together[key][1], alone[key][0])
+
+
+def test_adapt_predicts_with_the_learned_parameters() -> None:
+    learner = MetaLSTM(NET, inner_steps=2, eval_inner_steps=3, dtype=torch.float64)
+    params = learner.init(0)
+    batch = episodes(1, seed=5)
+    logits = learner.adapt(params, batch.support_x[0], batch.support_y[0])(batch.query_x[0])
+    fast, _ = learner.learn(params, batch.support_x, batch.support_y, 3)
+    torch.testing.assert_close(logits, NET.apply({k: v[0] for k, v in fast.items()}, batch.query_x[0]))
+    trace = learner.gate_trace(params, batch.support_x[0], batch.support_y[0])
+    assert trace.forget.shape == trace.input.shape == (3, sum(v.numel() for k, v in params.items() if k.startswith(INIT)))
+    figure = plot_gates(trace)
+    assert [ax.get_title() for ax in figure.axes] == ["forget gate", "input gate"]
+
+
+def test_a_few_meta_steps_lower_the_meta_loss() -> None:
+    learner = MetaLSTM(NET, inner_steps=3)
+    leaves = {k: v.requires_grad_() for k, v in learner.init(0).items()}
+    adam = torch.optim.Adam(leaves.values(), lr=0.01)
+    batch = episodes(4, seed=6, dtype=torch.float32)
+    first, _ = learner.meta_loss({k: v.detach() for k, v in leaves.items()}, batch)
+    for _ in range(15):
+        grads, _ = learner.meta_grad({k: v.detach() for k, v in leaves.items()}, batch)
+        for k, v in leaves.items():
+            v.grad = grads[k]
+        adam.step()
+    last, _ = learner.meta_loss({k: v.detach() for k, v in leaves.items()}, batch)
+    assert last.item() < first.item()
+
+
+def omniglot_config(**overrides: object) -> dict:
+    return {
+        "task": {"name": "omniglot", "ways": 5, "shots": 1},
+        "store": {"path": "unused"},
+        "model": {"network": "conv4", "filters": 8},
+        "algorithm": {"name": "meta_lstm", "inner_steps": 5, **overrides},
+    }
+
+
+def test_from_config_builds_the_learner_the_config_names() -> None:
+    learner = build_learner(validate(omniglot_config(forget_bias=[3.0, 3.5])))
+    assert isinstance(learner, MetaLSTM)
+    assert learner.inner_steps == 5 and learner.forget_bias == (3.0, 3.5)
+    assert learner.network.filters == 8 and learner.network.ways == 5
+
+
+def test_config_requires_a_conv4_learner() -> None:
+    raw = omniglot_config()
+    raw["model"] = {"network": "mlp"}
+    with pytest.raises(ConfigError, match="meta_lstm trains a conv4 learner"):
+        validate(raw)
+
+
+@pytest.mark.integration
+def test_meta_lstm_trains_through_the_parameter_server_logs_its_gates_and_exports(tmp_path, local_ray) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.export.directory import load
+    from pipeline.runtime import driver
+    from tests.helpers import small_omniglot_run
+
+    config = validate(
+        small_omniglot_run(
+            tmp_path, "test-meta-lstm", model={"network": "conv4", "filters": 4}, algorithm={"name": "meta_lstm", "inner_steps": 3}
+        )
+    )
+    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
+    assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
+    plots = {a.path for a in MlflowClient(config.tracking.uri).list_artifacts(result.run_id, "plots")}
+    assert plots == {"plots/gates.png", "plots/learning_curve.png"}
+    exported = load(tmp_path / "export")
+    assert set(exported.params) == set(build_learner(config).init(0))
+
+
+@pytest.mark.parametrize(
+    "name, image_size, downsample, steps",
+    [
+        ("meta_lstm_omniglot_5w1s.yaml", 28, "stride", 12),
+        ("meta_lstm_omniglot_5w5s.yaml", 28, "stride", 8),
+        ("meta_lstm_miniimagenet_5w1s.yaml", 84, "maxpool", 12),
+        ("meta_lstm_miniimagenet_5w5s.yaml", 84, "maxpool", 8),
+    ],
+)
+def test_shipped_configs_build_the_papers_learner(name: str, image_size: int, downsample: str, steps: int) -> None:
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    learner = build_learner(load_config(Path(__file__).resolve().parents[3] / "configs" / name))
+    assert isinstance(learner, MetaLSTM) and learner.inner_steps == steps and learner.hidden == 20
+    assert (learner.network.image_size, learner.network.downsample, learner.network.filters) == (image_size, downsample, 32)

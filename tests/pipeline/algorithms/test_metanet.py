@@ -1,0 +1,242 @@
+"""MetaNet: layer augmentation, memory write and read, hand-written references, learning, config."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.algorithms.fast_weights import (
+    attention_read,
+    attention_weights,
+    augmented_linear,
+    lstm_generate,
+    mlp_generate,
+    preprocess_gradient,
+)
+from pipeline.algorithms.metanet import MetaNet
+from pipeline.build import build_learner
+from pipeline.config import load_config, validate
+from tasks.episodes import Episodes
+
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+
+
+def tiny(ways: int = 5, **kw) -> MetaNet:
+    """A MetaNet small enough for a CPU test: 2 blocks of 4 filters (features 4*7*7), widths 8."""
+    settings = dict(conv_layers=2, filters=4, hidden=8, representation=8, generator_hidden=6, rep_steps=3)
+    return MetaNet(ways=ways, **{**settings, **kw})
+
+
+def episodes(ways: int, shots: int, queries: int, batch: int, seed: int, dtype=torch.float32) -> Episodes:
+    """Learnable synthetic episodes: each class is a random 7x7 binary pattern drawn at 28x28, plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    protos = torch.rand(batch, ways, 1, 1, 7, 7, generator=gen).round().repeat_interleave(4, -1).repeat_interleave(4, -2)
+    noise = lambda n: 0.1 * torch.rand(batch, ways, n, 1, 28, 28, generator=gen)  # noqa: E731
+    support = (protos + noise(shots)).clamp(0, 1).flatten(1, 2)
+    query = (protos + noise(queries)).clamp(0, 1).flatten(1, 2)
+    labels = lambda n: torch.arange(ways).repeat_interleave(n).repeat(batch, 1)  # noqa: E731
+    return Episodes(support.to(dtype), labels(shots), query.to(dtype), labels(queries))
+
+
+def test_augmented_layer_is_sum_of_relu_branches():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, generator=gen)
+    slow, fast = torch.randn(5, 6, generator=gen), torch.randn(3, 4, 5, 6, generator=gen)
+    slow_out = x @ slow.T
+    fast_out = torch.einsum("bqoi,bqi->bqo", fast, x)
+    torch.testing.assert_close(augmented_linear(x, slow, fast), F.relu(slow_out) + F.relu(fast_out))
+    torch.testing.assert_close(augmented_linear(x, slow, fast, activation=False), slow_out + fast_out)
+    # one fast weight per task, broadcast over the task's examples
+    task_fast = torch.randn(3, 1, 5, 6, generator=gen)
+    expected = F.relu(slow_out) + F.relu(torch.einsum("boi,bqi->bqo", task_fast[:, 0], x))
+    torch.testing.assert_close(augmented_linear(x, slow, task_fast), expected)
+
+
+def test_attention_read_returns_stored_weight_for_equal_key():
+    gen = torch.Generator().manual_seed(1)
+    keys, values = torch.randn(2, 6, 8, generator=gen), torch.randn(2, 6, 3, 4, generator=gen)
+    queries = keys[:, [4, 1]]
+    weights = attention_weights(keys, queries)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2))
+    assert (weights.argmax(-1) == torch.tensor([4, 1])).all()
+    read = attention_read(keys, values, queries, scale=1e4)
+    torch.testing.assert_close(read, values[:, [4, 1]])
+
+
+def test_preprocess_gradient_log_and_sign():
+    g = torch.tensor([0.5, -2.0, 1e-6, -1e-6, 0.0])
+    out = preprocess_gradient(g, p=10.0)
+    torch.testing.assert_close(out[0], torch.tensor([torch.log(torch.tensor(0.5)) / 10, 1.0]))
+    torch.testing.assert_close(out[1], torch.tensor([torch.log(torch.tensor(2.0)) / 10, -1.0]))
+    torch.testing.assert_close(out[2:, 0], torch.full((3,), -1.0))
+    torch.testing.assert_close(out[2:, 1], torch.tensor([1e-6, -1e-6, 0.0]) * torch.exp(torch.tensor(10.0)))
+
+
+@pytest.mark.parametrize("shots", [1, 2], ids=["one-shot-cross-entropy", "two-shot-contrastive"])
+def test_memory_sizes_follow_support_set(shots):
+    net = tiny(ways=3)
+    params = net.init(0)
+    batch = episodes(3, shots, 2, 1, seed=0)
+    predictor = net.adapt(params, batch.support_x[0], batch.support_y[0])
+    memory = predictor.memory
+    support = 3 * shots
+    assert memory.keys.shape == (1, support, net.representation)
+    assert memory.values.shape == (1, support, net.hidden * net.features() + 3 * net.hidden)
+    assert memory.task_fast.shape == (1, net.representation, net.features())
+    assert predictor(batch.query_x[0]).shape == (6, 3)
+
+
+def test_model_reads_a_support_examples_fast_weights_for_that_example():
+    # at initialization different images have cosines within ~1e-4 of each other: a very sharp softmax in float64
+    net = tiny(attention_scale=1e8, dtype=torch.float64)
+    params = net.init(2)
+    batch = episodes(5, 1, 1, 1, seed=2, dtype=torch.float64)
+    memory = net.write_memory(params, batch.support_x, batch.support_y)
+    r = net.represent(params, memory, batch.support_x)
+    torch.testing.assert_close(r, memory.keys)
+    read = attention_read(memory.keys, memory.values, r, net.attention_scale)
+    torch.testing.assert_close(read, memory.values)
+
+
+def test_memory_matches_hand_written_gradients_in_float64():
+    net = tiny(ways=3, dtype=torch.float64, rep_steps=2)
+    params = net.init(4)
+    batch = episodes(3, 2, 1, 1, seed=4, dtype=torch.float64)
+    memory = net.write_memory(params, batch.support_x, batch.support_y)
+    x, y = batch.support_x[0], batch.support_y[0]
+
+    # example-level: closed-form gradient of each support example's cross-entropy through b's two layers
+    hb = net.trunk(params, "b", x)
+    w1, w2 = params["b.fc1"], params["b.fc2"]
+    z = hb @ w1.T
+    dlogits = torch.softmax(F.relu(z) @ w2.T, -1) - F.one_hot(y, 3)
+    g2 = dlogits[:, :, None] * F.relu(z)[:, None, :]
+    g1 = ((dlogits @ w2) * (z > 0))[:, :, None] * hb[:, None, :]
+    grads = torch.cat((g1.flatten(1), g2.flatten(1)), 1)
+    torch.testing.assert_close(memory.values[0], mlp_generate(params, "m", grads, net.preprocess_p))
+
+    # task-level: contrastive loss (two shots), gradient of each chunk's mean by autograd, one chunk at a time
+    hu = net.trunk(params, "u", x).detach()
+    chunk_grads = []
+    for chunk in (torch.arange(0, 3), torch.arange(3, 6)):
+        w = params["u.fc1"].detach().requires_grad_(True)
+        r = hu @ w.T
+        dist2 = (r[:, None] - r[None]).square().sum(-1)
+        same = (y[:, None] == y[None]).double()
+        apart = F.relu(net.contrastive_margin - (dist2 + 1e-12).sqrt()).square()
+        loss = (same * dist2 + (1 - same) * apart)[chunk].mean()
+        chunk_grads.append(torch.autograd.grad(loss, w)[0])
+    task_fast = lstm_generate(params, "d", torch.stack(chunk_grads)[None], net.preprocess_p)
+    torch.testing.assert_close(memory.task_fast, task_fast)
+    torch.testing.assert_close(memory.keys[0], hu @ params["u.fc1"].T + hu @ task_fast[0].T)
+
+
+@pytest.mark.parametrize("shots", [1, 2], ids=["one-shot", "two-shot"])
+def test_gradients_reach_every_meta_parameter(shots):
+    net = tiny()
+    params = net.init(1)
+    grads, metrics = net.meta_grad(params, episodes(5, shots, 2, 2, seed=1))
+    assert grads.keys() == params.keys()
+    for key, g in grads.items():
+        assert g.shape == params[key].shape, key
+        assert torch.isfinite(g).all(), key
+        assert g.abs().sum() > 0, key
+    assert set(metrics) == {"loss", "accuracy"} and all(isinstance(v, float) for v in metrics.values())
+
+
+def test_meta_grad_is_autodiff_of_meta_loss():
+    net = tiny(dtype=torch.float64)
+    params = net.init(3)
+    batch = episodes(5, 1, 2, 2, seed=3, dtype=torch.float64)
+    grads, _ = net.meta_grad(params, batch)
+    key, index = "d.w_ih", (3, 1)
+    step = 1e-6
+    shifted = lambda s: {**params, key: params[key].index_put((torch.tensor(index[0]), torch.tensor(index[1])),  # noqa: E731
+                                                             params[key][index] + s)}
+    numeric = (net.meta_loss(shifted(step), batch)[0] - net.meta_loss(shifted(-step), batch)[0]) / (2 * step)
+    torch.testing.assert_close(grads[key][index], numeric, rtol=1e-4, atol=1e-8)
+
+
+def test_batched_meta_loss_equals_per_task_predictors():
+    net = tiny()
+    params = net.init(5)
+    batch = episodes(5, 1, 3, 3, seed=5)
+    loss, metrics = net.meta_loss(params, batch)
+    per_task = []
+    for t in range(3):
+        logits = net.adapt(params, batch.support_x[t], batch.support_y[t])(batch.query_x[t])
+        per_task.append(F.cross_entropy(logits, batch.query_y[t], reduction="sum"))
+    torch.testing.assert_close(loss, torch.stack(per_task).sum() / batch.query_y.numel(), rtol=1e-5, atol=1e-6)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_init_is_deterministic_in_seed():
+    net = tiny()
+    a, b, c = net.init(7), net.init(7), net.init(8)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].std() > 0)
+
+
+def test_meta_loss_decreases_with_adam_on_learnable_episodes():
+    # narrower generators or layers than these learn too slowly to leave the uniform guess within the test's steps
+    net = MetaNet(ways=5, conv_layers=4, filters=16, rep_steps=3)
+    params = {k: v.requires_grad_(True) for k, v in net.init(0).items()}
+    held_out = episodes(5, 1, 3, 16, seed=10_000)
+    before = net.meta_loss(params, held_out)[0].item()
+    opt = torch.optim.Adam(params.values(), lr=1e-3)
+    for step in range(30):
+        grads, _ = net.meta_grad(params, episodes(5, 1, 3, 4, seed=step))
+        for k, p in params.items():
+            p.grad = grads[k]
+        opt.step()
+    after, metrics = net.meta_loss(params, held_out)
+    assert after.item() < 0.5 * before, (before, after.item())
+    assert metrics["accuracy"] > 0.8
+
+
+def test_bad_episodes_name_the_field():
+    net = tiny()
+    params = net.init(0)
+    good = episodes(5, 1, 1, 1, seed=0)
+    with pytest.raises(ValueError, match=r"support_x must be \[B, N, 1, 28, 28\], got \[1, 5, 3, 28, 28\]"):
+        net.meta_loss(params, Episodes(good.support_x.expand(-1, -1, 3, -1, -1), good.support_y, good.query_x, good.query_y))
+    with pytest.raises(ValueError, match=r"query_y labels must lie in 0..4, got 0..7"):
+        net.meta_loss(params, Episodes(good.support_x, good.support_y, good.query_x, good.query_y * 7 // 4))
+    with pytest.raises(ValueError, match="MetaNet.filters must be at least 1, got 0"):
+        tiny(filters=0)
+
+
+@pytest.mark.parametrize("name,ways", [("metanet_omniglot_5w1s.yaml", 5), ("metanet_omniglot_20w1s.yaml", 20)])
+def test_shipped_configs_build_a_metanet(name, ways):
+    config = load_config(CONFIGS / name)
+    learner = build_learner(config)
+    assert isinstance(learner, MetaNet) and learner.ways == ways and learner.in_channels == 1
+
+
+def test_config_rejects_unknown_metanet_key_and_non_image_task():
+    base = {"task": {"name": "omniglot"}, "store": {"path": "x"}, "algorithm": {"name": "metanet"}}
+    defaults = validate(base).algorithm
+    assert (defaults.conv_layers, defaults.filters, defaults.generator_hidden, defaults.preprocess_p) == (5, 64, 20, 10.0)
+    with pytest.raises(ValueError, match="algorithm.hiden"):
+        validate({**base, "algorithm": {"name": "metanet", "hiden": 3}})
+    config = validate({**base, "task": {"name": "sinusoid"}})
+    with pytest.raises(ValueError, match="metanet needs an image task"):
+        build_learner(config)
+
+
+@pytest.mark.integration
+def test_metanet_trains_through_the_parameter_server_and_exports(tmp_path, local_ray):
+    from pipeline.export.directory import load
+    from pipeline.runtime import driver
+    from tests.helpers import small_omniglot_run
+
+    algorithm = {"name": "metanet", "conv_layers": 2, "filters": 4, "hidden": 8, "representation": 8, "rep_steps": 3}
+    config = validate(small_omniglot_run(tmp_path, "test-metanet", algorithm=algorithm))
+    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
+    assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
+    exported = load(tmp_path / "export")
+    assert set(exported.params) == set(build_learner(config).init(0))
+    batch = episodes(5, 1, 2, 1, seed=9)
+    predict = exported.adapt(batch.support_x[0], batch.support_y[0])
+    assert predict(batch.query_x[0]).shape == (10, 5)

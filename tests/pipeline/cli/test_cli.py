@@ -1,0 +1,103 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from pipeline.cli import main
+
+from tasks.store.parquet import open_store
+from tests.helpers import small_omniglot_task, write_omniglot
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def write_config(path: Path, task: dict, store: dict) -> Path:
+    path.write_text(yaml.safe_dump({"task": task, "store": store}))
+    return path
+
+
+def test_precompute_then_inspect_then_a_damaged_store_fails_naming_the_file(tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path / "sin.yaml", {"name": "sinusoid"}, {"path": "episodes/sin", "train_episodes": 50000})
+    done = run("precompute", str(config), "--episodes", "3000", "--seed", "4", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "train 3000, val 200, test 600" in done.stdout
+    assert open_store(str(tmp_path / "episodes" / "sin")).manifest["seed"] == 4
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "episodes/sin"]) == 0
+    shown = capsys.readouterr().out
+    assert '"name": "sinusoid"' in shown and "train      3000 episodes" in shown
+
+    shard = tmp_path / "episodes" / "sin" / "test" / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    failed = run("inspect", "episodes/sin", cwd=tmp_path)
+    assert failed.returncode == 2
+    assert "episodes/sin/test/part-00000.parquet: checksum mismatch" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_config_errors_exit_2_with_the_key(tmp_path, capsys):
+    config = write_config(tmp_path / "bad.yaml", {"name": "sinusoid", "shots": 0}, {"path": "x"})
+    assert main(["precompute", str(config)]) == 2
+    assert "task.shots: Input should be greater than or equal to 1 (got 0)" in capsys.readouterr().err
+
+
+def test_precompute_accepts_a_training_config_and_overrides(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": {"name": "quadratic", "dim": 3},
+        "store": {"path": str(tmp_path / "q"), "train_episodes": 100},
+        "algorithm": {"name": "maml", "inner_lr": 0.1},
+        "train": {"steps": 5, "meta_batch": 4},
+    }))
+    assert main(["precompute", str(config), "--set", "store.val_episodes=10"]) == 0
+    assert open_store(str(tmp_path / "q")).episodes("val") == 10
+    assert main(["precompute", str(config), "--episodes", "120"]) == 2
+    assert "store made for another config" in capsys.readouterr().err
+    assert main(["precompute", str(config), "--episodes", "120", "--force"]) == 0
+
+
+def test_inspect_draws_a_grid_of_image_episodes(tmp_path, capsys):
+    root = write_omniglot(tmp_path / "data", "folder")
+    task = small_omniglot_task(root).model_dump()
+    config = write_config(tmp_path / "o.yaml", task, {"path": str(tmp_path / "o"), "train_episodes": 40})
+    assert main(["precompute", str(config)]) == 0
+    grid = tmp_path / "grid.png"
+    assert main(["inspect", str(tmp_path / "o"), "--grid", str(grid), "--show", "3"]) == 0
+    assert f"grid of 3 training episodes: {grid}" in capsys.readouterr().out
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        assert image.size == ((5 + 1 + 10) * 30, 3 * 30)
+
+
+def test_missing_data_is_a_clear_error(tmp_path, capsys):
+    config = write_config(tmp_path / "o.yaml", {"name": "omniglot", "data_root": str(tmp_path)}, {"path": str(tmp_path / "o")})
+    assert main(["precompute", str(config)]) == 2
+    assert f"Omniglot not found under {tmp_path}/omniglot" in capsys.readouterr().err
+
+
+def test_download_without_internet_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "Omniglot", offline)
+    assert main(["download", "omniglot", "--root", str(tmp_path)]) == 2
+    assert f"cannot download Omniglot into {tmp_path}/omniglot (network unreachable)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["omniglot_5w1s", "omniglot_20w1s", "sinusoid", "quadratic"])
+def test_shipped_configs_validate(name):
+    from pipeline.config import load_config
+
+    config = load_config(REPO / "configs" / f"{name}.yaml")
+    assert config.store.path.startswith("episodes/")

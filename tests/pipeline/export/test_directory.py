@@ -1,0 +1,58 @@
+"""Export directories: round trip, and load refuses anything missing, altered or of another format."""
+import json
+
+import pytest
+import torch
+
+import pipeline
+from pipeline.build import build_learner
+from pipeline.config import validate
+from pipeline.errors import ExportError
+from pipeline.export.directory import META, WEIGHTS, export
+
+CONFIG = validate({"task": {"name": "sinusoid"}, "store": {"path": "unused"}, "algorithm": {"inner_lr": 0.05}})
+
+
+@pytest.fixture
+def exported(tmp_path):
+    params = build_learner(CONFIG).init(0)
+    return export(params, CONFIG, tmp_path / "export", {"test/mse": 0.5}), params
+
+
+def test_roundtrip_adapts_like_the_learner(exported):
+    path, params = exported
+    learner = pipeline.load(path)
+    assert learner.config == CONFIG and learner.meta["metrics"] == {"test/mse": 0.5}
+    x = torch.linspace(-5, 5, 10).unsqueeze(1)
+    y = torch.sin(x)
+    expected = build_learner(CONFIG).adapt(params, x, y)(x)
+    torch.testing.assert_close(learner.adapt(x, y)(x), expected.detach())
+
+
+def test_an_initialization_learner_has_no_optimizer(exported):
+    with pytest.raises(TypeError, match="learns an initialization"):
+        pipeline.load(exported[0]).optimizer([torch.zeros(1, requires_grad=True)])
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "config.json", "export.json"])
+def test_missing_file_is_named(exported, name):
+    (exported[0] / name).unlink()
+    with pytest.raises(ExportError, match=f"export file missing: .*{name}"):
+        pipeline.load(exported[0])
+
+
+def test_altered_weights_are_refused(exported):
+    path = exported[0] / WEIGHTS
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="sha256 does not match"):
+        pipeline.load(exported[0])
+
+
+def test_other_format_version_is_refused(exported):
+    meta = json.loads((exported[0] / META).read_text())
+    meta["format_version"] = 2
+    (exported[0] / META).write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="format_version 2"):
+        pipeline.load(exported[0])

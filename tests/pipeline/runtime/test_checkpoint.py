@@ -1,0 +1,45 @@
+"""Checkpoints round-trip exactly and refuse altered or foreign files."""
+import json
+
+import pytest
+import torch
+
+from pipeline.optim import adam
+from pipeline.runtime import checkpoint
+from pipeline.runtime.server import ServerState
+
+
+def sample():
+    params = torch.randn(10)
+    state = ServerState(params, adam.AdamState(7, torch.randn(10), torch.rand(10)), version=7, rejected_nonfinite=2)
+    return checkpoint.Checkpoint(state, [{"shard": 1, "row": 3}, None], 0.5, {"seed": 0}, {"note": "x"})
+
+
+def test_roundtrip(tmp_path):
+    ck = sample()
+    back = checkpoint.load(checkpoint.save(tmp_path / "c", ck))
+    assert torch.equal(back.server.params, ck.server.params)
+    assert torch.equal(back.server.adam.exp_avg_sq, ck.server.adam.exp_avg_sq)
+    assert back.server.adam.step == 7 and back.server.version == 7 and back.server.rejected_nonfinite == 2
+    assert back.positions == ck.positions and back.best_val == 0.5 and back.config == {"seed": 0}
+
+
+def test_altered_tensors_are_refused(tmp_path):
+    path = checkpoint.save(tmp_path / "c", sample())
+    data = bytearray((path / checkpoint.TENSORS).read_bytes())
+    data[-3] ^= 0xFF
+    (path / checkpoint.TENSORS).write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="sha256 does not match"):
+        checkpoint.load(path)
+
+
+def test_missing_file_and_wrong_version(tmp_path):
+    path = checkpoint.save(tmp_path / "c", sample())
+    state = json.loads((path / checkpoint.STATE).read_text())
+    state["format_version"] = 99
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError, match="format_version 99"):
+        checkpoint.load(path)
+    (path / checkpoint.TENSORS).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint file missing"):
+        checkpoint.load(path)

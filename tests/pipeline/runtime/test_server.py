@@ -1,0 +1,83 @@
+"""Parameter server: sync averaging, async staleness, non-finite rejection (in-process)."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import OptimizerConfig
+from pipeline.optim import adam
+from pipeline.runtime.server import ParameterServer, Push
+
+OPT = OptimizerConfig(lr=0.1)
+
+
+def server(mode="sync", workers=2, staleness=0, steps=100):
+    return ParameterServer(ParameterServer.fresh(torch.zeros(3)), OPT, steps, workers, mode, staleness)
+
+
+def test_sync_waits_for_all_workers_and_weights_by_episodes():
+    s = server()
+    r0 = s.push(Push(0, 0, np.array([1.0, 0.0, 0.0], np.float32), 3))
+    assert r0.accepted and not r0.applied and s.version() == 0
+    r1 = s.push(Push(1, 0, np.array([0.0, 4.0, 0.0], np.float32), 1))
+    assert r1.applied and s.version() == 1
+    expected_grad = torch.tensor([0.75, 1.0, 0.0])
+    delta, _ = adam.update(expected_grad, adam.init(torch.zeros(3)), 0.1, OPT.betas, OPT.eps)
+    torch.testing.assert_close(torch.from_numpy(s.pull()[1]), delta)
+
+
+def test_sync_result_does_not_depend_on_arrival_order():
+    g = [np.random.default_rng(i).normal(size=3).astype(np.float32) for i in range(3)]
+    a, b = server(workers=3), server(workers=3)
+    for i in (0, 1, 2):
+        a.push(Push(i, 0, g[i], i + 1))
+    for i in (2, 0, 1):
+        b.push(Push(i, 0, g[i], i + 1))
+    assert np.array_equal(a.pull()[1], b.pull()[1])
+
+
+def test_sync_rejects_duplicates_and_old_versions():
+    s = server()
+    s.push(Push(0, 0, np.ones(3, np.float32), 1))
+    assert s.push(Push(0, 0, np.ones(3, np.float32), 1)).reason == "duplicate push for this version"
+    s.push(Push(1, 0, np.ones(3, np.float32), 1))
+    late = s.push(Push(0, 0, np.ones(3, np.float32), 1))
+    assert not late.accepted and s.stats()["rejected_stale"] == 1
+
+
+def test_async_applies_each_push_and_rejects_stale():
+    s = server(mode="async", staleness=1)
+    for version in (0, 1):
+        assert s.push(Push(0, version, np.ones(3, np.float32), 1)).applied
+    ok = s.push(Push(1, 1, np.ones(3, np.float32), 1))
+    assert ok.applied and ok.staleness == 1
+    stale = s.push(Push(1, 1, np.ones(3, np.float32), 1))
+    assert not stale.accepted and stale.staleness == 2 and "stale by 2" in stale.reason
+    assert s.version() == 3 and s.stats()["rejected_stale"] == 1
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_nonfinite_gradients_are_rejected_and_counted(bad):
+    s = server(mode="async")
+    before = s.pull()[1]
+    r = s.push(Push(0, 0, np.array([1.0, bad, 0.0], np.float32), 1))
+    assert not r.accepted and r.reason == "non-finite gradient"
+    assert np.array_equal(s.pull()[1], before)
+    assert s.stats()["rejected_nonfinite"] == 1 and s.stats()["bad_in_a_row"] == 1
+
+
+def test_sync_step_with_one_bad_worker_applies_the_good_gradient():
+    s = server()
+    s.push(Push(0, 0, np.array([np.nan, 0, 0], np.float32), 1))
+    r = s.push(Push(1, 0, np.array([1.0, 1.0, 1.0], np.float32), 1))
+    assert r.applied and np.isfinite(s.pull()[1]).all()
+
+
+def test_no_updates_past_the_last_step():
+    s = server(mode="async", steps=1)
+    assert s.push(Push(0, 0, np.ones(3, np.float32), 1)).applied
+    assert s.push(Push(0, 1, np.ones(3, np.float32), 1)).reason == "run complete"
+
+
+def test_wrong_gradient_shape_is_named():
+    with pytest.raises(ValueError, match="shape \\(2,\\)"):
+        server().push(Push(0, 0, np.ones(2, np.float32), 1))
