@@ -259,17 +259,52 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The YAML mapping in ``path`` deep-merged over its ``base:`` file, and the base files read.
+
+    ``base: FILE`` (top level) names another YAML mapping, relative to the file that
+    names it, that may have a base of its own. Mappings merge key by key, the naming
+    file's own values winning; any other value (list, number, string) replaces the
+    base's. The ``base`` key is removed. ``chain``: the files that led here, to refuse a cycle.
+    """
+    named_by = f" (base of {chain[-1]})" if chain else ""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}{named_by}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {path}{named_by} is not valid YAML: {e}") from None
+    if raw is None and not chain:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config {path}: expected a YAML mapping at the top, got {type(raw).__name__}")
-    return validate(apply_overrides(raw, overrides or []), str(path))
+        got = "an empty file" if raw is None else type(raw).__name__
+        raise ConfigError(f"invalid config {path}{named_by}: expected a YAML mapping at the top, got {got}")
+    if "base" not in raw:
+        return raw, []
+    ref = raw.pop("base")
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"invalid config {path}: base: expected a YAML file path relative to {path.parent}, got {ref!r}")
+    base = path.parent / ref
+    seen = [p.resolve() for p in (*chain, path)]
+    if base.resolve() in seen:
+        cycle = " -> ".join(str(p) for p in (*chain[seen.index(base.resolve()):], path, base))
+        raise ConfigError(f"invalid config {path}: base: {ref!r} makes a cycle of bases: {cycle}")
+    merged, bases = _read_with_bases(base, (*chain, path))
+
+    def merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+        out = dict(low)
+        for key, value in high.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(merged, raw), [base, *bases]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config and its ``base:`` files, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    raw, bases = _read_with_bases(path)
+    source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
+    return validate(apply_overrides(raw, overrides or []), source)
