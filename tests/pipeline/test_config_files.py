@@ -108,3 +108,69 @@ def test_a_file_without_base_loads_as_before(tmp_path):
     assert config.store.path == "episodes/omniglot-5w1s"
     with pytest.raises(ConfigError, match="expected a YAML mapping at the top, got list"):
         load_config(write(tmp_path / "list.yaml", "- 1\n"))
+
+
+# --- the shipped configs ----------------------------------------------------------------------
+
+# Every run config in configs/: the base file under configs/tasks/ holding its task and store, and the
+# store path it reads. Runs with the same base share one precomputed store; a base differing only in
+# store counts (the -320k and -240k ones) has a store path of its own.
+RUNS = {
+    "omniglot_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "omniglot_maml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "quickstart.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "meta_lstm_omniglot_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "metanet_omniglot_5w1s.yaml": ("omniglot-5w1s-320k.yaml", "episodes/omniglot-5w1s-320k"),
+    "meta_lstm_omniglot_5w5s.yaml": ("omniglot-5w5s.yaml", "episodes/omniglot-5w5s"),
+    "omniglot_20w1s.yaml": ("omniglot-20w1s.yaml", "episodes/omniglot-20w1s"),
+    "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", "episodes/omniglot-20w1s"),
+    "metanet_omniglot_20w1s.yaml": ("omniglot-20w1s-320k.yaml", "episodes/omniglot-20w1s-320k"),
+    "meta_lstm_miniimagenet_5w1s.yaml": ("miniimagenet-5w1s.yaml", "episodes/miniimagenet-5w1s"),
+    "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", "episodes/miniimagenet-5w1s-240k"),
+    "meta_lstm_miniimagenet_5w5s.yaml": ("miniimagenet-5w5s.yaml", "episodes/miniimagenet-5w5s"),
+    "sinusoid.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
+    "sinusoid_maml.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
+    "sinusoid_reptile.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
+    "quadratic.yaml": ("quadratic.yaml", "episodes/quadratic"),
+    "l2l_quadratic.yaml": ("quadratic.yaml", "episodes/quadratic"),
+    "l2l_digits_mlp.yaml": ("digits.yaml", "episodes/digits"),
+}
+BASES = sorted((CONFIGS / "tasks").glob("*.yaml"))
+
+
+def test_every_run_config_is_listed():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(RUNS)
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_run_config_takes_task_and_store_from_its_base(name):
+    base, store_path = RUNS[name]
+    raw = yaml.safe_load((CONFIGS / name).read_text())
+    assert raw["base"] == f"tasks/{base}" and not {"task", "store"} & set(raw)
+    config, alone = load_config(CONFIGS / name), load_config(CONFIGS / "tasks" / base)
+    assert (config.task, config.store) == (alone.task, alone.store) and config.store.path == store_path
+
+
+def test_one_store_path_per_task_and_store():
+    """Configs with the same task and store counts share a store path, and a path holds one store config."""
+    paths: dict[str, set[str]] = {}
+    identities: dict[str, set[str]] = {}
+    for file in [*CONFIGS.glob("*.yaml"), *BASES]:
+        config = load_config(file)
+        store = config.store.model_dump(mode="json")
+        identity = yaml.safe_dump({"task": config.task.model_dump(mode="json"), "store": store | {"path": None}})
+        paths.setdefault(identity, set()).add(config.store.path)
+        identities.setdefault(config.store.path, set()).add(identity)
+    assert all(len(p) == 1 for p in paths.values()), [sorted(p) for p in paths.values() if len(p) > 1]
+    assert all(len(i) == 1 for i in identities.values()), [p for p, i in identities.items() if len(i) > 1]
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda p: p.name)
+def test_base_files_say_what_they_are_and_hold_task_and_store_only(base):
+    text = base.read_text()
+    assert text.startswith("# "), f"{base.name}: start with a comment saying what it is and its source"
+    assert set(yaml.safe_load(text)) <= {"base", "task", "store"}
+    users = [n for n, (b, _) in RUNS.items() if b == base.name]
+    users += [b.name for b in BASES if yaml.safe_load(b.read_text()).get("base") == base.name]
+    assert users, f"{base.name} is used by no config"
