@@ -276,8 +276,8 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path}{named_by} is not valid YAML: {e}") from None
-    if raw is None and not chain:
-        raw = {}
+    if not chain:
+        raw = raw or {}  # an empty run config is an empty mapping (a base must hold one)
     if not isinstance(raw, dict):
         got = "an empty file" if raw is None else type(raw).__name__
         raise ConfigError(f"invalid config {path}{named_by}: expected a YAML mapping at the top, got {got}")
