@@ -14,12 +14,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import RegistryError
+
 MODEL_PATH = "model"
 """Where the driver logs the pyfunc model inside a run's artifacts."""
-
-
-class RegistryError(RuntimeError):
-    """A run that cannot be registered; the message names the run and what is missing."""
 
 
 def test_metrics(run: Run) -> dict[str, float]:
