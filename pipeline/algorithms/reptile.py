@@ -24,7 +24,9 @@ from pipeline.algorithms.maml import (
 from pipeline.config import ReptileAlgorithm, RunConfig
 from pipeline.nets import networks
 from pipeline.nets.networks import MLP, Conv4
-from pipeline.optim.inner import InnerOptimizer, adam, sgd
+from pipeline.optim.adam import adam
+from pipeline.optim.base import GradientTransformation
+from pipeline.optim.sgd import sgd
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -57,7 +59,7 @@ class Reptile:
         """The network's initial parameters."""
         return self.network.init(seed, dtype)
 
-    def optimizer(self) -> InnerOptimizer:
+    def optimizer(self) -> GradientTransformation:
         """The inner-loop optimizer."""
         if self.inner_optimizer == "adam":
             return adam(self.inner_lr, betas=(0.0, 0.999))
