@@ -15,9 +15,9 @@ from pipeline.algorithms.l2l import (
     init_lstm,
     init_state,
     lstm_update,
-    preprocess,
 )
 from pipeline.build import build_learner
+from pipeline.nets.lstm import preprocess
 from pipeline.config import ConfigError, validate
 from tasks.config import QuadraticTask
 from tasks.episodes import Episodes
