@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from pipeline.config import RunConfig
 from pipeline.nets import init, lstm
+from pipeline.optim.base import GradientTransformation, State, Tree, tree_map
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 from tasks.families.digits import feature_count
@@ -359,12 +360,47 @@ class L2L:
 
         return predict
 
-    def torch_optimizer(self, params: Params, model_params: Iterable[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:
-        """The trained optimizer ``params`` as a ``torch.optim.Optimizer`` over ``model_params`` (export)."""
-        from pipeline.optim.torch_optim import LearnedOptimizer
+    def opt_fn(
+        self, params: Params, output_scale: float | None = None, preprocess_p: float | None = None
+    ) -> GradientTransformation:
+        """The trained LSTM ``params`` as an optimizer of any parameters (learned_optimization's ``opt_fn``).
 
-        options = {"output_scale": self.output_scale, "preprocess_p": self.preprocess_p} | kwargs
-        return LearnedOptimizer(model_params, params, **options)
+        An ``init``/``update`` pair over a tensor or named tensors (each updated
+        coordinate-wise with its own LSTM state; the weights follow the
+        gradient's dtype and device), so ``pipeline.optim.torch_optim.TorchOptimizer``
+        makes it a ``torch.optim.Optimizer``. ``output_scale`` and
+        ``preprocess_p`` default to the learner's. Raises ValueError for weights
+        of another shape of LSTM optimizer or a non-positive option.
+        """
+        scale = self.output_scale if output_scale is None else output_scale
+        p = self.preprocess_p if preprocess_p is None else preprocess_p
+        if not scale > 0 or not p > 0:
+            raise ValueError(f"L2L.opt_fn: output_scale and preprocess_p must be positive, got {scale!r} and {p!r}")
+        layers = lstm_layers(params)
+        expected = {f"lstm{k}.{n}" for k in range(layers) for n in ("weight_ih", "weight_hh", "bias")} | {"out.weight", "out.bias"}
+        if set(params) != expected:
+            raise ValueError(
+                f"L2L.opt_fn: weights keys {sorted(params)} are not those of a {layers}-layer LSTM optimizer "
+                f"(missing {sorted(expected - set(params))}, unexpected {sorted(set(params) - expected)})"
+            )
+        weights = {k: v.detach().clone() for k, v in params.items()}
+
+        def step(grad: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+            like = {k: v.to(device=grad.device, dtype=grad.dtype) for k, v in weights.items()}
+            return lstm_update(like, grad, state, p=p, output_scale=scale)
+
+        def init(tree: Tree) -> State:
+            hidden = weights["lstm0.weight_hh"].shape[1]
+            return tuple(tree_map(lambda t: t.new_zeros(t.numel(), hidden), tree) for _ in range(2 * layers))
+
+        def update(grads: Tree, state: State) -> tuple[Tree, State]:
+            if isinstance(grads, torch.Tensor):
+                return step(grads, state)
+            done = {k: step(g, tuple(s[k] for s in state)) for k, g in grads.items()}
+            new_state = tuple({k: done[k][1][i] for k in done} for i in range(len(state)))
+            return {k: d for k, (d, _) in done.items()}, new_state
+
+        return GradientTransformation(init, update)
 
     def curve(self, params: Params, problem: Problem, steps: int) -> torch.Tensor:
         """Loss curve ``[steps + 1, B]`` of the learned optimizer on ``problem`` (evaluation, no meta-gradient)."""
