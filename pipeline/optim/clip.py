@@ -12,7 +12,7 @@ def clip_by_global_norm(grads: Tree, max_norm: float | None) -> tuple[Tree, floa
     ``max_norm=None`` only measures. The scale is ``max_norm / (norm + 1e-6)``.
     """
     leaves = [grads] if isinstance(grads, torch.Tensor) else list(grads.values())
-    norm = float(torch.cat([g.reshape(-1) for g in leaves]).norm()) if len(leaves) != 1 else float(leaves[0].norm())
+    norm = float(torch.cat([g.reshape(-1) for g in leaves]).norm())
     if max_norm is not None and norm > max_norm:
         scale = max_norm / (norm + 1e-6)
         grads = tree_map(lambda g: g * scale, grads)
