@@ -40,10 +40,3 @@ class Episodes:
         if isinstance(index, int):
             index = slice(index, index + 1)
         return Episodes(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
-
-    @staticmethod
-    def concat(parts: list[Episodes]) -> Episodes:
-        """Stack several batches into one along the episode dimension."""
-        return Episodes(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("support_x", "support_y", "query_x", "query_y"))
-        )

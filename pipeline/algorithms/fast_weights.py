@@ -4,7 +4,7 @@ Munkhdalai & Yu (2017) generate fast weights with small networks fed with the
 loss gradients of the support examples (the meta-information). Both generators
 are coordinate-wise: every weight coordinate is one row of a batch, so the same
 few meta-parameters serve a layer of any size. The gradients enter through the
-log/sign preprocessing of Andrychowicz et al. (2016).
+log/sign preprocessing of Andrychowicz et al. (2016) (pipeline.nets.lstm).
 """
 from __future__ import annotations
 
@@ -13,25 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from pipeline.nets import init, lstm
 from pipeline.types import Params
-
-
-def preprocess_gradient(grad: torch.Tensor, p: float = 10.0) -> torch.Tensor:
-    """``[...] -> [..., 2]``: ``(log|g| / p, sign g)`` where ``|g| >= e^-p``, else ``(-1, e^p g)``.
-
-    Keeps gradients of very different magnitudes in a range a small network can read.
-    """
-    if p <= 0:
-        raise ValueError(f"gradient preprocessing p must be positive, got {p}")
-    magnitude = grad.abs()
-    large = magnitude >= math.exp(-p)
-    first = torch.where(large, magnitude.clamp_min(math.exp(-p)).log() / p, torch.full_like(grad, -1.0))
-    second = torch.where(large, grad.sign(), grad * math.exp(p))
-    return torch.stack((first, second), dim=-1)
-
-
-def _uniform(shape: tuple[int, ...], bound: float, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    return ((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
 
 
 def init_lstm_generator(prefix: str, hidden: int, gen: torch.Generator, dtype: torch.dtype) -> Params:
@@ -40,12 +23,12 @@ def init_lstm_generator(prefix: str, hidden: int, gen: torch.Generator, dtype: t
     Keys ``{prefix}.w_ih [4h, 2]``, ``{prefix}.w_hh [4h, h]``, ``{prefix}.bias [4h]``,
     ``{prefix}.out.weight [1, h]``, ``{prefix}.out.bias [1]``; uniform(+-1/sqrt(h)) as torch.nn.LSTM.
     """
-    bound = 1.0 / math.sqrt(hidden)
+    w_ih, w_hh, bias = lstm.init_cell(2, hidden, gen, dtype)
     return {
-        f"{prefix}.w_ih": _uniform((4 * hidden, 2), bound, gen, dtype),
-        f"{prefix}.w_hh": _uniform((4 * hidden, hidden), bound, gen, dtype),
-        f"{prefix}.bias": _uniform((4 * hidden,), bound, gen, dtype),
-        f"{prefix}.out.weight": _uniform((1, hidden), bound, gen, dtype),
+        f"{prefix}.w_ih": w_ih,
+        f"{prefix}.w_hh": w_hh,
+        f"{prefix}.bias": bias,
+        f"{prefix}.out.weight": init.uniform((1, hidden), 1.0 / math.sqrt(hidden), gen, dtype),
         f"{prefix}.out.bias": torch.zeros(1, dtype=dtype),
     }
 
@@ -57,16 +40,12 @@ def lstm_generate(params: Params, prefix: str, grads: torch.Tensor, p: float) ->
     last hidden state, read out linearly, is that coordinate's fast weight.
     """
     batch, steps, shape = grads.shape[0], grads.shape[1], grads.shape[2:]
-    inputs = preprocess_gradient(grads.flatten(2), p)  # [B, T, P, 2]
+    inputs = lstm.preprocess(grads.flatten(2), p)  # [B, T, P, 2]
     w_ih, w_hh, bias = params[f"{prefix}.w_ih"], params[f"{prefix}.w_hh"], params[f"{prefix}.bias"]
-    hidden = w_hh.shape[1]
-    h = inputs.new_zeros(batch, inputs.shape[2], hidden)
+    h = inputs.new_zeros(batch, inputs.shape[2], w_hh.shape[1])
     c = torch.zeros_like(h)
     for t in range(steps):
-        gates = F.linear(inputs[:, t], w_ih, bias) + F.linear(h, w_hh)
-        i, f, g, o = gates.chunk(4, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        h, c = lstm.cell(inputs[:, t], h, c, w_ih, w_hh, bias)
     out = F.linear(h, params[f"{prefix}.out.weight"], params[f"{prefix}.out.bias"]).squeeze(-1)
     return out.reshape(batch, *shape)
 
@@ -79,14 +58,14 @@ def init_mlp_generator(prefix: str, hidden: int, gen: torch.Generator, dtype: to
     params: Params = {}
     for i, (fan_in, fan_out) in enumerate(((2, hidden), (hidden, hidden), (hidden, 1))):
         bound = 1.0 / math.sqrt(fan_in)
-        params[f"{prefix}.l{i}.weight"] = _uniform((fan_out, fan_in), bound, gen, dtype)
-        params[f"{prefix}.l{i}.bias"] = _uniform((fan_out,), bound, gen, dtype)
+        params[f"{prefix}.l{i}.weight"] = init.uniform((fan_out, fan_in), bound, gen, dtype)
+        params[f"{prefix}.l{i}.bias"] = init.uniform((fan_out,), bound, gen, dtype)
     return params
 
 
 def mlp_generate(params: Params, prefix: str, grads: torch.Tensor, p: float) -> torch.Tensor:
     """Example-level fast weights, one per gradient: ``grads[...] -> [...]`` (same shape)."""
-    h = preprocess_gradient(grads, p)
+    h = lstm.preprocess(grads, p)
     for i in range(3):
         h = F.linear(h, params[f"{prefix}.l{i}.weight"], params[f"{prefix}.l{i}.bias"])
         if i < 2:

@@ -28,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Literal, Protocol
+from typing import Callable, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from pipeline.nets import init, lstm
+from pipeline.optim.base import GradientTransformation, State, Tree, tree_map
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -41,21 +43,7 @@ LSTMState = tuple[torch.Tensor, ...]
 """Per-coordinate state ``(h0, c0, h1, c1, ...)``, each ``[n_coordinates, hidden]``."""
 
 
-# ---- the coordinate-wise LSTM, as pure functions ----
-
-
-def preprocess(grad: torch.Tensor, p: float = 10.0) -> torch.Tensor:
-    """The paper's gradient preprocessing, ``[...] -> [..., 2]``.
-
-    ``(log|g| / p, sgn g)`` where ``|g| >= e^-p``, else ``(-1, e^p g)``: scales
-    spanning many orders of magnitude become inputs of order one.
-    """
-    threshold = math.exp(-p)
-    big = grad.abs() >= threshold
-    log_part = torch.log(grad.abs().clamp_min(threshold)) / p
-    first = torch.where(big, log_part, torch.full_like(grad, -1.0))
-    second = torch.where(big, torch.sign(grad), grad * math.exp(p))
-    return torch.stack([first, second], dim=-1)
+# ---- the learned update rule: pipeline.nets.lstm's cell over every coordinate ----
 
 
 def init_lstm(seed: int, hidden: int = 20, layers: int = 2, inputs: int = 2, dtype: torch.dtype = torch.float32) -> Params:
@@ -65,20 +53,14 @@ def init_lstm(seed: int, hidden: int = 20, layers: int = 2, inputs: int = 2, dty
     """
     if hidden < 1 or layers < 1:
         raise ValueError(f"init_lstm: hidden and layers must be >= 1, got hidden={hidden}, layers={layers}")
-    gen = torch.Generator().manual_seed(seed)
-    bound = 1.0 / math.sqrt(hidden)
-
-    def uniform(*shape: int) -> torch.Tensor:
-        return ((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(dtype)
-
+    gen = init.generator(seed)
     params: Params = {}
     width = inputs
     for k in range(layers):
-        params[f"lstm{k}.weight_ih"] = uniform(4 * hidden, width)
-        params[f"lstm{k}.weight_hh"] = uniform(4 * hidden, hidden)
-        params[f"lstm{k}.bias"] = uniform(4 * hidden)
+        cell = lstm.init_cell(width, hidden, gen, dtype)
+        params.update({f"lstm{k}.{name}": w for name, w in zip(("weight_ih", "weight_hh", "bias"), cell)})
         width = hidden
-    params["out.weight"] = uniform(1, hidden)
+    params["out.weight"] = init.uniform((1, hidden), 1.0 / math.sqrt(hidden), gen, dtype)
     params["out.bias"] = torch.zeros(1, dtype=dtype)
     return params
 
@@ -100,16 +82,6 @@ def init_state(params: Params, coordinates: int) -> LSTMState:
     return tuple(zeros for _ in range(2 * lstm_layers(params)))
 
 
-def lstm_cell(
-    x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One LSTM step (gate order i, f, g, o as in ``torch.nn.LSTM``)."""
-    gates = F.linear(x, weight_ih, bias) + F.linear(h, weight_hh)
-    i, f, g, o = gates.chunk(4, dim=-1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c), c
-
-
 def lstm_update(
     params: Params, grad: torch.Tensor, state: LSTMState, *, p: float = 10.0, output_scale: float = 0.1
 ) -> tuple[torch.Tensor, LSTMState]:
@@ -117,10 +89,10 @@ def lstm_update(
 
     ``grad`` is flattened into coordinates; ``state`` has one row per coordinate.
     """
-    x = preprocess(grad.reshape(-1), p)
+    x = lstm.preprocess(grad.reshape(-1), p)
     new_state = []
     for k in range(len(state) // 2):
-        h, c = lstm_cell(
+        h, c = lstm.cell(
             x, state[2 * k], state[2 * k + 1], params[f"lstm{k}.weight_ih"], params[f"lstm{k}.weight_hh"], params[f"lstm{k}.bias"]
         )
         new_state += [h, c]
@@ -161,7 +133,7 @@ class Quadratic:
     def problem(self, x: torch.Tensor, y: torch.Tensor, steps: int, generator: torch.Generator) -> Problem:
         if x.dim() != 3 or y.dim() != 2 or x.shape[:2] != y.shape or x.shape[1] != x.shape[2]:
             raise ValueError(f"quadratic episodes need W[B, D, D] and y[B, D], got {list(x.shape)} and {list(y.shape)}")
-        theta0 = torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.dtype)
+        theta0 = init.normal(tuple(y.shape), 1.0, generator, y.dtype)
 
         def loss(theta: torch.Tensor, t: int) -> torch.Tensor:
             return (torch.einsum("bij,bj->bi", x, theta) - y).square().sum(-1)
@@ -217,11 +189,8 @@ class MLPClassifier:
                 f"MLP optimizee needs x[B, N, {self.in_features}] and y[B, N], got {list(x.shape)} and {list(y.shape)}"
             )
         tasks, n = x.shape[:2]
-        chunks = []
-        for o, i in self.shapes:
-            bound = 1.0 / math.sqrt(i)
-            chunks.append((torch.rand(tasks, o * i + o, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
-        theta0 = torch.cat(chunks, dim=1).to(x.dtype)
+        chunks = [init.uniform((tasks, o * i + o), 1.0 / math.sqrt(i), generator, x.dtype) for o, i in self.shapes]
+        theta0 = torch.cat(chunks, dim=1)
         batch = min(self.batch_size, n)
         # one mini-batch (without replacement) per step, for every problem
         order = torch.rand(steps + 1, tasks, n, generator=generator).argsort(-1)[..., :batch]
@@ -389,12 +358,47 @@ class L2L:
 
         return predict
 
-    def torch_optimizer(self, params: Params, model_params: Iterable[torch.Tensor], **kwargs: Any) -> torch.optim.Optimizer:
-        """The trained optimizer ``params`` as a ``torch.optim.Optimizer`` over ``model_params`` (export)."""
-        from pipeline.optim.torch_optim import LearnedOptimizer
+    def opt_fn(
+        self, params: Params, output_scale: float | None = None, preprocess_p: float | None = None
+    ) -> GradientTransformation:
+        """The trained LSTM ``params`` as an optimizer of any parameters (learned_optimization's ``opt_fn``).
 
-        options = {"output_scale": self.output_scale, "preprocess_p": self.preprocess_p} | kwargs
-        return LearnedOptimizer(model_params, params, **options)
+        An ``init``/``update`` pair over a tensor or named tensors (each updated
+        coordinate-wise with its own LSTM state; the weights follow the
+        gradient's dtype and device), so ``pipeline.optim.torch_optim.TorchOptimizer``
+        makes it a ``torch.optim.Optimizer``. ``output_scale`` and
+        ``preprocess_p`` default to the learner's. Raises ValueError for weights
+        of another shape of LSTM optimizer or a non-positive option.
+        """
+        scale = self.output_scale if output_scale is None else output_scale
+        p = self.preprocess_p if preprocess_p is None else preprocess_p
+        if not scale > 0 or not p > 0:
+            raise ValueError(f"L2L.opt_fn: output_scale and preprocess_p must be positive, got {scale!r} and {p!r}")
+        layers = lstm_layers(params)
+        expected = {f"lstm{k}.{n}" for k in range(layers) for n in ("weight_ih", "weight_hh", "bias")} | {"out.weight", "out.bias"}
+        if set(params) != expected:
+            raise ValueError(
+                f"L2L.opt_fn: weights keys {sorted(params)} are not those of a {layers}-layer LSTM optimizer "
+                f"(missing {sorted(expected - set(params))}, unexpected {sorted(set(params) - expected)})"
+            )
+        weights = {k: v.detach().clone() for k, v in params.items()}
+
+        def step(grad: torch.Tensor, state: LSTMState) -> tuple[torch.Tensor, LSTMState]:
+            like = {k: v.to(device=grad.device, dtype=grad.dtype) for k, v in weights.items()}
+            return lstm_update(like, grad, state, p=p, output_scale=scale)
+
+        def init(tree: Tree) -> State:
+            hidden = weights["lstm0.weight_hh"].shape[1]
+            return tuple(tree_map(lambda t: t.new_zeros(t.numel(), hidden), tree) for _ in range(2 * layers))
+
+        def update(grads: Tree, state: State) -> tuple[Tree, State]:
+            if isinstance(grads, torch.Tensor):
+                return step(grads, state)
+            done = {k: step(g, tuple(s[k] for s in state)) for k, g in grads.items()}
+            new_state = tuple({k: done[k][1][i] for k in done} for i in range(len(state)))
+            return {k: d for k, (d, _) in done.items()}, new_state
+
+        return GradientTransformation(init, update)
 
     def curve(self, params: Params, problem: Problem, steps: int) -> torch.Tensor:
         """Loss curve ``[steps + 1, B]`` of the learned optimizer on ``problem`` (evaluation, no meta-gradient)."""

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.nets.networks import MLP, Conv4
-from pipeline.optim.inner import InnerOptimizer, sgd, unroll
+from pipeline.optim.base import GradientTransformation, apply_updates
+from pipeline.optim.sgd import sgd
+from pipeline.optim.unroll import unroll
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -63,7 +65,7 @@ def resolve_chunk(task_chunk: int | None, network: MLP | Conv4, device: torch.de
 def adapt_tasks(
     network: MLP | Conv4,
     loss: LossKind,
-    optimizer: InnerOptimizer,
+    optimizer: GradientTransformation,
     params: Params,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
@@ -83,7 +85,7 @@ def adapt_tasks(
 def predictor(
     network: MLP | Conv4,
     loss: LossKind,
-    optimizer: InnerOptimizer,
+    optimizer: GradientTransformation,
     params: Params,
     support_x: torch.Tensor,
     support_y: torch.Tensor,
@@ -108,7 +110,7 @@ def predictor(
 def evaluate_tasks(
     network: MLP | Conv4,
     loss: LossKind,
-    optimizer: InnerOptimizer,
+    optimizer: GradientTransformation,
     params: Params,
     episodes: Episodes,
     steps: int,
@@ -179,7 +181,7 @@ class MAML:
             params.update({LR_PREFIX + k: torch.full_like(v, self.inner_lr) for k, v in list(params.items())})
         return params
 
-    def _inner(self, params: Params) -> tuple[Params, InnerOptimizer]:
+    def _inner(self, params: Params) -> tuple[Params, GradientTransformation]:
         """The network's parameters and the inner SGD (with the Meta-SGD rates of ``params``)."""
         net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
         if not self.learn_inner_lr:
@@ -236,8 +238,8 @@ class MAML:
                 grads = torch.func.grad(support_loss)(fast, sx, sy)
                 if self.first_order:
                     grads = {k: g.detach() for k, g in grads.items()}
-                deltas, state = optimizer.update(grads, state)
-                fast = {k: v + deltas[k] for k, v in fast.items()}
+                updates, state = optimizer.update(grads, state)
+                fast = apply_updates(fast, updates)
             out = self.network.apply(fast, qx)
             return task_losses(self.loss, out, qy), out, pre
 

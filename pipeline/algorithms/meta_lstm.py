@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pipeline.algorithms.l2l import lstm_cell, preprocess
+from pipeline.nets import init, lstm
 from pipeline.nets.networks import Conv4
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
@@ -71,12 +71,12 @@ class MetaLSTM:
 
     def init(self, seed: int) -> Params:
         """Learner initialization, first-layer LSTM (uniform +-0.01) and gates (biases from their ranges)."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = init.generator(seed)
         params = {INIT + k: v for k, v in self.network.init(gen, self.dtype).items()}
         h = self.hidden
 
         def uniform(low: float, high: float, *shape: int) -> torch.Tensor:
-            return (torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low).to(self.dtype)
+            return init.uniform_between(shape, low, high, gen, self.dtype)
 
         params["lstm.weight_ih"] = uniform(-0.01, 0.01, 4 * h, 4)
         params["lstm.weight_hh"] = uniform(-0.01, 0.01, 4 * h, h)
@@ -113,8 +113,8 @@ class MetaLSTM:
             (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=differentiable)
             grad = grad.detach().reshape(-1)
             loss_in = loss.detach()[:, None].expand(tasks, theta.shape[1]).reshape(-1)
-            x = torch.cat([preprocess(loss_in, self.preprocess_p), preprocess(grad, self.preprocess_p)], dim=1)
-            h, c = lstm_cell(x, h, c, params["lstm.weight_ih"], params["lstm.weight_hh"], params["lstm.bias"])
+            x = torch.cat([lstm.preprocess(loss_in, self.preprocess_p), lstm.preprocess(grad, self.preprocess_p)], dim=1)
+            h, c = lstm.cell(x, h, c, params["lstm.weight_ih"], params["lstm.weight_hh"], params["lstm.bias"])
             flat = theta.reshape(-1)
             f = torch.sigmoid(torch.cat([h, flat[:, None], f_prev[:, None]], 1) @ params["metalstm.WF"] + params["metalstm.bF"])
             i = torch.sigmoid(torch.cat([h, flat[:, None], i_prev[:, None]], 1) @ params["metalstm.WI"] + params["metalstm.bI"])

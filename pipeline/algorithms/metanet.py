@@ -41,6 +41,7 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
+from pipeline.nets import init
 from pipeline.types import Metrics, Params
 from tasks.episodes import Episodes
 
@@ -98,19 +99,19 @@ class MetaNet:
 
     def init(self, seed: int) -> Params:
         """Fresh meta-parameters, identical for the same seed."""
-        gen = torch.Generator().manual_seed(seed)
+        gen = init.generator(seed)
         params: Params = {}
         for net in ("b", "u"):
             channels = self.in_channels
             for i in range(self.conv_layers):
                 shape = (self.filters, channels, 3, 3)
-                params[f"{net}.conv{i}.weight"] = _kaiming(shape, channels * 9, gen, self.dtype)
+                params[f"{net}.conv{i}.weight"] = init.kaiming_normal(shape, channels * 9, gen, self.dtype)
                 params[f"{net}.norm{i}.weight"] = torch.ones(self.filters, dtype=self.dtype)
                 params[f"{net}.norm{i}.bias"] = torch.zeros(self.filters, dtype=self.dtype)
                 channels = self.filters
-        params["b.fc1"] = _kaiming((self.hidden, self.features()), self.features(), gen, self.dtype)
-        params["b.fc2"] = _kaiming((self.ways, self.hidden), self.hidden, gen, self.dtype)
-        params["u.fc1"] = _kaiming((self.representation, self.features()), self.features(), gen, self.dtype)
+        params["b.fc1"] = init.kaiming_normal((self.hidden, self.features()), self.features(), gen, self.dtype)
+        params["b.fc2"] = init.kaiming_normal((self.ways, self.hidden), self.hidden, gen, self.dtype)
+        params["u.fc1"] = init.kaiming_normal((self.representation, self.features()), self.features(), gen, self.dtype)
         params.update(init_lstm_generator("d", self.generator_hidden, gen, self.dtype))
         params.update(init_mlp_generator("m", self.generator_hidden, gen, self.dtype))
         return params
@@ -250,10 +251,6 @@ class MetaNetPredictor:
 def _representation(params: Params, hu: torch.Tensor, task_fast: torch.Tensor) -> torch.Tensor:
     """u's augmented output layer on trunk features ``[B, S, features]`` with Q* ``[B, representation, features]``."""
     return augmented_linear(hu, params["u.fc1"], task_fast.unsqueeze(1), activation=False)
-
-
-def _kaiming(shape: tuple[int, ...], fan_in: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen, dtype=torch.float64) * math.sqrt(2.0 / fan_in)).to(dtype)
 
 
 def _representation_head(ways: int, representation: int) -> torch.Tensor:

@@ -22,7 +22,9 @@ from pipeline.algorithms.maml import (
     task_losses,
 )
 from pipeline.nets.networks import MLP, Conv4
-from pipeline.optim.inner import InnerOptimizer, adam, sgd
+from pipeline.optim.adam import adam
+from pipeline.optim.base import GradientTransformation
+from pipeline.optim.sgd import sgd
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -55,7 +57,7 @@ class Reptile:
         """The network's initial parameters."""
         return self.network.init(seed, dtype)
 
-    def optimizer(self) -> InnerOptimizer:
+    def optimizer(self) -> GradientTransformation:
         """The inner-loop optimizer."""
         if self.inner_optimizer == "adam":
             return adam(self.inner_lr, betas=(0.0, 0.999))

@@ -32,7 +32,9 @@ from pipeline.config import Conv4Model, RunConfig, TrackingConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult, mean_ci95
 from pipeline.nets.networks import Conv4
-from pipeline.optim.inner import adam, apply_updates, unroll
+from pipeline.optim.adam import adam
+from pipeline.optim.base import apply_updates
+from pipeline.optim.unroll import unroll
 from pipeline.types import Params
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes
@@ -140,7 +142,7 @@ def pretrain(
     log_every: int = 100,
     log: Callable[[str], None] = progress,
 ) -> Pretrained:
-    """Train ``network`` (its head over ``data.classes``) with Adam (pipeline.optim.inner's) on uniformly drawn mini-batches."""
+    """Train ``network`` (its head over ``data.classes``) with Adam (pipeline.optim.adam) on uniformly drawn mini-batches."""
     if network.ways != data.classes:
         raise ValueError(f"pretrain: the network has {network.ways} outputs, the training set {data.classes} classes")
     if steps < 1 or batch_size < 1:
@@ -155,8 +157,8 @@ def pretrain(
         x, y = data.batch(torch.randint(len(data), (batch_size,), generator=gen))
         at = {k: v.detach().requires_grad_() for k, v in params.items()}
         loss = F.cross_entropy(network.apply(at, x), y)
-        deltas, state = optimizer.update(dict(zip(at, torch.autograd.grad(loss, list(at.values())))), state)
-        params = apply_updates(params, deltas)
+        updates, state = optimizer.update(dict(zip(at, torch.autograd.grad(loss, list(at.values())))), state)
+        params = apply_updates(params, updates)
         losses.append(loss.item())
         if step % log_every == 0 or step == steps:
             elapsed = time.perf_counter() - start

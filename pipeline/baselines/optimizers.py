@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.algorithms.l2l import L2L, MLPClassifier, Problem, episode_generator
 from pipeline.build import build_learner
-from pipeline.errors import ConfigError
 from pipeline.config import RunConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.types import Params
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
+from pipeline.optim.torch_optim import TorchOptimizer
 from pipeline.runtime.checkpoint import sha256_file
 from pipeline.types import Params, Predictor
 from tasks.families import family
@@ -72,11 +73,14 @@ class ExportedLearner:
         return predictor
 
     def optimizer(self, params: Iterable[torch.nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
-        """A learned optimizer as a torch.optim.Optimizer (learned-optimizer algorithms only)."""
-        make = getattr(self._learner, "torch_optimizer", None)
-        if make is None:
+        """The learned optimizer over ``params`` as a torch.optim.Optimizer; ``kwargs`` go to the learner's ``opt_fn``.
+
+        Raises TypeError for an algorithm that learns an initialization (no ``opt_fn``).
+        """
+        opt_fn = getattr(self._learner, "opt_fn", None)
+        if opt_fn is None:
             raise TypeError(f"algorithm {self.config.algorithm.name!r} learns an initialization, not an optimizer")
-        return make(self.params, params, **kwargs)
+        return TorchOptimizer(params, opt_fn(self.params, **kwargs))
 
 
 def load(path: str | Path) -> ExportedLearner:

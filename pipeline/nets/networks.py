@@ -17,18 +17,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.nets import init
 from pipeline.types import Params
-
-
-def _generator(seed: int | torch.Generator) -> torch.Generator:
-    if isinstance(seed, torch.Generator):
-        return seed
-    return torch.Generator().manual_seed(seed)
-
-
-def _xavier(shape: tuple[int, ...], fan_in: int, fan_out: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    bound = (6.0 / (fan_in + fan_out)) ** 0.5
-    return (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -49,10 +39,10 @@ class MLP:
 
     def init(self, seed: int | torch.Generator, dtype: torch.dtype = torch.float32) -> Params:
         """Fresh parameters, identical for the same seed."""
-        gen = _generator(seed)
+        gen = init.generator(seed)
         params: Params = {}
         for i, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
-            params[f"layer{i}.weight"] = _xavier((fan_out, fan_in), fan_in, fan_out, gen, dtype)
+            params[f"layer{i}.weight"] = init.xavier_uniform((fan_out, fan_in), fan_in, fan_out, gen, dtype)
             params[f"layer{i}.bias"] = torch.zeros(fan_out, dtype=dtype)
         return params
 
@@ -105,17 +95,17 @@ class Conv4:
 
     def init(self, seed: int | torch.Generator, dtype: torch.dtype = torch.float32) -> Params:
         """Fresh parameters, identical for the same seed."""
-        gen = _generator(seed)
+        gen = init.generator(seed)
         params: Params = {}
         channels = self.in_channels
         for i in range(4):
-            params[f"conv{i}.weight"] = _xavier(
+            params[f"conv{i}.weight"] = init.xavier_uniform(
                 (self.filters, channels, 3, 3), channels * 9, self.filters * 9, gen, dtype
             )
             params[f"bn{i}.weight"] = torch.ones(self.filters, dtype=dtype)
             params[f"bn{i}.bias"] = torch.zeros(self.filters, dtype=dtype)
             channels = self.filters
-        params["head.weight"] = _xavier((self.ways, self.features()), self.features(), self.ways, gen, dtype)
+        params["head.weight"] = init.xavier_uniform((self.ways, self.features()), self.features(), self.ways, gen, dtype)
         params["head.bias"] = torch.zeros(self.ways, dtype=dtype)
         return params
 

@@ -1,55 +1,73 @@
-"""Adam as a pair of pure functions over flat buffers (the parameter server's optimizer).
+"""Adam (Kingma and Ba 2015) as a pure ``init``/``update`` pair: the server's, the inner loop's, fine-tuning's.
 
-Written as ``init``/``update`` in the TorchOpt style so the server holds plain
-tensors that checkpoint as they are; checked step by step against torch.optim.Adam.
+The same update as ``torch.optim.Adam`` without weight decay (checked step by
+step against it), over a flat tensor (the parameter server's buffer) or a dict
+of named tensors with any leading task dimension. ``eps_root`` is added inside
+the square root as in TorchOpt and optax: 0 reproduces torch.optim; a small
+positive value keeps the derivative of the update finite where a second moment
+is exactly 0 (a gradient coordinate that was always 0), which matters only
+when an unroll is differentiated with ``create_graph=True``.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from pipeline.config import OptimizerConfig
+from pipeline.optim.base import GradientTransformation, State, Tree, tree_map
+from pipeline.optim.schedule import Schedule
 
 
 class AdamState(NamedTuple):
-    """Step count and the first and second moment estimates."""
+    """Steps taken, and the first and second moment estimates (trees shaped like the params).
+
+    Field names are torch.optim.Adam's; the server checkpoints them as they are.
+    """
 
     step: int
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
+    exp_avg: Tree
+    exp_avg_sq: Tree
+
+    @classmethod
+    def zeros(cls, params: Tree) -> AdamState:
+        """Step 0 and zero moments shaped like ``params``: where every Adam starts."""
+        return cls(0, tree_map(torch.zeros_like, params), tree_map(torch.zeros_like, params))
 
 
-def init(params: torch.Tensor) -> AdamState:
-    """Zero moments shaped like ``params``."""
-    return AdamState(0, torch.zeros_like(params), torch.zeros_like(params))
+def adam(
+    lr: float | Schedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> GradientTransformation:
+    """Adam with learning rate ``lr`` (a float, or a schedule of the 0-based step count).
 
-
-def learning_rate(config: OptimizerConfig, step: int, total_steps: int) -> float:
-    """The learning rate at 0-based ``step`` under the configured schedule."""
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    return config.lr
-
-
-def clip(grad: torch.Tensor, max_norm: float | None) -> tuple[torch.Tensor, float]:
-    """Scale ``grad`` to at most ``max_norm`` in L2 norm; returns the clipped grad and the original norm."""
-    norm = float(grad.norm())
-    if max_norm is not None and norm > max_norm:
-        grad = grad * (max_norm / (norm + 1e-6))
-    return grad, norm
-
-
-def update(
-    grad: torch.Tensor, state: AdamState, lr: float, betas: tuple[float, float], eps: float
-) -> tuple[torch.Tensor, AdamState]:
-    """The additive update (to be added to the params) and the new state, as torch.optim.Adam."""
+    Raises ValueError naming the value for a float ``lr <= 0``, betas outside
+    [0, 1), ``eps <= 0`` or ``eps_root < 0``. Reptile's paper uses it in the
+    inner loop with ``betas[0] = 0``.
+    """
+    if not callable(lr) and not lr > 0:
+        raise ValueError(f"adam: lr must be positive, got {lr!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"adam: betas must be two values in [0, 1), got {list(betas)}")
+    if not eps > 0:
+        raise ValueError(f"adam: eps must be positive, got {eps!r}")
+    if not eps_root >= 0:
+        raise ValueError(f"adam: eps_root must be >= 0, got {eps_root!r}")
     beta1, beta2 = betas
-    step = state.step + 1
-    exp_avg = state.exp_avg * beta1 + grad * (1 - beta1)
-    exp_avg_sq = state.exp_avg_sq * beta2 + grad * grad * (1 - beta2)
-    bias1 = 1 - beta1**step
-    bias2 = 1 - beta2**step
-    denom = (exp_avg_sq / bias2).sqrt() + eps
-    return -(lr / bias1) * exp_avg / denom, AdamState(step, exp_avg, exp_avg_sq)
+
+    def update(grads: Tree, state: State) -> tuple[Tree, AdamState]:
+        rate = lr(state.step) if callable(lr) else lr
+        step = state.step + 1
+        exp_avg = tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, state.exp_avg, grads)
+        exp_avg_sq = tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.exp_avg_sq, grads)
+        step_size = rate / (1 - beta1**step)
+        bias2 = 1 - beta2**step
+        root = bias2**0.5
+        # sqrt(v / bias2 + eps_root) written as torch.optim does: sqrt(v) / sqrt(bias2) when eps_root = 0
+        updates = tree_map(
+            lambda m, v: -step_size * m / ((v + eps_root * bias2).sqrt() / root + eps), exp_avg, exp_avg_sq
+        )
+        return updates, AdamState(step, exp_avg, exp_avg_sq)
+
+    return GradientTransformation(AdamState.zeros, update)

@@ -1,8 +1,10 @@
-"""A trained L2L LSTM optimizer as a ``torch.optim.Optimizer`` for ordinary training loops.
+"""Any ``init``/``update`` pair as a ``torch.optim.Optimizer``, for ordinary training loops (TorchOpt's ``optim/``).
 
-The class only wraps the pure ``lstm_update`` of pipeline/algorithms/l2l.py:
-each parameter's per-coordinate LSTM state lives in ``self.state[param]``
-(so ``state_dict()`` / ``load_state_dict()`` work as for any optimizer).
+``TorchOptimizer(model.parameters(), adam(1e-3))``, then zero_grad / backward /
+step. Each parameter is its own tree (one tensor): its state is
+``transformation.init(param)``, kept in ``self.state[param]`` as ``state0``,
+``state1``, ... so ``state_dict()`` and ``load_state_dict()`` work as for any
+optimizer. A learned optimizer comes in the same way, through its ``opt_fn``.
 """
 from __future__ import annotations
 
@@ -10,41 +12,40 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from pipeline.algorithms.l2l import init_state, lstm_layers, lstm_update
+from pipeline.optim.base import GradientTransformation, State
 
 
-class LearnedOptimizer(torch.optim.Optimizer):
-    """``LearnedOptimizer(model.parameters(), weights)``, then zero_grad / backward / step.
+class TorchOptimizer(torch.optim.Optimizer):
+    """Steps every parameter that has a gradient by ``transformation``'s update, in place.
 
-    ``weights`` are the trained LSTM weights (``lstm{k}.*``, ``out.*``). Keyword
-    arguments: ``output_scale`` (0.1, as in training) and ``preprocess_p`` (10);
-    both may differ per parameter group.
+    The transformation's state for one tensor must be a flat tuple (or
+    NamedTuple) of tensors and numbers; ``step`` raises TypeError otherwise, and
+    RuntimeError for a sparse gradient.
     """
 
     def __init__(
-        self,
-        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        weights: dict[str, torch.Tensor],
-        output_scale: float = 0.1,
-        preprocess_p: float = 10.0,
+        self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], transformation: GradientTransformation
     ) -> None:
-        if not output_scale > 0:
-            raise ValueError(f"LearnedOptimizer: output_scale must be positive, got {output_scale!r}")
-        if not preprocess_p > 0:
-            raise ValueError(f"LearnedOptimizer: preprocess_p must be positive, got {preprocess_p!r}")
-        layers = lstm_layers(weights)
-        expected = {f"lstm{k}.{n}" for k in range(layers) for n in ("weight_ih", "weight_hh", "bias")} | {"out.weight", "out.bias"}
-        if set(weights) != expected:
-            raise ValueError(
-                f"LearnedOptimizer: weights keys {sorted(weights)} are not those of a {layers}-layer LSTM optimizer "
-                f"(missing {sorted(expected - set(weights))}, unexpected {sorted(set(weights) - expected)})"
-            )
-        self.weights = {k: v.detach().clone() for k, v in weights.items()}
-        super().__init__(params, {"output_scale": output_scale, "preprocess_p": preprocess_p})
+        self.transformation = transformation
+        self._kinds: dict[torch.Tensor, type] = {}
+        super().__init__(params, {})
+
+    def _state(self, param: torch.Tensor) -> State:
+        stored = self.state[param]
+        if not stored or param not in self._kinds:
+            fresh = self.transformation.init(param)
+            if not isinstance(fresh, tuple) or any(isinstance(v, (tuple, list, dict)) for v in fresh):
+                raise TypeError(f"TorchOptimizer needs a flat tuple state per tensor, got {type(fresh).__name__}: {fresh!r:.200}")
+            self._kinds[param] = type(fresh)
+            if not stored:
+                return fresh
+        leaves = [stored[f"state{i}"] for i in range(len(stored))]
+        kind = self._kinds[param]
+        return kind._make(leaves) if hasattr(kind, "_make") else kind(leaves)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        """One learned update of every parameter that has a gradient."""
+        """One update of every parameter that has a gradient; returns ``closure()``'s loss if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -54,16 +55,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if param.grad is None:
                     continue
                 if param.grad.is_sparse:
-                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                weights = {k: v.to(device=param.device, dtype=param.dtype) for k, v in self.weights.items()}
-                state = self.state[param]
-                if not state:
-                    lstm = init_state(weights, param.numel())
-                    state.update({f"lstm_state{i}": s for i, s in enumerate(lstm)})
-                lstm = tuple(state[f"lstm_state{i}"] for i in range(2 * lstm_layers(weights)))
-                delta, lstm = lstm_update(
-                    weights, param.grad, lstm, p=group["preprocess_p"], output_scale=group["output_scale"]
-                )
-                param.add_(delta)
-                state.update({f"lstm_state{i}": s for i, s in enumerate(lstm)})
+                    raise RuntimeError("TorchOptimizer does not support sparse gradients")
+                updates, state = self.transformation.update(param.grad, self._state(param))
+                param.add_(updates)
+                self.state[param].update({f"state{i}": v for i, v in enumerate(state)})
         return loss

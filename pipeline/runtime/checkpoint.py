@@ -7,7 +7,6 @@ tensor file so an altered checkpoint is refused).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.errors import CheckpointError
 from pipeline.optim import adam
 from pipeline.runtime.server import ServerState
+from tasks.store.filesystem import sha256_hex
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
@@ -37,11 +37,9 @@ class Checkpoint:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    """Hex sha256 of a local file, read in blocks (tasks.store.filesystem.sha256_hex, as the episode store's)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha256_hex(f)
 
 
 def save(directory: str | Path, checkpoint: Checkpoint) -> Path:

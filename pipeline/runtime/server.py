@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 from pipeline.config import OptimizerConfig
-from pipeline.optim import adam
+from pipeline.optim.adam import AdamState, adam
+from pipeline.optim.base import apply_updates
+from pipeline.optim.clip import clip_by_global_norm
+from pipeline.optim.schedule import cosine
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class ServerState:
     """Everything a checkpoint needs to restore the server exactly."""
 
     params: torch.Tensor
-    adam: adam.AdamState
+    adam: AdamState
     version: int
     rejected_nonfinite: int = 0
     rejected_stale: int = 0
@@ -72,12 +75,15 @@ class ParameterServer:
         self._num_workers = num_workers
         self._mode = mode
         self._max_staleness = max_staleness
+        # the schedule runs on Adam's step count, which equals the version (both advance in _apply)
+        lr = cosine(optimizer.lr, total_steps) if optimizer.schedule == "cosine" else optimizer.lr
+        self._adam = adam(lr, tuple(optimizer.betas), optimizer.eps)
 
     @staticmethod
     def fresh(params: torch.Tensor) -> ServerState:
         """Server state for new meta-parameters at version 0."""
         params = params.detach().to(torch.float32).clone()
-        return ServerState(params=params, adam=adam.init(params), version=0)
+        return ServerState(params=params, adam=AdamState.zeros(params), version=0)
 
     def pull(self) -> tuple[int, np.ndarray]:
         """The current version and a copy of the parameters as one float32 array."""
@@ -158,9 +164,8 @@ class ParameterServer:
 
     def _apply(self, grad: torch.Tensor) -> None:
         s = self._s
-        grad, s.grad_norm = adam.clip(grad, self._opt.clip_norm)
-        lr = adam.learning_rate(self._opt, s.version, self._total_steps)
-        delta, s.adam = adam.update(grad, s.adam, lr, self._opt.betas, self._opt.eps)
-        s.params = s.params + delta
+        grad, s.grad_norm = clip_by_global_norm(grad, self._opt.clip_norm)
+        updates, s.adam = self._adam.update(grad, s.adam)
+        s.params = apply_updates(s.params, updates)
         s.version += 1
         s.bad_in_a_row = 0

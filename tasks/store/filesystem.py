@@ -6,8 +6,10 @@ credentials from the usual AWS environment variables.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -50,6 +52,17 @@ def delete(fs: pafs.FileSystem, path: str) -> None:
     """Remove the file ``path`` if it exists."""
     if exists(fs, path):
         fs.delete_file(path)
+
+
+def sha256_hex(data: bytes | BinaryIO) -> str:
+    """Hex sha256 of ``data``: bytes, or a binary file object read to its end in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        digest.update(data)
+    else:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 ArrowError = (pa.ArrowException, OSError)

@@ -16,7 +16,6 @@ file and what is wrong.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -43,6 +42,7 @@ from tasks.store.filesystem import (
     exists,
     read_bytes,
     resolve,
+    sha256_hex,
     write_atomic,
 )
 
@@ -51,10 +51,6 @@ MANIFEST = "manifest.json"
 TABLE = "images.parquet"
 ROW_GROUP = 1000
 """Episodes per Parquet row group: the unit of worker assignment and read-ahead."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -184,9 +180,9 @@ class Store:
             raise StoreError(f"{self._where(file)}: missing (listed in {MANIFEST})") from None
         except ArrowError as e:
             raise StoreError(f"{self._where(file)}: cannot be read ({e})") from None
-        if _sha256(data) != sha256:
+        if sha256_hex(data) != sha256:
             raise StoreError(
-                f"{self._where(file)}: checksum mismatch ({len(data)} bytes, sha256 {_sha256(data)[:12]}...,"
+                f"{self._where(file)}: checksum mismatch ({len(data)} bytes, sha256 {sha256_hex(data)[:12]}...,"
                 f" manifest says {sha256[:12]}...): the file is truncated or altered"
             )
         return data
@@ -477,7 +473,7 @@ def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any
         write_atomic(fs, f"{root}/{TABLE}", data)
         manifest["image_table"] = {
             "file": TABLE,
-            "sha256": _sha256(data),
+            "sha256": sha256_hex(data),
             "images": len(distribution.table.pixels),
             "shape": list(distribution.table.pixels.shape[1:]),
         }
@@ -495,7 +491,7 @@ def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any
             data = _shard_bytes(fields)
             file = f"{split}/part-{shard:05d}.parquet"
             write_atomic(fs, f"{root}/{file}", data)
-            entry["shards"].append({"file": file, "rows": rows, "sha256": _sha256(data), "bytes": len(data)})
+            entry["shards"].append({"file": file, "rows": rows, "sha256": sha256_hex(data), "bytes": len(data)})
             bar.update(rows)
         manifest["splits"][split] = entry
     bar.close()

@@ -15,11 +15,11 @@ from pipeline.algorithms.l2l import (
     init_lstm,
     init_state,
     lstm_update,
-    preprocess,
 )
 from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ConfigError
+from pipeline.nets.lstm import preprocess
 from tasks.episodes import Episodes
 from tasks.families import quadratic
 from tasks.families.quadratic import QuadraticTask

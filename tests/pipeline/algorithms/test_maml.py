@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.algorithms.maml import LR_PREFIX, MAML, adapt_tasks, task_losses
 from pipeline.nets.networks import MLP, Conv4
-from pipeline.optim.inner import sgd
+from pipeline.optim.sgd import sgd
 from tasks.episodes import Episodes
 
 DT = torch.float64

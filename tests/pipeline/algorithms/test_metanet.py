@@ -11,12 +11,12 @@ from pipeline.algorithms.fast_weights import (
     augmented_linear,
     lstm_generate,
     mlp_generate,
-    preprocess_gradient,
 )
 from pipeline.algorithms.metanet import MetaNet
 from pipeline.build import build_learner
 from pipeline.config import load_config, validate
 from pipeline.errors import ConfigError
+from pipeline.nets.lstm import preprocess
 from tasks.episodes import Episodes
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -66,7 +66,7 @@ def test_attention_read_returns_stored_weight_for_equal_key():
 
 def test_preprocess_gradient_log_and_sign():
     g = torch.tensor([0.5, -2.0, 1e-6, -1e-6, 0.0])
-    out = preprocess_gradient(g, p=10.0)
+    out = preprocess(g, p=10.0)
     torch.testing.assert_close(out[0], torch.tensor([torch.log(torch.tensor(0.5)) / 10, 1.0]))
     torch.testing.assert_close(out[1], torch.tensor([torch.log(torch.tensor(2.0)) / 10, -1.0]))
     torch.testing.assert_close(out[2:, 0], torch.full((3,), -1.0))

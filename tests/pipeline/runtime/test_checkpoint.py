@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from pipeline.optim import adam
+from pipeline.optim.adam import AdamState
 from pipeline.runtime import checkpoint
 from pipeline.runtime.server import ServerState
 
 
 def sample():
     params = torch.randn(10)
-    state = ServerState(params, adam.AdamState(7, torch.randn(10), torch.rand(10)), version=7, rejected_nonfinite=2)
+    state = ServerState(params, AdamState(7, torch.randn(10), torch.rand(10)), version=7, rejected_nonfinite=2)
     return checkpoint.Checkpoint(state, [{"shard": 1, "row": 3}, None], 0.5, {"seed": 0}, {"note": "x"})
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import OptimizerConfig
-from pipeline.optim import adam
+from pipeline.optim.adam import adam
 from pipeline.runtime.server import ParameterServer, Push
 
 OPT = OptimizerConfig(lr=0.1)
@@ -21,7 +21,8 @@ def test_sync_waits_for_all_workers_and_weights_by_episodes():
     r1 = s.push(Push(1, 0, np.array([0.0, 4.0, 0.0], np.float32), 1))
     assert r1.applied and s.version() == 1
     expected_grad = torch.tensor([0.75, 1.0, 0.0])
-    delta, _ = adam.update(expected_grad, adam.init(torch.zeros(3)), 0.1, OPT.betas, OPT.eps)
+    optimizer = adam(0.1, OPT.betas, OPT.eps)
+    delta, _ = optimizer.update(expected_grad, optimizer.init(torch.zeros(3)))
     torch.testing.assert_close(torch.from_numpy(s.pull()[1]), delta)
 
 
