@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pipeline.algorithms.maml import MAML, resolve_batching
-from pipeline.nets.networks import Conv4
+from pipeline.nets.conv4 import Conv4
 from pipeline.runtime.worker import MALLOC_ENV
 from tasks.episodes import Episodes
 

@@ -32,7 +32,8 @@ from pipeline.config import (
     ReptileAlgorithm,
     RunConfig,
 )
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 from pipeline.types import MetaLearner
 from tasks.family import TaskSpec
 

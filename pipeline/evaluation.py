@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.types import MetaLearner, Params
+from pipeline.types import BatchedEvaluation, MetaLearner, Params
 from tasks.episodes import Episodes
 
 
@@ -47,13 +47,26 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
-def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
-    """Adapt to every episode's support set with ``learner.adapt`` and score its queries."""
+def scores(learner: MetaLearner, params: Params, episodes: Episodes) -> list[float]:
+    """Each episode's query accuracy (classification) or MSE (regression) after adapting to its support set.
+
+    Batched through the learner's own ``evaluate`` when it has one (MAML, Reptile: many
+    episodes per pass); otherwise ``learner.adapt`` one episode at a time.
+    """
+    if isinstance(learner, BatchedEvaluation):
+        metrics = learner.evaluate(params, episodes)
+        return metrics["accuracy" if is_classification(episodes) else "loss"].tolist()
     values = []
     for i in range(len(episodes)):
         e = episodes[i]
         predict = learner.adapt(params, e.support_x[0], e.support_y[0])
         with torch.no_grad():
             values.append(score(predict(e.query_x[0]), e.query_y[0]))
+    return values
+
+
+def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
+    """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression)."""
+    values = scores(learner, params, episodes)
     mean, ci = mean_ci95(values)
     return EvalResult("accuracy" if is_classification(episodes) else "mse", mean, ci, len(values))

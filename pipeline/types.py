@@ -45,6 +45,16 @@ class MetaLearner(Protocol):
 
 
 @runtime_checkable
+class BatchedEvaluation(Protocol):
+    """Optional for a MetaLearner: adapt to many episodes at once (pipeline/evaluation.py uses it when present)."""
+
+    def evaluate(self, params: Params, episodes: Episodes) -> dict[str, torch.Tensor]:
+        """Per-episode query metrics after adaptation, each ``[len(episodes)]``: ``loss`` (the MSE for
+        regression) and, for classification, ``accuracy``."""
+        ...
+
+
+@runtime_checkable
 class Illustrated(Protocol):
     """Optional for a MetaLearner: figures of what it learned, logged under ``plots/`` at the run's end."""
 

@@ -21,7 +21,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.optim.sgd import sgd
 from pipeline.optim.unroll import unroll

@@ -1,6 +1,6 @@
 """The Meta-learner LSTM of Ravi & Larochelle 2017 ("Optimization as a model for few-shot learning").
 
-The learner is the Conv4 of pipeline/nets/networks.py (each episode's own BatchNorm
+The learner is the Conv4 of pipeline/nets/conv4.py (each episode's own BatchNorm
 statistics, at meta-training and meta-test alike). The meta-learner is
 coordinate-wise, shared by every learner parameter:
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.nets import init, lstm
-from pipeline.nets.networks import Conv4
+from pipeline.nets.conv4 import Conv4
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 

@@ -21,7 +21,8 @@ from pipeline.algorithms.maml import (
     query_metrics,
     task_losses,
 )
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 from pipeline.optim.adam import adam
 from pipeline.optim.base import GradientTransformation
 from pipeline.optim.sgd import sgd

@@ -31,7 +31,7 @@ from pipeline.build import build_network
 from pipeline.config import Conv4Model, RunConfig, TrackingConfig, load_config
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult, mean_ci95
-from pipeline.nets.networks import Conv4
+from pipeline.nets.conv4 import Conv4
 from pipeline.optim.adam import adam
 from pipeline.optim.base import apply_updates
 from pipeline.optim.unroll import unroll

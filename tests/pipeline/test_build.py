@@ -9,7 +9,8 @@ from pipeline.algorithms.maml import MAML
 from pipeline.algorithms.reptile import Reptile
 from pipeline.build import build_learner, build_network
 from pipeline.config import load_config, load_episode_config, validate
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALGORITHM_CONFIGS = {

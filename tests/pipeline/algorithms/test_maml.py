@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.algorithms.maml import LR_PREFIX, MAML, adapt_tasks, task_losses
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 from pipeline.optim.sgd import sgd
 from tasks.episodes import Episodes
 

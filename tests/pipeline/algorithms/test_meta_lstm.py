@@ -11,7 +11,7 @@ from pipeline.algorithms.meta_lstm import INIT, MetaLSTM, plot_gates
 from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ConfigError
-from pipeline.nets.networks import Conv4
+from pipeline.nets.conv4 import Conv4
 from tasks.episodes import Episodes
 
 NET = Conv4(in_channels=1, image_size=8, ways=3, filters=4)

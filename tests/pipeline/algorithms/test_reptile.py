@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pipeline.algorithms.reptile import Reptile
-from pipeline.nets.networks import MLP, Conv4
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.mlp import MLP
 from tests.pipeline.algorithms.test_maml import CASES, hand_unroll, leaf, sinusoids
 
 DT = torch.float64

@@ -11,7 +11,7 @@ from pipeline.baselines import finetune
 from pipeline.baselines.finetune import Finetune
 from pipeline.config import validate
 from pipeline.errors import ConfigError
-from pipeline.nets.networks import Conv4
+from pipeline.nets.conv4 import Conv4
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes
 from tests.helpers import small_omniglot_task, write_omniglot

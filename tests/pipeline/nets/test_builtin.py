@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.nets.networks import MLP, Conv4, _batch_norm_tasks
+from pipeline.nets.conv4 import Conv4
+from pipeline.nets.layers import batch_norm_tasks
+from pipeline.nets.mlp import MLP
 
 DT = torch.float64
 
@@ -69,7 +71,7 @@ def test_conv4_matches_textbook_and_batch_norm(downsample):
     assert torch.allclose(out, reference_conv4(conv, params, x), atol=1e-12)
     h = F.conv2d(x, params["conv0.weight"], stride=2 if downsample == "stride" else 1, padding=1)
     native = F.batch_norm(h, None, None, params["bn0.weight"], params["bn0.bias"], training=True, eps=conv.eps)
-    mine = _batch_norm_tasks(h[None], params["bn0.weight"], params["bn0.bias"], conv.eps)[0]
+    mine = batch_norm_tasks(h[None], params["bn0.weight"], params["bn0.bias"], conv.eps)[0]
     assert torch.allclose(mine, native, atol=1e-10)
 
 

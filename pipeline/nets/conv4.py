@@ -1,0 +1,83 @@
+"""The Conv4 of the MAML paper as a pure function over a dict of parameters.
+
+A frozen dataclass with ``init(seed) -> Params``, ``apply(params, x)`` for one task and
+``apply_tasks(params, x[T, N, C, H, W])`` for a stack of tasks in one pass, shared or
+per-task parameters alike (pipeline/nets/layers.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.nets import init
+from pipeline.nets.layers import batch_norm_tasks, conv_tasks, linear_tasks
+from pipeline.types import Params
+
+
+@dataclass(frozen=True)
+class Conv4:
+    """The Conv4 of the MAML paper: 4 x (3x3 conv, BatchNorm, ReLU), then a linear head to ``ways``.
+
+    ``downsample="stride"`` (Omniglot): stride-2 convolutions, then the mean over
+    space as in Finn et al.'s code; ``"maxpool"`` (Mini-ImageNet): stride 1 and a
+    2x2 max-pool per block, then flatten. The convolutions have no bias (the
+    BatchNorm that follows removes it). Parameters: ``conv{i}.weight``,
+    ``bn{i}.weight`` (gamma, ones), ``bn{i}.bias`` (beta, zeros), ``head.weight``, ``head.bias``.
+    """
+
+    in_channels: int
+    image_size: int
+    ways: int
+    filters: int = 64
+    downsample: Literal["stride", "maxpool"] = "stride"
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.downsample not in ("stride", "maxpool"):
+            raise ValueError(f"Conv4.downsample must be 'stride' or 'maxpool', got {self.downsample!r}")
+        if self.features() < 1:
+            raise ValueError(f"Conv4: image_size {self.image_size} is too small for 4 max-pool blocks")
+
+    def features(self) -> int:
+        """Width of the head's input."""
+        if self.downsample == "stride":
+            return self.filters
+        size = self.image_size
+        for _ in range(4):
+            size //= 2
+        return self.filters * size * size
+
+    def init(self, seed: int | torch.Generator, dtype: torch.dtype = torch.float32) -> Params:
+        """Fresh parameters, identical for the same seed."""
+        gen = init.generator(seed)
+        params: Params = {}
+        channels = self.in_channels
+        for i in range(4):
+            params[f"conv{i}.weight"] = init.xavier_uniform(
+                (self.filters, channels, 3, 3), channels * 9, self.filters * 9, gen, dtype
+            )
+            params[f"bn{i}.weight"] = torch.ones(self.filters, dtype=dtype)
+            params[f"bn{i}.bias"] = torch.zeros(self.filters, dtype=dtype)
+            channels = self.filters
+        params["head.weight"] = init.xavier_uniform((self.ways, self.features()), self.features(), self.ways, gen, dtype)
+        params["head.bias"] = torch.zeros(self.ways, dtype=dtype)
+        return params
+
+    def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """One task: ``x[N, C, H, W] -> logits[N, ways]``."""
+        return self.apply_tasks(params, x.unsqueeze(0)).squeeze(0)
+
+    def apply_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T."""
+        stride = 2 if self.downsample == "stride" else 1
+        for i in range(4):
+            x = conv_tasks(x, params[f"conv{i}.weight"], stride)
+            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps))
+            if self.downsample == "maxpool":
+                t, n = x.shape[:2]
+                x = F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, (t, n))
+        x = x.mean(dim=(3, 4)) if self.downsample == "stride" else x.flatten(2)
+        return linear_tasks(x, params["head.weight"], params["head.bias"])
