@@ -101,3 +101,24 @@ def test_shipped_task_bases_validate_as_store_configs(name):
 
     config = load_episode_config(REPO / "configs" / "tasks" / f"{name}.yaml")
     assert config.store.path.startswith("episodes/")
+
+
+@pytest.mark.parametrize(
+    "config, overrides, message",
+    [
+        ("sinusoid_reptile.yaml", ["algorithm.batching=vmap"], "algorithm.batching: Input should be 'auto', 'loop' or 'stacked' (got 'vmap')"),
+        ("sinusoid_reptile.yaml", ["algorithm.learn_inner_lr=true"], "algorithm.learn_inner_lr: Extra inputs are not permitted (got True)"),
+        ("omniglot_maml_5w1s.yaml", ["model={network: mlp}"], "model.network: mlp needs flat inputs; task.name='omniglot' has inputs of shape 1x28x28"),
+        ("sinusoid_maml.yaml", ["algorithm={name: metanet}"], "algorithm.name: metanet meta-learns classification tasks; task.name='sinusoid' is regression"),
+    ],
+    ids=["reptile-vmap", "reptile-meta-sgd", "omniglot-mlp", "sinusoid-metanet"],
+)
+def test_configs_that_cannot_run_exit_2_before_anything_is_written(tmp_path, capsys, monkeypatch, config, overrides, message):
+    """Each once passed validation and crashed after the store was written; now train refuses it up front."""
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "episodes"
+    sets = [f"--set={o}" for o in [*overrides, f"store.path={store}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]]
+    assert main(["train", str(REPO / "configs" / config), *sets]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no MLflow database, no artifacts
