@@ -5,7 +5,7 @@ tasks/families/__init__.py). A builder reads its config section and the task's
 ``TaskSpec`` (what the task family declares: kind, input shape, outputs, loss),
 never the task's name, so any family with the right spec serves any network and
 algorithm that accepts it. Which combinations can run is decided before any work,
-by ``pipeline.config.compatibility``; a config that validates always builds.
+by ``pipeline.config.incompatibility``; a config that validates always builds.
 
 Adding a network or an algorithm: its module (pipeline/nets/, pipeline/algorithms/),
 its config section in pipeline/config.py (``MODELS`` / ``ALGORITHMS``), and one

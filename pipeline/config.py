@@ -18,20 +18,30 @@ from tasks.families import FAMILIES, spec
 from tasks.family import ImageFamily, Kind, Strict, TaskSpec
 
 
-class MLPModel(Strict):
+class ModelSection(Strict):
+    """What every model section declares: the inputs its network takes (checked by ``RunConfig``)."""
+
+    inputs: ClassVar[str] = "flat"
+    """What one example must be: ``flat`` (a feature vector) or ``image`` ([C, H, W])."""
+
+    @property
+    def min_image_size(self) -> int:
+        """Smallest image side the network accepts."""
+        return 1
+
+
+class MLPModel(ModelSection):
     """Fully connected network with ReLU (the sinusoid MLP of the MAML paper is 1-40-40-1).
 
     ``activation`` is read by the L2L digits optimizee (the paper's MLP is sigmoid).
     """
 
-    inputs: ClassVar[str] = "flat"
-    """What one example must be: ``flat`` (a feature vector) or ``image`` ([C, H, W])."""
     network: Literal["mlp"] = "mlp"
     hidden: tuple[int, ...] = (40, 40)
     activation: Literal["relu", "sigmoid"] = "relu"
 
 
-class Conv4Model(Strict):
+class Conv4Model(ModelSection):
     """The Conv4 of the MAML paper: 4 x (3x3 conv, BatchNorm, ReLU), then a linear head.
 
     Omniglot uses 64 filters and stride-2 convolutions; Mini-ImageNet 32 filters and 2x2 max-pool.
@@ -244,7 +254,8 @@ class RunConfig(EpisodeConfig):
             raise ValueError(
                 f"train.meta_batch ({self.train.meta_batch}) must be at least train.workers ({self.train.workers})"
             )
-        for problem in compatibility(self.task, self.model, self.algorithm):
+        problem = incompatibility(self.task, self.model, self.algorithm)
+        if problem:
             raise ValueError(problem)
         return self
 
@@ -254,8 +265,8 @@ class RunConfig(EpisodeConfig):
         return spec(self.task)
 
 
-def compatibility(task: Any, model: Any, algorithm: AlgorithmSection) -> list[str]:
-    """Why ``task``, ``model`` and ``algorithm`` cannot run together (empty when they can).
+def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection) -> str | None:
+    """Why ``task``, ``model`` and ``algorithm`` cannot run together, naming the key; None when they can.
 
     Reads only what each section declares: the task family's ``TaskSpec``, the model's
     ``inputs`` and the algorithm's ``task_kinds``, ``networks`` and ``needs_images``.
@@ -265,25 +276,23 @@ def compatibility(task: Any, model: Any, algorithm: AlgorithmSection) -> list[st
     task_name = repr(task_spec.family)
     if task_spec.kind not in algorithm.task_kinds:
         kinds = " or ".join(sorted(algorithm.task_kinds))
-        return [f"algorithm.name: {algorithm.name} meta-learns {kinds} tasks; task.name={task_name} is {task_spec.kind}"]
+        return f"algorithm.name: {algorithm.name} meta-learns {kinds} tasks; task.name={task_name} is {task_spec.kind}"
     if algorithm.needs_images and not task_spec.is_image:
-        return [f"algorithm.name: {algorithm.name} needs an image task; task.name={task_name} has inputs of shape {shape}"]
+        return f"algorithm.name: {algorithm.name} needs an image task; task.name={task_name} has inputs of shape {shape}"
     if algorithm.networks is None:
-        return []
+        return None
     if model.network not in algorithm.networks:
-        return [f"model.network: {algorithm.name} trains {' or '.join(sorted(algorithm.networks))}, got {model.network!r}"]
+        return f"model.network: {algorithm.name} trains {' or '.join(sorted(algorithm.networks))}, got {model.network!r}"
     if model.inputs == "image" and not task_spec.is_image:
-        return [f"model.network: {model.network} needs image inputs [C, H, W]; task.name={task_name} has inputs of shape {shape}"]
+        return f"model.network: {model.network} needs image inputs [C, H, W]; task.name={task_name} has inputs of shape {shape}"
     if model.inputs == "image" and task_spec.input_shape[1] < model.min_image_size:
-        return [
-            f"task.image_size: {model.network} with downsample={model.downsample} needs at least"
-            f" {model.min_image_size}, got {task_spec.input_shape[1]}"
-        ]
+        size = model.min_image_size
+        return f"task.image_size: this model.network needs images of at least {size}x{size}, got {task_spec.input_shape[1]}"
     if model.inputs == "flat" and not task_spec.is_flat and task_spec.kind != "optimizee":
-        return [f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"]
+        return f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
-        return [f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"]
-    return []
+        return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -329,7 +338,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {key_path(e['loc']) or '<root>'}: {msg}{shown}")
+        key = key_path(e["loc"])
+        lines.append(f"  {key}: {msg}{shown}" if key else f"  {msg}{shown}")  # cross-section rules name their keys
     return "\n".join(lines)
 
 

@@ -118,3 +118,15 @@ def test_fuzzed_configs_either_validate_or_raise_config_error(raw):
 def test_sigmoid_mlp_only_for_l2l():
     with pytest.raises(ConfigError, match="model.activation: sigmoid is used only by l2l"):
         validate({**BASE, "model": {"network": "mlp", "activation": "sigmoid"}})
+
+
+def test_conv4_with_max_pooling_needs_16_pixels():
+    raw = {**OMNIGLOT, "task": {"name": "omniglot", "image_size": 12}, "model": {"network": "conv4", "downsample": "maxpool"}}
+    with pytest.raises(ConfigError, match="task.image_size: this model.network needs images of at least 16x16, got 12"):
+        validate(raw)
+    validate({**raw, "model": {"network": "conv4", "downsample": "stride"}})
+
+
+def test_a_left_out_model_is_the_network_the_task_inputs_call_for():
+    assert validate({k: v for k, v in OMNIGLOT.items() if k != "model"}).model.network == "conv4"
+    assert validate(BASE).model.network == "mlp"
