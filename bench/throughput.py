@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
         return
-    auto = resolve_batching("auto", torch.device(args.device))
+    auto = resolve_batching("auto")
     malloc_paths = args.malloc_paths if args.malloc_paths is not None else ["loop", auto]
     malloc = in_subprocess(sorted(set(malloc_paths)), MALLOC_ENV, args) if malloc_paths else {}
     rows = [Row(f"worker path (auto = {auto})", results[auto])] if auto in results else []
