@@ -32,7 +32,9 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.pool import ServerLost, WorkerPool
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import MALLOC_ENV, StepReport
-from pipeline.tracking.mlflow_tracker import Tracker, flatten
+from pipeline.tracking.mlflow_tracker import MlflowTracker
+from pipeline.tracking.plots import log_learning_curve
+from pipeline.tracking.tracker import Tracker, flatten
 from pipeline.types import Illustrated
 from tasks.episodes import Episodes
 from tasks.store.parquet import precompute
@@ -105,7 +107,7 @@ class Run:
         self.learner = build_learner(config)
         self.layout = Layout.of(self.learner.init(config.seed))
         resources = start_ray(config)
-        self.tracker = Tracker(config.tracking, config.name, run_id=resume)
+        self.tracker = MlflowTracker(config.tracking, config.name, run_id=resume)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{self.tracker.run_id[:8]}-"))
         self.val = self.store.read_split("val", limit=config.train.val_episodes)
         if resume:
@@ -261,35 +263,13 @@ class Run:
         table = self.scratch / "test_results.json"
         table.write_text(json.dumps({"metric": result.metric, "mean": result.mean, "ci95": result.ci95, "episodes": result.n}, indent=1))
         self.tracker.log_artifact(table)
-        self._log_learning_curve()
+        log_learning_curve(self.tracker, self.scratch)
         self._log_figures(params, test_set)
         out = export(params, self.config, export_dir or self.scratch / "export", metrics)
         self.tracker.log_artifacts(out, "export")
         log_pyfunc(self.tracker, out, self.scratch / "model")
         self.tracker.finish("FINISHED")
         return TrainResult(self.tracker.run_id, self.version, result, Path(out))
-
-    def _log_learning_curve(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        keys = ["train/loss", "train/accuracy", "val/accuracy", "val/mse"]
-        self.tracker.flush()  # the series is read back from MLflow (a resumed run's start is not in this process)
-        series = {k: self.tracker.client.get_metric_history(self.tracker.run_id, k) for k in keys}
-        series = {k: v for k, v in series.items() if v}
-        fig, axes = plt.subplots(1, len(series), figsize=(4 * len(series), 3), squeeze=False)
-        for ax, (key, history) in zip(axes[0], series.items()):
-            points = sorted((m.step, m.value) for m in history)
-            ax.plot([p[0] for p in points], [p[1] for p in points])
-            ax.set_title(key)
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        path = self.scratch / "learning_curve.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        self.tracker.log_artifact(path, "plots")
 
     def _log_figures(self, params: dict[str, torch.Tensor], episodes: Episodes) -> None:
         """The learner's own figures (e.g. the Meta-LSTM's gates), when it draws any."""
