@@ -99,12 +99,13 @@ def run(
     ``resumed``: continue the tracker's run from its checkpoints/latest. Raises as ``train``.
     """
     learner = build_learner(config)
-    layout = Layout.of(learner.init(config.seed))
+    initial = learner.init(config.seed)
+    layout = Layout.of(initial)
     scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{tracker.run_id[:8]}-"))
     if resumed:
         state, positions, best_val = _resume(config, tracker, scratch)
     else:
-        state = ParameterServer.fresh(layout.flatten(learner.init(config.seed)))
+        state = ParameterServer.fresh(layout.flatten(initial))
         positions, best_val = [None] * config.train.workers, None
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.set_tag("metapipe.algorithm", config.algorithm.name)

@@ -2,7 +2,6 @@
 import pytest
 
 from pipeline.errors import TrainingError
-from pipeline.runtime import submit
 from pipeline.runtime.ray_env import REPO_ROOT, check_gpus
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
@@ -15,6 +14,5 @@ def test_more_gpus_than_there_are_is_refused_and_none_means_cpu(tmp_path):
     check_gpus(config, 0)  # no GPU at all: workers run on CPUs
 
 
-def test_the_repository_root_holds_the_packages_and_jobs_upload_it():
+def test_the_repository_root_holds_the_packages():
     assert (REPO_ROOT / "pipeline" / "runtime" / "ray_env.py").is_file() and (REPO_ROOT / "tasks").is_dir()
-    assert submit.job_spec.__defaults__ == (REPO_ROOT,)
