@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -22,7 +22,7 @@ from pipeline.evaluation import EvalResult, evaluate
 from pipeline.export.directory import export
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
-from pipeline.runtime.pool import Pool
+from pipeline.runtime.pool import Pool, Positions
 from pipeline.runtime.ray_env import REPO_ROOT
 from pipeline.runtime.server import ServerState
 from pipeline.runtime.worker import StepReport
@@ -59,7 +59,7 @@ class RestorePoint:
     """The server state and reader positions of the last checkpoint: what a dead server is restored from."""
 
     state: ServerState
-    positions: list[dict[str, Any] | None]
+    positions: Positions
 
 
 class Checkpoints:

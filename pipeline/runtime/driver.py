@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from tqdm import tqdm
 
@@ -41,7 +41,7 @@ from pipeline.runtime.callbacks import (
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.loop import StepLoop
 from pipeline.runtime.policy import FailurePolicy
-from pipeline.runtime.pool import Pool, RayPool
+from pipeline.runtime.pool import Pool, Positions, RayPool
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.tracking.mlflow_tracker import MlflowTracker
@@ -49,7 +49,6 @@ from pipeline.tracking.plots import log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
 from tasks.store.parquet import Store, precompute
 
-Positions = list[dict[str, Any] | None]
 StartPool = Callable[[ServerState, Positions, FailurePolicy], Pool]
 """Starts the server from a state and the workers at reader positions, under a failure policy."""
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Any, Hashable, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.runtime.pool import split_batch
+from pipeline.runtime.pool import Positions, server_options, split_batch
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
 
@@ -23,7 +23,7 @@ from pipeline.runtime.worker import EpisodeWorker, StepReport
 class LocalPool:
     """A ``pipeline.runtime.pool.Pool`` of one in-process server and ``train.workers`` in-process workers."""
 
-    def __init__(self, config: RunConfig, state: ServerState, positions: list[dict[str, Any] | None]) -> None:
+    def __init__(self, config: RunConfig, state: ServerState, positions: Positions) -> None:
         self._config = config
         self._raw = config.model_dump(mode="json")
         self._batches = split_batch(config.train.meta_batch, config.train.workers)
@@ -59,12 +59,11 @@ class LocalPool:
     def pull(self) -> tuple[int, np.ndarray]:
         return self.server.pull()
 
-    def restore(self, state: ServerState, positions: list[dict[str, Any] | None]) -> None:
-        t = self._config.train
+    def restore(self, state: ServerState, positions: Positions) -> None:
         self.stop()
         # The server updates its state object in place; the caller's (a restore point) must stay as it is.
         own = dataclasses.replace(state, pending=dict(state.pending))
-        self.server = ParameterServer(own, self._config.optimizer, t.steps, t.workers, t.mode, t.max_staleness)
+        self.server = ParameterServer(own, *server_options(self._config))
         self.positions = list(positions)
         self.workers = [EpisodeWorker(i, self.size, self._raw, self._batches[i], self.positions[i]) for i in range(self.size)]
 

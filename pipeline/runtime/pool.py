@@ -19,11 +19,15 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline.config import RunConfig
+from pipeline.config import OptimizerConfig, RunConfig
 from pipeline.errors import TrainingError
 from pipeline.runtime.policy import FailurePolicy, GiveUp
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+
+
+Positions = list[dict[str, Any] | None]
+"""Every worker's reader position (None: the start of its share), as a checkpoint records them."""
 
 
 class ServerLost(RuntimeError):
@@ -35,10 +39,16 @@ def split_batch(meta_batch: int, workers: int) -> list[int]:
     return [meta_batch // workers + (i < meta_batch % workers) for i in range(workers)]
 
 
+def server_options(config: RunConfig) -> tuple[OptimizerConfig, int, int, str, int]:
+    """ParameterServer's arguments after its state: optimizer, total steps, workers, mode, staleness bound."""
+    t = config.train
+    return config.optimizer, t.steps, t.workers, t.mode, t.max_staleness
+
+
 class Pool(Protocol):
     """One parameter server and N workers. Server calls raise ServerLost when the server is gone."""
 
-    positions: list[dict[str, Any] | None]
+    positions: Positions
     """Every worker's reader position after its last finished step."""
     restarts: int
     """Workers replaced since the pool started."""
@@ -76,7 +86,7 @@ class Pool(Protocol):
         """The server's version and a copy of its flat parameters."""
         ...
 
-    def restore(self, state: ServerState, positions: list[dict[str, Any] | None]) -> None:
+    def restore(self, state: ServerState, positions: Positions) -> None:
         """Replace the server by one holding ``state`` and every worker by one starting at ``positions``."""
         ...
 
@@ -94,7 +104,7 @@ class RayPool:
         config: RunConfig,
         resources: dict[str, float],
         state: ServerState,
-        positions: list[dict[str, Any] | None],
+        positions: Positions,
         policy: FailurePolicy,
     ) -> None:
         t = config.train
@@ -105,7 +115,7 @@ class RayPool:
             options["num_gpus"] = t.gpus_per_worker
         self._worker_class = ray.remote(EpisodeWorker).options(**options)
         self._server_class = ray.remote(ParameterServer).options(num_cpus=0)
-        self._server_args = (config.optimizer, t.steps, t.workers, t.mode, t.max_staleness)
+        self._server_args = server_options(config)
         self._raw = config.model_dump(mode="json")
         self._batches = split_batch(t.meta_batch, t.workers)
         self._threads = max(1, int(share))
@@ -172,7 +182,7 @@ class RayPool:
     def pull(self) -> tuple[int, np.ndarray]:
         return self._server_call("pull")
 
-    def restore(self, state: ServerState, positions: list[dict[str, Any] | None]) -> None:
+    def restore(self, state: ServerState, positions: Positions) -> None:
         self.stop()
         self.positions = list(positions)
         self.server = self._server_class.remote(state, *self._server_args)

@@ -69,11 +69,11 @@ class MlflowTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         self.uri = tracking_uri(config)
         self.outage_timeout_s = config.outage_timeout_s
-        self.client = MlflowClient(self.uri)
+        self._client = MlflowClient(self.uri)
         if run_id is None:
-            experiment = self.client.get_experiment_by_name(config.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            experiment = self._client.get_experiment_by_name(config.experiment)
+            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(config.experiment)
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         else:
             self.run_id = run_id
         self._queue: deque[_Write] = deque()
@@ -131,12 +131,12 @@ class MlflowTracker:
     def download(self, artifact_path: str, dst: str | Path) -> Path:
         """Download the run's artifact ``artifact_path`` into ``dst`` (created); raises MlflowException or OSError."""
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+        return Path(self._client.download_artifacts(self.run_id, artifact_path, str(dst)))
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """Every ``(step, value)`` of ``key`` in the run, sorted; delivers the queued writes first (see ``flush``)."""
         self.flush()
-        return sorted((m.step, m.value) for m in self.client.get_metric_history(self.run_id, key))
+        return sorted((m.step, m.value) for m in self._client.get_metric_history(self.run_id, key))
 
     # -- delivery ---------------------------------------------------------------------------------
 
@@ -200,9 +200,9 @@ class MlflowTracker:
             write = writes[0]
             try:
                 if len(writes) > 1:
-                    self.client.log_batch(self.run_id, metrics=[m for w in writes for m in w.metrics])
+                    self._client.log_batch(self.run_id, metrics=[m for w in writes for m in w.metrics])
                 else:
-                    write.send(self.client)
+                    write.send(self._client)
             except Exception as e:  # noqa: BLE001 - every failure is either retried or reported
                 if not is_transient(e):
                     with self._changed:

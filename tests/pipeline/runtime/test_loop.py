@@ -131,5 +131,6 @@ def test_max_bad_grads_stop_the_loop_after_a_checkpoint_of_the_good_params(tmp_p
     with pytest.raises(TrainingError, match=r"\d+ rejected gradients in a row \(train.max_bad_grads=3\).*non-finite"):
         loop.run()
     loop.pool.stop()
+    tracker.flush()
     saved = checkpoint.load(tracker.download("checkpoints/latest", tmp_path / "dl"))
     assert saved.server.version == 0 and saved.server.rejected_nonfinite >= 3
