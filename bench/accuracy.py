@@ -4,25 +4,21 @@ The same ParameterServer, EpisodeWorker, store and evaluation as a Ray run, for
 machines without Ray or a tracking server (e.g. a lent GPU box) and for quick
 accuracy checks. Prints the test result and a line per ``--log-every`` steps.
 
-    python bench/accuracy.py configs/omniglot_maml_5w1s.yaml --steps 2000
+    python -m bench.accuracy configs/omniglot_maml_5w1s.yaml --steps 2000
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.config import RunConfig, load_config  # noqa: E402
-from pipeline.evaluation import evaluate  # noqa: E402
-from pipeline.runtime.server import ParameterServer  # noqa: E402
-from pipeline.runtime.worker import EpisodeWorker  # noqa: E402
-from pipeline.types import Params  # noqa: E402
-from tasks.store.parquet import precompute  # noqa: E402
+from pipeline.config import RunConfig, load_config
+from pipeline.evaluation import evaluate
+from pipeline.runtime.server import ParameterServer
+from pipeline.runtime.worker import EpisodeWorker
+from pipeline.types import Params
+from tasks.store.parquet import precompute
 
 
 def meta_train(config: RunConfig, log_every: int) -> tuple[EpisodeWorker, Params]:
@@ -46,7 +42,7 @@ def meta_train(config: RunConfig, log_every: int) -> tuple[EpisodeWorker, Params
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--log-every", type=int, default=100)

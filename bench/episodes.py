@@ -1,6 +1,6 @@
 """Episode throughput: Parquet store (indexed and with pixels) against on-the-fly sampling.
 
-    python bench/episodes.py [--episodes 200000] [--seconds 5] [--threads 1] [--out DIR]
+    python -m bench.episodes [--episodes 200000] [--seconds 5] [--threads 1] [--out DIR]
 
 Omniglot 5-way 1-shot with 15 queries, batches of 32 (the MAML paper setup), read
 the way a training worker reads (one torch thread, like a Ray actor). Prints one
@@ -11,7 +11,6 @@ precompute time. The target: reading never limits training, i.e. at least 20x th
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks.config import EpisodeConfig  # noqa: E402
-from tasks.episodes import Episodes  # noqa: E402
-from tasks.store.parquet import open_store, precompute  # noqa: E402
+from tasks.config import EpisodeConfig
+from tasks.episodes import Episodes
+from tasks.store.parquet import open_store, precompute
 
 BATCH = 32
 WORKER_RATE = 23.0
@@ -42,7 +39,7 @@ def rate(batches: Iterator[Episodes] | Callable[[], Episodes], seconds: float) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.episodes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--episodes", type=int, default=200_000, help="training episodes to precompute")
     parser.add_argument("--pixel-episodes", type=int, default=3_000, help="episodes stored with pixels (test split)")
     parser.add_argument("--seconds", type=float, default=5.0, help="time per read measurement")

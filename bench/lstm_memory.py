@@ -1,11 +1,12 @@
 """Peak memory of one L2L meta-gradient with and without gradient checkpointing, and that both agree.
 
-Each mode runs in a fresh subprocess (peak RSS is per process): on CPU the figure
-is the rise of peak RSS over the RSS before the call; on CUDA also
-``torch.cuda.max_memory_allocated``. Usage:
+Each mode runs in a fresh subprocess (``python -m bench.lstm_memory`` in the repository root;
+peak RSS is per process): on CPU the figure is the rise of peak RSS over the RSS
+before the call; on CUDA also ``torch.cuda.max_memory_allocated``. Usage (from the
+repository root):
 
-    python bench/lstm_memory.py                       # 10-d quadratics, 400 problems, T=100, no truncation
-    python bench/lstm_memory.py --problems 1000 --truncation 20 --device cuda
+    python -m bench.lstm_memory                       # 10-d quadratics, 400 problems, T=100, no truncation
+    python -m bench.lstm_memory --problems 1000 --truncation 20 --device cuda
 """
 from __future__ import annotations
 
@@ -22,11 +23,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.algorithms.l2l import L2L, Quadratic
+from tasks.config import QuadraticTask
+from tasks.families import quadratic
 
-from pipeline.algorithms.l2l import L2L, Quadratic  # noqa: E402
-from tasks.config import QuadraticTask  # noqa: E402
-from tasks.families import quadratic  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _rss_mib() -> float:
@@ -60,7 +61,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lstm_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=int, default=400, help="quadratics per meta-batch")
     parser.add_argument("--dim", type=int, default=10)
     parser.add_argument("--unroll", type=int, default=100)
@@ -77,11 +78,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("plain", "checkpoint"):
             path = str(Path(tmp) / f"{mode}.safetensors")
-            command = [sys.executable, __file__, "--grads", path] + [
+            command = [sys.executable, "-m", "bench.lstm_memory", "--grads", path] + [
                 f"--{k}={getattr(args, k)}" for k in ("problems", "dim", "unroll", "truncation", "device", "threads")
             ]
             command += ["--checkpoint"] if mode == "checkpoint" else []
-            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
             results[mode] = json.loads(out.strip().splitlines()[-1])
             grads[mode] = load_file(path)
     diff = max((grads["plain"][k] - grads["checkpoint"][k]).abs().max().item() for k in grads["plain"])

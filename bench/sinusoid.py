@@ -6,24 +6,19 @@ regression on every training episode's points with the same steps and Adam,
 then fine-tuned with the same inner SGD), both meta-tested on the store's 600
 held-out tasks (K=10 support points, 10 query points).
 
-    python bench/sinusoid.py [--steps 3000]
+    python -m bench.sinusoid [--steps 3000]
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from accuracy import meta_train  # noqa: E402
-
-from pipeline.build import build_learner  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluation import mean_ci95  # noqa: E402
-from tasks.store.parquet import precompute  # noqa: E402
+from bench.accuracy import meta_train
+from pipeline.build import build_learner
+from pipeline.config import load_config
+from pipeline.evaluation import mean_ci95
+from tasks.store.parquet import precompute
 
 
 def pretrain(config, log_every: int):
@@ -46,7 +41,7 @@ def pretrain(config, log_every: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.sinusoid", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sinusoid_maml.yaml")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--log-every", type=int, default=500)

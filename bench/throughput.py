@@ -1,7 +1,7 @@
 """Meta-training throughput of the ways to batch MAML's tasks, in tasks per second.
 
-    python bench/throughput.py                      # CPU, 2 torch threads, the whole table
-    python bench/throughput.py --device cuda        # the same table on a GPU
+    python -m bench.throughput                      # CPU, 2 torch threads, the whole table
+    python -m bench.throughput --device cuda        # the same table on a GPU
 
 Workload: Omniglot 5-way 1-shot 15-query, the MAML paper's Conv4 (64 filters,
 stride 2), second-order MAML with one inner step, meta-batch 32, random 28x28
@@ -37,13 +37,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from pipeline.algorithms.maml import MAML, resolve_batching
+from pipeline.nets.networks import Conv4
+from pipeline.runtime.worker import MALLOC_ENV
+from tasks.episodes import Episodes
 
-from pipeline.algorithms.maml import MAML, resolve_batching  # noqa: E402
-from pipeline.nets.networks import Conv4  # noqa: E402
-from pipeline.runtime.worker import MALLOC_ENV  # noqa: E402
-from tasks.episodes import Episodes  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -86,9 +85,9 @@ def measure(batching: str, args: argparse.Namespace) -> float:
 
 def in_subprocess(paths: list[str], env: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     """Measure ``paths`` in a fresh interpreter with ``env`` added (malloc settings act at process start)."""
-    command = [sys.executable, __file__, "--json", "--paths", *paths, "--device", args.device,
+    command = [sys.executable, "-m", "bench.throughput", "--json", "--paths", *paths, "--device", args.device,
                "--threads", str(args.threads), "--repeats", str(args.repeats), "--meta-batch", str(args.meta_batch)]
-    done = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -135,7 +134,7 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,24 +1,167 @@
-"""Build the meta-learner a run config names; the only place that maps names to algorithms."""
+"""The plug-in registries of the pipeline: ``model.network`` -> network, ``algorithm.name`` -> meta-learner.
+
+The one place that maps config names to code (task families have theirs in
+tasks/families/__init__.py). A builder reads its config section and the task's
+``TaskSpec`` (what the task family declares: kind, input shape, outputs, loss),
+never the task's name, so any family with the right spec serves any network and
+algorithm that accepts it. Which combinations can run is decided before any work,
+by ``pipeline.config.compatibility``; a config that validates always builds.
+
+Adding a network or an algorithm: its module (pipeline/nets/, pipeline/algorithms/),
+its config section in pipeline/config.py (``MODELS`` / ``ALGORITHMS``), and one
+builder entry here.
+"""
 from __future__ import annotations
 
-import importlib
+from typing import Callable
 
-from pipeline.config import RunConfig
+import torch
+
+from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic
+from pipeline.algorithms.maml import MAML
+from pipeline.algorithms.meta_lstm import MetaLSTM
+from pipeline.algorithms.metanet import MetaNet
+from pipeline.algorithms.reptile import Reptile
+from pipeline.config import (
+    Conv4Model,
+    L2LAlgorithm,
+    MAMLAlgorithm,
+    MetaLSTMAlgorithm,
+    MetaNetAlgorithm,
+    MLPModel,
+    ReptileAlgorithm,
+    RunConfig,
+)
+from pipeline.nets.networks import MLP, Conv4
 from pipeline.types import MetaLearner
+from tasks.family import TaskSpec
 
-_MODULES = {
-    "maml": "pipeline.algorithms.maml",
-    "reptile": "pipeline.algorithms.reptile",
-    "l2l": "pipeline.algorithms.l2l",
-    "meta_lstm": "pipeline.algorithms.meta_lstm",
-    "metanet": "pipeline.algorithms.metanet",
+Network = MLP | Conv4
+
+
+def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
+    """``input features -> hidden... -> outputs`` (sinusoid: 1-40-40-1)."""
+    return MLP((task.input_shape[0], *model.hidden, task.outputs))
+
+
+def _conv4(model: Conv4Model, task: TaskSpec) -> Conv4:
+    """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
+    channels, size, _ = task.input_shape
+    return Conv4(channels, size, task.outputs, model.filters, model.downsample)
+
+
+NETWORKS: dict[str, Callable[..., Network]] = {"mlp": _mlp, "conv4": _conv4}
+"""``model.network`` -> builder ``(model section, task spec) -> network``."""
+
+
+def build_network(config: RunConfig) -> Network:
+    """The network of ``config.model`` sized for ``config.task`` (its input shape and outputs)."""
+    return NETWORKS[config.model.network](config.model, config.task_spec)
+
+
+def _dtype(config: RunConfig) -> torch.dtype:
+    return getattr(torch, config.train.dtype)
+
+
+def _maml(config: RunConfig) -> MAML:
+    algo: MAMLAlgorithm = config.algorithm
+    return MAML(
+        network=build_network(config),
+        loss=config.task_spec.loss,
+        inner_lr=algo.inner_lr,
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        first_order=algo.first_order,
+        learn_inner_lr=algo.learn_inner_lr,
+        batching=algo.batching,
+        task_chunk=algo.task_chunk,
+    )
+
+
+def _reptile(config: RunConfig) -> Reptile:
+    algo: ReptileAlgorithm = config.algorithm
+    return Reptile(
+        network=build_network(config),
+        loss=config.task_spec.loss,
+        inner_lr=algo.inner_lr,
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        inner_optimizer=algo.inner_optimizer,
+        batching=algo.batching,
+    )
+
+
+def optimizee(config: RunConfig) -> Optimizee:
+    """What L2L optimizes: a quadratic, or the ``model`` MLP classifying the task's flat inputs."""
+    task = config.task_spec
+    if task.loss == "quadratic":
+        return Quadratic()
+    model: MLPModel = config.model
+    return MLPClassifier(task.input_shape[0], task.outputs, tuple(model.hidden), model.activation, task.batch_size)
+
+
+def _l2l(config: RunConfig) -> L2L:
+    algo: L2LAlgorithm = config.algorithm
+    return L2L(
+        optimizee=optimizee(config),
+        hidden=algo.hidden,
+        layers=algo.layers,
+        unroll=algo.unroll,
+        truncation=algo.truncation,
+        output_scale=algo.output_scale,
+        preprocess_p=algo.preprocess_p,
+        checkpoint=algo.checkpoint,
+        dtype=_dtype(config),
+    )
+
+
+def _meta_lstm(config: RunConfig) -> MetaLSTM:
+    algo: MetaLSTMAlgorithm = config.algorithm
+    return MetaLSTM(
+        network=build_network(config),
+        inner_steps=algo.inner_steps,
+        eval_inner_steps=algo.eval_inner_steps,
+        hidden=algo.hidden,
+        preprocess_p=algo.preprocess_p,
+        forget_bias=tuple(algo.forget_bias),
+        input_bias=tuple(algo.input_bias),
+        dtype=_dtype(config),
+    )
+
+
+def _metanet(config: RunConfig) -> MetaNet:
+    algo: MetaNetAlgorithm = config.algorithm
+    channels, size, _ = config.task_spec.input_shape
+    return MetaNet(
+        ways=config.task_spec.outputs,
+        in_channels=channels,
+        image_size=size,
+        conv_layers=algo.conv_layers,
+        filters=algo.filters,
+        hidden=algo.hidden,
+        representation=algo.representation,
+        generator_hidden=algo.generator_hidden,
+        rep_steps=algo.rep_steps,
+        preprocess_p=algo.preprocess_p,
+        attention_scale=algo.attention_scale,
+        contrastive_margin=algo.contrastive_margin,
+        dtype=_dtype(config),
+    )
+
+
+ALGORITHMS: dict[str, Callable[[RunConfig], MetaLearner]] = {
+    "maml": _maml,
+    "reptile": _reptile,
+    "l2l": _l2l,
+    "meta_lstm": _meta_lstm,
+    "metanet": _metanet,
 }
+"""``algorithm.name`` -> builder ``(run config) -> meta-learner``."""
 
 
 def build_learner(config: RunConfig) -> MetaLearner:
     """The meta-learner of ``config.algorithm`` for ``config.task`` and ``config.model``.
 
-    Each algorithm module exposes ``from_config(config) -> MetaLearner``.
+    ``config`` must be validated (``pipeline.config.validate``): then every builder succeeds.
     """
-    module = importlib.import_module(_MODULES[config.algorithm.name])
-    return module.from_config(config)
+    return ALGORITHMS[config.algorithm.name](config)

@@ -7,16 +7,15 @@ YAML before validation, so they are checked exactly like the file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
 
-from tasks.config import EpisodeConfig, Strict
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names key, value and file."""
+from pipeline.errors import ConfigError
+from tasks.config import EpisodeConfig
+from tasks.families import FAMILIES, spec
+from tasks.family import ImageFamily, Kind, Strict, TaskSpec
 
 
 class MLPModel(Strict):
@@ -25,6 +24,8 @@ class MLPModel(Strict):
     ``activation`` is read by the L2L digits optimizee (the paper's MLP is sigmoid).
     """
 
+    inputs: ClassVar[str] = "flat"
+    """What one example must be: ``flat`` (a feature vector) or ``image`` ([C, H, W])."""
     network: Literal["mlp"] = "mlp"
     hidden: tuple[int, ...] = (40, 40)
     activation: Literal["relu", "sigmoid"] = "relu"
@@ -36,9 +37,15 @@ class Conv4Model(Strict):
     Omniglot uses 64 filters and stride-2 convolutions; Mini-ImageNet 32 filters and 2x2 max-pool.
     """
 
+    inputs: ClassVar[str] = "image"
     network: Literal["conv4"] = "conv4"
     filters: int = Field(64, ge=1)
     downsample: Literal["stride", "maxpool"] = "stride"
+
+    @property
+    def min_image_size(self) -> int:
+        """Smallest image side the four blocks leave at least one pixel of (2x2 max-pool floors)."""
+        return 16 if self.downsample == "maxpool" else 1
 
 
 def tag_or(key: str, default: str) -> Discriminator:
@@ -52,17 +59,38 @@ def tag_or(key: str, default: str) -> Discriminator:
     return Discriminator(pick)
 
 
-ModelConfig = Annotated[
-    Union[Annotated[MLPModel, Tag("mlp")], Annotated[Conv4Model, Tag("conv4")]], tag_or("network", "mlp")
-]
+MODELS = {"mlp": MLPModel, "conv4": Conv4Model}
+"""``model.network`` -> its section; the builders are in pipeline/build.py."""
+
+ModelConfig = Annotated[Union[tuple(Annotated[m, Tag(n)] for n, m in MODELS.items())], tag_or("network", "mlp")]  # noqa: UP007
 
 
-class GradientMetaLearner(Strict):
-    """Settings shared by the gradient-based initialization learners."""
+class AlgorithmSection(Strict):
+    """What every algorithm section declares about the runs it can serve (checked by ``RunConfig``).
+
+    ``task_kinds``: the task kinds it meta-learns on (tasks/family.py ``TaskSpec.kind``);
+    ``networks``: the ``model.network`` values it trains, or None when it builds its own
+    networks and ignores the model section; ``needs_images``: whether examples must be images.
+    """
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"regression", "classification"})
+    networks: ClassVar[frozenset[str] | None] = frozenset(MODELS)
+    needs_images: ClassVar[bool] = False
+
+
+class GradientMetaLearner(AlgorithmSection):
+    """Settings shared by the gradient-based initialization learners (MAML, Reptile)."""
 
     inner_lr: float = Field(0.01, gt=0)
     inner_steps: int = Field(1, ge=1)
     eval_inner_steps: int | None = Field(None, ge=1, description="inner steps at evaluation; default inner_steps")
+
+
+class MAMLAlgorithm(GradientMetaLearner):
+    """MAML (Finn et al. 2017); ``first_order: true`` drops the second-order terms; ``learn_inner_lr`` is Meta-SGD."""
+
+    name: Literal["maml"] = "maml"
+    first_order: bool = False
     learn_inner_lr: bool = Field(False, description="Meta-SGD: one learnable inner learning rate per parameter")
     batching: Literal["auto", "loop", "stacked", "vmap"] = Field(
         "auto", description="how tasks of a meta-batch are batched (see bench/throughput.py)"
@@ -72,22 +100,21 @@ class GradientMetaLearner(Strict):
     )
 
 
-class MAMLAlgorithm(GradientMetaLearner):
-    """MAML (Finn et al. 2017); ``first_order: true`` drops the second-order terms."""
-
-    name: Literal["maml"] = "maml"
-    first_order: bool = False
-
-
 class ReptileAlgorithm(GradientMetaLearner):
     """Reptile (Nichol et al. 2018): meta-gradient = theta - mean adapted theta."""
 
     name: Literal["reptile"] = "reptile"
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    batching: Literal["auto", "loop", "stacked"] = Field(
+        "auto", description="how tasks of a meta-batch are batched (auto: stacked on a GPU, else loop)"
+    )
 
 
-class L2LAlgorithm(Strict):
+class L2LAlgorithm(AlgorithmSection):
     """The LSTM optimizer of Andrychowicz et al. 2016 (pipeline/algorithms/l2l.py)."""
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"optimizee"})
+    networks: ClassVar[frozenset[str] | None] = frozenset({"mlp"})
 
     name: Literal["l2l"] = "l2l"
     hidden: int = Field(20, ge=1, description="LSTM hidden units per layer")
@@ -99,8 +126,11 @@ class L2LAlgorithm(Strict):
     checkpoint: bool = Field(False, description="recompute each LSTM update in backward (less memory)")
 
 
-class MetaLSTMAlgorithm(Strict):
+class MetaLSTMAlgorithm(AlgorithmSection):
     """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/algorithms/meta_lstm.py)."""
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -111,8 +141,15 @@ class MetaLSTMAlgorithm(Strict):
     input_bias: tuple[float, float] = Field((-5.0, -4.0), description="uniform range of the initial input-gate bias")
 
 
-class MetaNetAlgorithm(Strict):
-    """Meta Networks of Munkhdalai & Yu 2017 (pipeline/algorithms/metanet.py); defaults follow the paper's Omniglot setup."""
+class MetaNetAlgorithm(AlgorithmSection):
+    """Meta Networks of Munkhdalai & Yu 2017 (pipeline/algorithms/metanet.py); defaults follow the paper's Omniglot setup.
+
+    It builds its own conv networks (the fields below): the ``model`` section is not used.
+    """
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
+    networks: ClassVar[frozenset[str] | None] = None
+    needs_images: ClassVar[bool] = True
 
     name: Literal["metanet"] = "metanet"
     conv_layers: int = Field(5, ge=1, description="3x3 conv + 2x2 max-pool blocks per trunk (b and u)")
@@ -126,16 +163,16 @@ class MetaNetAlgorithm(Strict):
     contrastive_margin: float = Field(1.0, gt=0, description="margin of the several-shot representation loss")
 
 
-AlgorithmConfig = Annotated[
-    Union[
-        Annotated[MAMLAlgorithm, Tag("maml")],
-        Annotated[ReptileAlgorithm, Tag("reptile")],
-        Annotated[L2LAlgorithm, Tag("l2l")],
-        Annotated[MetaLSTMAlgorithm, Tag("meta_lstm")],
-        Annotated[MetaNetAlgorithm, Tag("metanet")],
-    ],
-    tag_or("name", "maml"),
-]
+ALGORITHMS = {
+    "maml": MAMLAlgorithm,
+    "reptile": ReptileAlgorithm,
+    "l2l": L2LAlgorithm,
+    "meta_lstm": MetaLSTMAlgorithm,
+    "metanet": MetaNetAlgorithm,
+}
+"""``algorithm.name`` -> its section; the builders are in pipeline/build.py."""
+
+AlgorithmConfig = Annotated[Union[tuple(Annotated[a, Tag(n)] for n, a in ALGORITHMS.items())], tag_or("name", "maml")]  # noqa: UP007
 
 
 class OptimizerConfig(Strict):
@@ -191,23 +228,62 @@ class RunConfig(EpisodeConfig):
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_network(cls, raw: Any) -> Any:
+        """A run that leaves ``model`` out gets the network its task's inputs call for: conv4 for images, else mlp."""
+        if isinstance(raw, dict) and "model" not in raw and isinstance(raw.get("task"), dict):
+            if isinstance(FAMILIES.get(raw["task"].get("name")), ImageFamily):
+                return {**raw, "model": {"network": "conv4"}}
+        return raw
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        """Every cross-section rule, in one place: what passes here builds and runs."""
         if self.train.meta_batch < self.train.workers:
             raise ValueError(
                 f"train.meta_batch ({self.train.meta_batch}) must be at least train.workers ({self.train.workers})"
             )
-        if self.model.network == "conv4" and self.task.name not in ("omniglot", "miniimagenet"):
-            raise ValueError(f"model.network: conv4 needs an image task, got task.name={self.task.name!r}")
-        if self.algorithm.name == "l2l" and self.task.name not in ("quadratic", "digits"):
-            raise ValueError(f"algorithm.name: l2l optimizes task.name quadratic or digits, got {self.task.name!r}")
-        if self.algorithm.name == "meta_lstm" and self.model.network != "conv4":
-            raise ValueError(f"algorithm.name: meta_lstm trains a conv4 learner, got model.network={self.model.network!r}")
-        if self.model.network == "mlp" and self.model.activation == "sigmoid" and self.algorithm.name != "l2l":
-            raise ValueError(
-                f"model.activation: sigmoid is used only by l2l's MLP optimizee; {self.algorithm.name} networks use relu"
-            )
+        for problem in compatibility(self.task, self.model, self.algorithm):
+            raise ValueError(problem)
         return self
+
+    @property
+    def task_spec(self) -> TaskSpec:
+        """What the task family declares about ``task`` (kind, input shape, outputs, loss)."""
+        return spec(self.task)
+
+
+def compatibility(task: Any, model: Any, algorithm: AlgorithmSection) -> list[str]:
+    """Why ``task``, ``model`` and ``algorithm`` cannot run together (empty when they can).
+
+    Reads only what each section declares: the task family's ``TaskSpec``, the model's
+    ``inputs`` and the algorithm's ``task_kinds``, ``networks`` and ``needs_images``.
+    """
+    task_spec = spec(task)
+    shape = "x".join(map(str, task_spec.input_shape))
+    task_name = repr(task_spec.family)
+    if task_spec.kind not in algorithm.task_kinds:
+        kinds = " or ".join(sorted(algorithm.task_kinds))
+        return [f"algorithm.name: {algorithm.name} meta-learns {kinds} tasks; task.name={task_name} is {task_spec.kind}"]
+    if algorithm.needs_images and not task_spec.is_image:
+        return [f"algorithm.name: {algorithm.name} needs an image task; task.name={task_name} has inputs of shape {shape}"]
+    if algorithm.networks is None:
+        return []
+    if model.network not in algorithm.networks:
+        return [f"model.network: {algorithm.name} trains {' or '.join(sorted(algorithm.networks))}, got {model.network!r}"]
+    if model.inputs == "image" and not task_spec.is_image:
+        return [f"model.network: {model.network} needs image inputs [C, H, W]; task.name={task_name} has inputs of shape {shape}"]
+    if model.inputs == "image" and task_spec.input_shape[1] < model.min_image_size:
+        return [
+            f"task.image_size: {model.network} with downsample={model.downsample} needs at least"
+            f" {model.min_image_size}, got {task_spec.input_shape[1]}"
+        ]
+    if model.inputs == "flat" and not task_spec.is_flat and task_spec.kind != "optimizee":
+        return [f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"]
+    if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
+        return [f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"]
+    return []
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -235,18 +311,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
+UNION_TAGS = {"task": set(FAMILIES), "model": set(MODELS), "algorithm": set(ALGORITHMS)}
+"""Sections that are unions, and their tags (pydantic puts the tag in an error's location)."""
+
+
+def key_path(loc: tuple[Any, ...]) -> str:
+    """The dotted key of a pydantic error location, without the union tag (``task.omniglot.ways`` -> ``task.ways``)."""
+    parts = list(loc)
+    if len(parts) > 1 and parts[1] in UNION_TAGS.get(str(parts[0]), ()):
+        del parts[1]
+    return ".".join(str(p) for p in parts)
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
         value = e.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"  {key or '<root>'}: {msg}{shown}")
+        lines.append(f"  {key_path(e['loc']) or '<root>'}: {msg}{shown}")
     return "\n".join(lines)
-
-
-_UNION_TAGS = {"sinusoid", "quadratic", "omniglot", "miniimagenet", "mlp", "conv4", "maml", "reptile", "l2l", "meta_lstm", "digits", "metanet"}
 
 
 def validate(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
@@ -259,17 +343,71 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """The YAML mapping in ``path`` deep-merged over its ``base:`` file, and the base files read.
+
+    ``base: FILE`` (top level) names another YAML mapping, relative to the file that
+    names it, that may have a base of its own. Mappings merge key by key, the naming
+    file's own values winning; any other value (list, number, string) replaces the
+    base's. The ``base`` key is removed. ``chain``: the files that led here, to refuse a cycle.
+    """
+    named_by = f" (base of {chain[-1]})" if chain else ""
     try:
         text = path.read_text()
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        raise ConfigError(f"cannot read config {path}{named_by}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+        raise ConfigError(f"config {path}{named_by} is not valid YAML: {e}") from None
+    if not chain:
+        raw = raw or {}  # an empty run config is an empty mapping (a base must hold one)
     if not isinstance(raw, dict):
-        raise ConfigError(f"invalid config {path}: expected a YAML mapping at the top, got {type(raw).__name__}")
-    return validate(apply_overrides(raw, overrides or []), str(path))
+        got = "an empty file" if raw is None else type(raw).__name__
+        raise ConfigError(f"invalid config {path}{named_by}: expected a YAML mapping at the top, got {got}")
+    if "base" not in raw:
+        return raw, []
+    ref = raw.pop("base")
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"invalid config {path}: base: expected a YAML file path relative to {path.parent}, got {ref!r}")
+    base = path.parent / ref
+    seen = [p.resolve() for p in (*chain, path)]
+    if base.resolve() in seen:
+        cycle = " -> ".join(str(p) for p in (*chain[seen.index(base.resolve()):], path, base))
+        raise ConfigError(f"invalid config {path}: base: {ref!r} makes a cycle of bases: {cycle}")
+    merged, bases = _read_with_bases(base, (*chain, path))
+
+    def merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+        out = dict(low)
+        for key, value in high.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(merged, raw), [base, *bases]
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config and its ``base:`` files, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    raw, bases = _read_with_bases(path)
+    source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
+    return validate(apply_overrides(raw, overrides or []), source)
+
+
+def load_episode_config(path: str | Path, overrides: list[str] | None = None) -> EpisodeConfig:
+    """Read a config for the episode store alone: a task base (``configs/tasks/*.yaml``) or a whole run config.
+
+    A file with only ``task`` and ``store`` sections is validated as such; any other
+    file is validated as a run config (every section and rule), whose episode part is
+    what the store needs. Raises ConfigError naming the file, key and value.
+    """
+    path = Path(path)
+    raw, bases = _read_with_bases(path)
+    raw = apply_overrides(raw, overrides or [])
+    source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
+    if set(raw) - {"task", "store"}:
+        return validate(raw, source)
+    try:
+        return EpisodeConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -13,15 +13,12 @@ import numpy as np
 import torch
 
 from tasks import fewshot
-from tasks.config import TaskConfig
 from tasks.episodes import Episodes
-from tasks.families import digits, miniimagenet, omniglot, quadratic, sinusoid
+from tasks.families import TaskConfig, family
+from tasks.family import ArrayFamily, ImageFamily
 from tasks.images import ImageTable
 
 SPLITS = ("train", "val", "test")
-_LOADERS = {"omniglot": omniglot, "miniimagenet": miniimagenet}
-_ARRAYS = {"sinusoid": sinusoid, "quadratic": quadratic, "digits": digits}
-"""Tasks whose episodes are stored as they are: each module has ``sample(task, rng, count)`` and ``decode(task, fields)``."""
 
 
 class TaskDistribution:
@@ -34,10 +31,11 @@ class TaskDistribution:
     def __init__(self, task: TaskConfig, table: ImageTable | None = None) -> None:
         self.task = task
         self.table = table
-        if task.name in _LOADERS:
+        self.family = family(task)
+        if isinstance(self.family, ImageFamily):
             if table is None:
                 raise ValueError(f"task {task.name} needs its image table")
-            self.splits = _LOADERS[task.name].split_classes(task, table)
+            self.splits = self.family.split_classes(task, table)
             pixels = torch.from_numpy(table.pixels)
             self.pixels = fewshot.turned(pixels) if getattr(task, "rotations", False) else pixels.unsqueeze(0)
             self.starts = torch.from_numpy(table.starts)
@@ -46,7 +44,8 @@ class TaskDistribution:
     @classmethod
     def load(cls, task: TaskConfig) -> TaskDistribution:
         """Read the data set the task needs (image sets decode every image once)."""
-        return cls(task, _LOADERS[task.name].load(task) if task.name in _LOADERS else None)
+        task_family = family(task)
+        return cls(task, task_family.load(task) if isinstance(task_family, ImageFamily) else None)
 
     @property
     def is_image(self) -> bool:
@@ -62,8 +61,8 @@ class TaskDistribution:
     def sample(self, split: str, rng: np.random.Generator, count: int, layout: str = "indices") -> dict[str, np.ndarray]:
         """Fields of ``count`` episodes of ``split`` drawn with ``rng``."""
         task = self.task
-        if task.name in _ARRAYS:
-            return _ARRAYS[task.name].sample(task, rng, count)
+        if isinstance(self.family, ArrayFamily):
+            return self.family.sample(task, rng, count)
         classes = self.splits[split]
         fields = fewshot.sample(
             rng, classes, self._sizes[classes], count, task.ways, task.shots, task.queries,
@@ -77,8 +76,8 @@ class TaskDistribution:
 
     def decode(self, fields: dict[str, torch.Tensor], layout: str) -> Episodes:
         """Stacked episodes from stored fields (a batch dimension first)."""
-        if self.task.name in _ARRAYS:
-            return _ARRAYS[self.task.name].decode(self.task, fields)
+        if isinstance(self.family, ArrayFamily):
+            return self.family.decode(self.task, fields)
         if layout == "pixels":
             support, query = fields["support_x"], fields["query_x"]
         else:

@@ -1,10 +1,9 @@
-"""The image table: a data set decoded once into uint8 ``[num_images, C, H, W]``, and its transform.
+"""The image table: a data set decoded once into uint8 ``[num_images, C, H, W]``, and its Parquet form.
 
-``to_array`` is the one transform from a PIL image to a table row (the MAML paper's
-resize with PIL LANCZOS: Omniglot 28x28 grayscale, Mini-ImageNet 84x84 RGB);
-``preprocess`` applies exactly that transform to a user's images, so an exported
-model sees the same inputs it was trained on. Omniglot polarity: ink is 1.0 and
-paper 0.0 (the PNGs draw black ink on white, so grayscale values are inverted).
+``resized`` is the MAML paper's resize with PIL LANCZOS that each image family's
+``to_array`` builds on (Omniglot 28x28 grayscale with ink = 255, Mini-ImageNet 84x84 RGB);
+``ImageFamily.preprocess`` applies exactly that transform to a user's images, so an
+exported model sees the same inputs it was trained on.
 """
 from __future__ import annotations
 
@@ -15,13 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
-from tasks.config import MiniImageNetTask, OmniglotTask
 from tasks.errors import StoreError
-
-ImageTaskConfig = OmniglotTask | MiniImageNetTask
 
 
 @dataclass(frozen=True)
@@ -51,21 +46,10 @@ class ImageTable:
         return np.bincount(self.classes, minlength=len(self.class_names))
 
 
-def to_array(image: Image.Image, task: ImageTaskConfig) -> np.ndarray:
-    """One image as a uint8 [C, H, W] table row: LANCZOS resize to ``task.image_size``; Omniglot ink = 255."""
-    size = (task.image_size, task.image_size)
-    if task.name == "omniglot":
-        gray = np.asarray(image.convert("L").resize(size, Image.LANCZOS), dtype=np.uint8)
-        return (255 - gray)[None]
-    rgb = np.asarray(image.convert("RGB").resize(size, Image.LANCZOS), dtype=np.uint8)
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1))
-
-
-def preprocess(images: list[Image.Image], task: ImageTaskConfig) -> torch.Tensor:
-    """A user's images as model inputs: float32 [N, C, H, W] in [0, 1], the transform of the table."""
-    if not images:
-        raise ValueError("preprocess needs at least one image")
-    return torch.from_numpy(np.stack([to_array(im, task) for im in images])).float().div_(255.0)
+def resized(image: Image.Image, size: int, mode: str) -> np.ndarray:
+    """``image`` converted to ``mode`` ("L" or "RGB") and LANCZOS-resized to ``size`` x ``size``: uint8 ``[C, H, W]``."""
+    pixels = np.asarray(image.convert(mode).resize((size, size), Image.LANCZOS), dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
 def to_parquet(table: ImageTable) -> bytes:

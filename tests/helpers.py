@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from tasks.config import OmniglotTask
+from tasks.families.omniglot import OmniglotTask
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

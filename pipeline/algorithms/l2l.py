@@ -34,10 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from pipeline.config import RunConfig
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
-from tasks.families.digits import feature_count
 
 LSTMState = tuple[torch.Tensor, ...]
 """Per-coordinate state ``(h0, c0, h1, c1, ...)``, each ``[n_coordinates, hidden]``."""
@@ -403,32 +401,3 @@ class L2L:
         fixed = {k: v.detach() for k, v in params.items()}
         curve, _ = unroll(fixed, problem, steps, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
         return curve
-
-
-def optimizee_from_config(config: RunConfig) -> Optimizee:
-    """The optimizee of ``config.task``: quadratics, or an MLP (``config.model``) on digits."""
-    task = config.task
-    if task.name == "quadratic":
-        return Quadratic()
-    if task.name == "digits":
-        model = config.model
-        if model.network != "mlp":
-            raise ValueError(f"model.network: the digits optimizee is an mlp, got {model.network!r}")
-        return MLPClassifier(feature_count(task), 10, tuple(model.hidden), model.activation, task.batch_size)
-    raise ValueError(f"algorithm.name: l2l optimizes task.name quadratic or digits, got {task.name!r}")
-
-
-def from_config(config: RunConfig) -> L2L:
-    """The L2L meta-learner of a run config (``algorithm.name: l2l``)."""
-    algo = config.algorithm
-    return L2L(
-        optimizee=optimizee_from_config(config),
-        hidden=algo.hidden,
-        layers=algo.layers,
-        unroll=algo.unroll,
-        truncation=algo.truncation,
-        output_scale=algo.output_scale,
-        preprocess_p=algo.preprocess_p,
-        checkpoint=algo.checkpoint,
-        dtype=torch.float64 if config.train.dtype == "float64" else torch.float32,
-    )

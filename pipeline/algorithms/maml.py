@@ -21,8 +21,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import MAMLAlgorithm, RunConfig
-from pipeline.nets import networks
 from pipeline.nets.networks import MLP, Conv4
 from pipeline.optim.inner import InnerOptimizer, sgd, unroll
 from pipeline.types import Metrics, Params, Predictor
@@ -295,20 +293,3 @@ class MAML:
         """Per-episode metrics after ``steps`` (default ``eval_inner_steps``); see ``evaluate_tasks``."""
         net, optimizer = self._inner(params)
         return evaluate_tasks(self.network, self.loss, optimizer, net, episodes, steps or self._eval_steps(), chunk)
-
-def from_config(config: RunConfig) -> MAML:
-    """The MAML learner of ``config`` (algorithm.name == "maml")."""
-    algo = config.algorithm
-    if not isinstance(algo, MAMLAlgorithm):
-        raise ValueError(f"algorithm.name: pipeline.algorithms.maml builds 'maml', got {algo.name!r}")
-    return MAML(
-        network=networks.from_config(config),
-        loss="mse" if config.task.name == "sinusoid" else "cross_entropy",
-        inner_lr=algo.inner_lr,
-        inner_steps=algo.inner_steps,
-        eval_inner_steps=algo.eval_inner_steps,
-        first_order=algo.first_order,
-        learn_inner_lr=algo.learn_inner_lr,
-        batching=algo.batching,
-        task_chunk=algo.task_chunk,
-    )

@@ -30,9 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.algorithms.l2l import lstm_cell, preprocess
-from pipeline.config import RunConfig
 from pipeline.nets.networks import Conv4
-from pipeline.nets.networks import from_config as network_from_config
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -200,21 +198,3 @@ def plot_gates(trace: GateTrace) -> Figure:
         ax.set_title(name)
     figure.tight_layout()
     return figure
-
-
-def from_config(config: RunConfig) -> MetaLSTM:
-    """The Meta-LSTM of a run config (``algorithm.name: meta_lstm``, ``model.network: conv4``)."""
-    algo = config.algorithm
-    network = network_from_config(config)
-    if not isinstance(network, Conv4):
-        raise ValueError(f"model.network: meta_lstm trains a conv4 learner, got {config.model.network!r}")
-    return MetaLSTM(
-        network=network,
-        inner_steps=algo.inner_steps,
-        eval_inner_steps=algo.eval_inner_steps,
-        hidden=algo.hidden,
-        preprocess_p=algo.preprocess_p,
-        forget_bias=tuple(algo.forget_bias),
-        input_bias=tuple(algo.input_bias),
-        dtype=torch.float64 if config.train.dtype == "float64" else torch.float32,
-    )

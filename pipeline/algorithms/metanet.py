@@ -41,11 +41,8 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
-from pipeline.config import MetaNetAlgorithm, RunConfig
 from pipeline.types import Metrics, Params
 from tasks.episodes import Episodes
-
-_CHANNELS = {"omniglot": 1, "miniimagenet": 3}
 
 
 @dataclass(frozen=True)
@@ -268,27 +265,3 @@ def _representation_head(ways: int, representation: int) -> torch.Tensor:
     """
     gen = torch.Generator().manual_seed(0)
     return torch.randn(ways, representation, generator=gen, dtype=torch.float64) / math.sqrt(representation)
-
-
-def from_config(config: RunConfig) -> MetaNet:
-    """The MetaNet of ``config.algorithm`` sized for ``config.task``."""
-    algo, task = config.algorithm, config.task
-    if not isinstance(algo, MetaNetAlgorithm):
-        raise ValueError(f"algorithm.name: pipeline.algorithms.metanet builds 'metanet', got {algo.name!r}")
-    if task.name not in _CHANNELS:
-        raise ValueError(f"task.name: metanet needs an image task (omniglot, miniimagenet), got {task.name!r}")
-    return MetaNet(
-        ways=task.ways,
-        in_channels=_CHANNELS[task.name],
-        image_size=task.image_size,
-        conv_layers=algo.conv_layers,
-        filters=algo.filters,
-        hidden=algo.hidden,
-        representation=algo.representation,
-        generator_hidden=algo.generator_hidden,
-        rep_steps=algo.rep_steps,
-        preprocess_p=algo.preprocess_p,
-        attention_scale=algo.attention_scale,
-        contrastive_margin=algo.contrastive_margin,
-        dtype=getattr(torch, config.train.dtype),
-    )

@@ -21,8 +21,6 @@ from pipeline.algorithms.maml import (
     query_metrics,
     task_losses,
 )
-from pipeline.config import ReptileAlgorithm, RunConfig
-from pipeline.nets import networks
 from pipeline.nets.networks import MLP, Conv4
 from pipeline.optim.inner import InnerOptimizer, adam, sgd
 from pipeline.types import Metrics, Params, Predictor
@@ -114,23 +112,3 @@ class Reptile:
         return evaluate_tasks(
             self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk
         )
-
-
-def from_config(config: RunConfig) -> Reptile:
-    """The Reptile learner of ``config`` (algorithm.name == "reptile")."""
-    algo = config.algorithm
-    if not isinstance(algo, ReptileAlgorithm):
-        raise ValueError(f"algorithm.name: pipeline.algorithms.reptile builds 'reptile', got {algo.name!r}")
-    if algo.learn_inner_lr:
-        raise ValueError("algorithm.learn_inner_lr: Meta-SGD rates are a MAML option, not Reptile's")
-    if algo.batching == "vmap":
-        raise ValueError("algorithm.batching: Reptile supports auto, loop or stacked, got 'vmap'")
-    return Reptile(
-        network=networks.from_config(config),
-        loss="mse" if config.task.name == "sinusoid" else "cross_entropy",
-        inner_lr=algo.inner_lr,
-        inner_steps=algo.inner_steps,
-        eval_inner_steps=algo.eval_inner_steps,
-        inner_optimizer=algo.inner_optimizer,
-        batching=algo.batching,
-    )

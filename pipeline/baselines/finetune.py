@@ -27,16 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import (
-    ConfigError,
-    Conv4Model,
-    RunConfig,
-    TrackingConfig,
-    load_config,
-)
+from pipeline.build import build_network
+from pipeline.config import Conv4Model, RunConfig, TrackingConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult, mean_ci95
 from pipeline.nets.networks import Conv4
-from pipeline.nets.networks import from_config as network_from_config
 from pipeline.optim.inner import adam, apply_updates, unroll
 from pipeline.types import Params
 from tasks.distribution import TaskDistribution
@@ -107,8 +102,9 @@ class Pretrained:
 
 def check(config: RunConfig) -> None:
     """Refuse a config this baseline cannot run, naming the key: it needs an image task and a conv4 model."""
-    if config.task.name not in ("omniglot", "miniimagenet"):
-        raise ConfigError(f"task.name: the fine-tuning baseline needs an image task (omniglot, miniimagenet), got {config.task.name!r}")
+    task = config.task_spec
+    if task.kind != "classification" or not task.is_image:
+        raise ConfigError(f"task.name: the fine-tuning baseline needs an image classification task, got {task.family!r}")
     if not isinstance(config.model, Conv4Model):
         raise ConfigError(f"model.network: the fine-tuning baseline pretrains a conv4, got {config.model.network!r}")
 
@@ -116,7 +112,7 @@ def check(config: RunConfig) -> None:
 def training_set(distribution: TaskDistribution) -> TrainingSet:
     """Every image of the train split with its (character, rotation) class."""
     if not distribution.is_image:
-        raise ValueError(f"task {distribution.task.name}: the fine-tuning baseline needs an image task")
+        raise ValueError("the fine-tuning baseline needs an image task (its store has no image table)")
     turns, n = distribution.pixels.shape[:2]
     train = distribution.splits["train"]
     table_classes = distribution.table.classes
@@ -130,7 +126,7 @@ def training_set(distribution: TaskDistribution) -> TrainingSet:
 def networks(config: RunConfig, classes: int) -> tuple[Conv4, Conv4]:
     """The config's Conv4 with a head over ``classes`` (pretraining) and with an N-way head (fine-tuning)."""
     check(config)
-    episode = network_from_config(config)
+    episode = build_network(config)
     return dataclasses.replace(episode, ways=classes), episode
 
 

@@ -23,13 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.algorithms.l2l import (
-    L2L,
-    MLPClassifier,
-    Problem,
-    episode_generator,
-    from_config,
-)
+from pipeline.algorithms.l2l import L2L, MLPClassifier, Problem, episode_generator
+from pipeline.build import build_learner
+from pipeline.errors import ConfigError
 from pipeline.config import RunConfig, load_config
 from pipeline.types import Params
 from tasks.distribution import TaskDistribution
@@ -150,7 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     config = load_config(args.config, args.set)
-    learner = from_config(config)
+    learner = build_learner(config)
+    if not isinstance(learner, L2L):
+        raise ConfigError(f"--config {args.config}: baselines compare a learned l2l optimizer, got algorithm.name={config.algorithm.name!r}")
     if args.export:
         from pipeline.export.directory import load
 

@@ -16,11 +16,7 @@ from pipeline.cli.baselines import PASS_THROUGH, _add_baselines, _add_finetune
 from pipeline.cli.data import _add_download, _add_inspect, _add_precompute
 from pipeline.cli.runs import _add_evaluate, _add_export, _add_train
 from pipeline.cli.submit import _add_submit
-from pipeline.config import ConfigError
-from pipeline.errors import CheckpointError, ExportError, RunError
-from tasks.errors import DatasetError, StoreError
-
-USER_ERRORS = (ConfigError, StoreError, DatasetError, CheckpointError, ExportError, RunError)
+from tasks.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +33,6 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

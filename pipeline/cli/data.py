@@ -4,17 +4,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_config
+from pipeline.config import load_episode_config
 from tasks.errors import DatasetError
+from tasks.families import spec
 
 
 def _precompute(args: argparse.Namespace) -> int:
     from tasks.store.parquet import precompute
 
-    config = load_config(args.config, args.set)
+    config = load_episode_config(args.config, args.set)
     store = precompute(config, out=args.out, episodes=args.episodes, seed=args.seed, force=args.force)
     counts = ", ".join(f"{split} {store.episodes(split)}" for split in ("train", "val", "test"))
-    print(f"store {store.path}: {counts} episodes ({store.config.task.name}, seed {store.manifest['seed']})")
+    print(f"store {store.path}: {counts} episodes ({spec(store.config.task).family}, seed {store.manifest['seed']})")
     return 0
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError, load_config
-from pipeline.errors import TrackingError, TrainingError
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, TrackingError, TrainingError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -71,13 +71,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.register:
         from pipeline.config import TrackingConfig
         from pipeline.tracking.mlflow_tracker import tracking_uri
-        from pipeline.tracking.model_registry import RegistryError, register
+        from pipeline.tracking.model_registry import register
 
-        try:
-            version = register(args.run_id, args.register, tracking_uri(TrackingConfig(uri=args.tracking_uri)))
-        except RegistryError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        version = register(args.run_id, args.register, tracking_uri(TrackingConfig(uri=args.tracking_uri)))
         print(f"registered models:/{version.name}/{version.version}")
     return 0
 

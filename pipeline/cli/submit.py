@@ -3,17 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.runtime.submit import SubmitError, submit
+    from pipeline.runtime.submit import submit
 
-    try:
-        return submit(args.config, args.set, args.address, follow_logs=args.follow, run_timeout=args.run_timeout)
-    except SubmitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return submit(args.config, args.set, args.address, follow_logs=args.follow, run_timeout=args.run_timeout)
 
 
 def _add_submit(subparsers: argparse._SubParsersAction) -> None:

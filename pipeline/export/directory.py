@@ -18,6 +18,8 @@ from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
 from pipeline.runtime.checkpoint import sha256_file
 from pipeline.types import Params, Predictor
+from tasks.families import family
+from tasks.family import ImageFamily
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, META = "weights.safetensors", "config.json", "export.json"
@@ -32,7 +34,7 @@ def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict
     meta = {
         "format_version": FORMAT_VERSION,
         "algorithm": config.algorithm.name,
-        "task": config.task.name,
+        "task": config.task_spec.family,
         "weights_sha256": sha256_file(out / WEIGHTS),
         "metrics": metrics or {},
     }
@@ -50,10 +52,14 @@ class ExportedLearner:
         self._learner = build_learner(config)
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
-        """PIL images as read from the data set's files -> the input tensor ``[N, C, H, W]``."""
-        from tasks.images import preprocess
+        """PIL images as read from the data set's files -> the input tensor ``[N, C, H, W]``.
 
-        return preprocess(images, self.config.task)
+        Raises ValueError for a learner whose task has no images, or for an empty list.
+        """
+        task_family = family(self.config.task)
+        if not isinstance(task_family, ImageFamily):
+            raise ValueError(f"preprocess: task {self.config.task_spec.family!r} has no images; pass tensors to adapt()")
+        return task_family.preprocess(images, self.config.task)
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task's support set; the returned predictor maps queries to logits/outputs."""

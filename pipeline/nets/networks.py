@@ -17,7 +17,6 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Conv4Model, MLPModel, RunConfig
 from pipeline.types import Params
 
 
@@ -158,15 +157,3 @@ def _batch_norm_tasks(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, 
     scale = torch.rsqrt(var + eps) * gamma.reshape(shape)
     # (x - mean) * scale + beta with one full-size pass; scale and shift are [T, 1, F, 1, 1]
     return torch.addcmul(beta.reshape(shape) - mean * scale, x, scale)
-
-
-def from_config(config: RunConfig) -> MLP | Conv4:
-    """The network of ``config.model`` sized for ``config.task``."""
-    model, task = config.model, config.task
-    if isinstance(model, MLPModel):
-        if task.name != "sinusoid":
-            raise ValueError(f"model.network: mlp is wired for task.name=sinusoid, got {task.name!r}")
-        return MLP((1, *model.hidden, 1))
-    assert isinstance(model, Conv4Model)
-    channels = {"omniglot": 1, "miniimagenet": 3}[task.name]
-    return Conv4(channels, task.image_size, task.ways, model.filters, model.downsample)

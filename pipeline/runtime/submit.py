@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, TextIO
 
 from pipeline.config import load_config
+from pipeline.errors import SubmitError
 from pipeline.runtime.ray_env import REPO_ROOT
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -42,10 +43,6 @@ SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOK
 
 RUN_ID = re.compile(r"^run_id: (\w+)\s*$", re.MULTILINE)
 FINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-class SubmitError(RuntimeError):
-    """A job that cannot be submitted as asked; the message says why and how to fix it."""
 
 
 @dataclass(frozen=True)

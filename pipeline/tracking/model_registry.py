@@ -14,14 +14,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import RegistryError
+
 MODEL_PATH = "model"
 """Where the driver logs the pyfunc model inside a run's artifacts."""
 AWAIT_CREATION_S = 60
 """How long ``register`` waits for a new model version to be ready, in seconds."""
-
-
-class RegistryError(RuntimeError):
-    """A run that cannot be registered; the message names the run and what is missing."""
 
 
 def test_metrics(run: Run) -> dict[str, float]:

@@ -12,12 +12,32 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
-from tasks.config import DigitsTask
 from tasks.episodes import Episodes
+from tasks.family import ArrayFamily, Strict, TaskSpec
+
+
+class DigitsTask(Strict):
+    """Optimizee data for the L2L MLP: scikit-learn's bundled 8x8 digits, or MNIST if a user has it.
+
+    An episode is one training problem: ``shots`` labelled images (the support
+    set, drawn from the training split) that the optimizee's mini-batches come
+    from, and ``queries`` held-out images to measure it on.
+    """
+
+    name: Literal["digits"] = "digits"
+    source: Literal["sklearn", "mnist"] = "sklearn"
+    shots: int = Field(1000, ge=1, description="training images per episode (the optimizee's data)")
+    queries: int = Field(200, ge=1, description="held-out images per episode")
+    batch_size: int = Field(128, ge=1, description="the optimizee's mini-batch")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="share of the images held out for queries")
+    split_seed: int = 1
+    data_root: str | None = Field(None, description="mnist: folder holding MNIST/raw (torchvision layout)")
 
 _FEATURES = {"sklearn": 64, "mnist": 784}
 
@@ -90,3 +110,11 @@ def decode(task: DigitsTask, fields: dict[str, torch.Tensor]) -> Episodes:
         if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < limit:
             raise ValueError(f"digits field {name}: indices must lie in [0, {limit}), got {int(index.min())}..{int(index.max())}")
     return Episodes(x_train[support], y_train[support], x_test[query], y_test[query])
+
+
+def spec(task: DigitsTask) -> TaskSpec:
+    """An optimizee: a classifier of flat images into 10 digits, trained in mini-batches of ``batch_size``."""
+    return TaskSpec(kind="optimizee", input_shape=(feature_count(task),), outputs=10, loss="cross_entropy", batch_size=task.batch_size)
+
+
+FAMILY = ArrayFamily(config=DigitsTask, spec=spec, sample=sample, decode=decode)

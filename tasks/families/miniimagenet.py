@@ -8,14 +8,23 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
-from tasks.config import MiniImageNetTask
 from tasks.datasets import data_root
 from tasks.errors import DatasetError
-from tasks.images import ImageTable, to_array
+from tasks.family import ImageFamily, ImageTask, TaskSpec
+from tasks.images import ImageTable, resized
+
+
+class MiniImageNetTask(ImageTask):
+    """Mini-ImageNet in the layout of Ravi & Larochelle: images/ plus train/val/test.csv."""
+
+    name: Literal["miniimagenet"] = "miniimagenet"
+    image_size: int = Field(84, ge=8)
 
 SPLITS = ("train", "val", "test")
 
@@ -78,3 +87,16 @@ def split_classes(task: MiniImageNetTask, table: ImageTable) -> dict[str, np.nda
     """Class ids of each split, as the CSVs assigned them (class names are ``<split>/<label>``)."""
     split_of = np.array([name.split("/", 1)[0] for name in table.class_names])
     return {split: np.flatnonzero(split_of == split) for split in SPLITS}
+
+
+def to_array(image: Image.Image, task: MiniImageNetTask) -> np.ndarray:
+    """One image as a uint8 ``[3, H, W]`` row: RGB, LANCZOS resize to ``task.image_size``."""
+    return resized(image, task.image_size, "RGB")
+
+
+def spec(task: MiniImageNetTask) -> TaskSpec:
+    """N-way classification of ``[3, image_size, image_size]`` RGB images."""
+    return TaskSpec(kind="classification", input_shape=(3, task.image_size, task.image_size), outputs=task.ways, loss="cross_entropy")
+
+
+FAMILY = ImageFamily(config=MiniImageNetTask, spec=spec, load=load, split_classes=split_classes, to_array=to_array)

@@ -15,14 +15,51 @@ import io
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
 
-from tasks.config import OmniglotTask
 from tasks.datasets import data_root
 from tasks.errors import DatasetError
-from tasks.images import ImageTable, to_array
+from tasks.family import ImageFamily, ImageTask, TaskSpec
+from tasks.images import ImageTable, resized
+
+
+class OmniglotTask(ImageTask):
+    """Omniglot: 1200 training characters (the last 100 of them for validation), 423 test."""
+
+    name: Literal["omniglot"] = "omniglot"
+    image_size: int = Field(28, ge=8)
+    rotations: bool = Field(True, description="0/90/180/270 degree rotations as extra classes (MAML paper)")
+    split_seed: int = Field(1, description="seed of the fixed permutation of the 1623 characters")
+    train_characters: int = Field(1100, ge=1)
+    val_characters: int = Field(100, ge=1)
+    characters: int = Field(1623, ge=3, description="character folders the data set must hold (1623 in Omniglot)")
+    drawings: int = Field(20, ge=1, description="drawings each character folder must hold (20 in Omniglot)")
+
+    @model_validator(mode="after")
+    def _split(self) -> OmniglotTask:
+        if self.train_characters + self.val_characters >= self.characters:
+            raise ValueError(
+                f"task.train_characters + task.val_characters ({self.train_characters} + {self.val_characters})"
+                f" must leave test characters out of task.characters ({self.characters})"
+            )
+        turns = 4 if self.rotations else 1
+        splits = {
+            "train": self.train_characters,
+            "val": self.val_characters,
+            "test": self.characters - self.train_characters - self.val_characters,
+        }
+        for split, characters in splits.items():
+            if self.ways > characters * turns:
+                raise ValueError(f"task.ways={self.ways}: the {split} split has only {characters * turns} classes")
+        if self.shots + self.queries > self.drawings:
+            raise ValueError(
+                f"task.shots + task.queries = {self.shots} + {self.queries}: a character has only {self.drawings} drawings"
+            )
+        return self
 
 SETS = ("images_background", "images_evaluation")
 SOURCE_SIZE = (105, 105)
@@ -120,3 +157,16 @@ def split_classes(task: OmniglotTask, table: ImageTable) -> dict[str, np.ndarray
         "val": np.sort(order[cut[0] : cut[1]]),
         "test": np.sort(order[cut[1] :]),
     }
+
+
+def to_array(image: Image.Image, task: OmniglotTask) -> np.ndarray:
+    """One drawing as a uint8 ``[1, H, W]`` row: grayscale, LANCZOS resize to ``task.image_size``, ink = 255."""
+    return 255 - resized(image, task.image_size, "L")
+
+
+def spec(task: OmniglotTask) -> TaskSpec:
+    """N-way classification of ``[1, image_size, image_size]`` drawings."""
+    return TaskSpec(kind="classification", input_shape=(1, task.image_size, task.image_size), outputs=task.ways, loss="cross_entropy")
+
+
+FAMILY = ImageFamily(config=OmniglotTask, spec=spec, load=load, split_classes=split_classes, to_array=to_array)

@@ -7,18 +7,18 @@ import pytest
 
 from pipeline.algorithms.maml import MAML
 from pipeline.algorithms.reptile import Reptile
-from pipeline.build import build_learner
-from pipeline.config import load_config
+from pipeline.build import build_learner, build_network
+from pipeline.config import load_config, load_episode_config, validate
 from pipeline.nets.networks import MLP, Conv4
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 ALGORITHM_CONFIGS = {
     "sinusoid_maml.yaml": ("sinusoid.yaml", MAML, MLP),
     "sinusoid_reptile.yaml": ("sinusoid.yaml", Reptile, MLP),
-    "omniglot_maml_5w1s.yaml": ("omniglot_5w1s.yaml", MAML, Conv4),
-    "omniglot_fomaml_5w1s.yaml": ("omniglot_5w1s.yaml", MAML, Conv4),
-    "omniglot_maml_20w1s.yaml": ("omniglot_20w1s.yaml", MAML, Conv4),
-    "miniimagenet_maml_5w1s.yaml": (None, MAML, Conv4),
+    "omniglot_maml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
+    "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
+    "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", MAML, Conv4),
+    "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", MAML, Conv4),
 }
 
 
@@ -28,10 +28,9 @@ def test_config_validates_and_builds_its_learner(name):
     config = load_config(CONFIGS / name)
     learner = build_learner(config)
     assert isinstance(learner, algorithm) and isinstance(learner.network, network)
-    if store_config is not None:
-        # the same task and store sections as the store's own config, so precomputed episodes are shared
-        shared = load_config(CONFIGS / store_config)
-        assert config.task == shared.task and config.store == shared.store
+    # the same task and store sections as the store's own config, so precomputed episodes are shared
+    shared = load_episode_config(CONFIGS / "tasks" / store_config)
+    assert config.task == shared.task and config.store == shared.store
 
 
 def test_paper_settings():
@@ -50,5 +49,20 @@ def test_overrides_reach_the_learner():
     config = load_config(CONFIGS / "omniglot_maml_5w1s.yaml", ["algorithm.inner_lr=0.1", "algorithm.batching=loop"])
     learner = build_learner(config)
     assert learner.inner_lr == 0.1 and learner.batching == "loop"
-    with pytest.raises(ValueError, match="vmap"):
-        build_learner(load_config(CONFIGS / "sinusoid_reptile.yaml", ["algorithm.batching=vmap"]))
+
+
+def test_networks_are_sized_by_the_task_spec():
+    omni = validate({"task": {"name": "omniglot", "ways": 20}, "store": {"path": "x"}, "model": {"network": "conv4"}})
+    assert build_network(omni) == Conv4(1, 28, 20, 64, "stride")
+    mini = validate(
+        {
+            "task": {"name": "miniimagenet"},
+            "store": {"path": "x"},
+            "model": {"network": "conv4", "filters": 32, "downsample": "maxpool"},
+        }
+    )
+    assert build_network(mini) == Conv4(3, 84, 5, 32, "maxpool")
+    sine = validate({"task": {"name": "sinusoid"}, "store": {"path": "x"}, "model": {"hidden": [40, 40]}})
+    assert build_network(sine) == MLP((1, 40, 40, 1))
+    digits = validate({"task": {"name": "digits"}, "store": {"path": "x"}, "algorithm": {"name": "l2l"}, "model": {"hidden": [20]}})
+    assert build_learner(digits).optimizee.in_features == 64 and build_learner(digits).optimizee.classes == 10

@@ -4,13 +4,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    load_config,
-    validate,
-)
+from pipeline.config import RunConfig, apply_overrides, load_config, validate
+from pipeline.errors import ConfigError
 
 BASE = {"task": {"name": "sinusoid"}, "store": {"path": "episodes/sinusoid"}}
 
@@ -60,7 +55,7 @@ def test_set_without_equals_or_into_a_value(tmp_path):
 
 
 def test_conv4_needs_an_image_task():
-    with pytest.raises(ConfigError, match="conv4 needs an image task"):
+    with pytest.raises(ConfigError, match=r"model.network: conv4 needs image inputs \[C, H, W\]; task.name='sinusoid' has inputs of shape 1"):
         validate({**BASE, "model": {"network": "conv4"}})
 
 

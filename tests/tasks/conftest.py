@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import OmniglotTask
 from tasks.families import omniglot
+from tasks.families.omniglot import OmniglotTask
 from tasks.images import ImageTable
 from tests.helpers import write_omniglot
 

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import QuadraticTask, SinusoidTask
 from tasks.distribution import TaskDistribution
+from tasks.families.quadratic import QuadraticTask
+from tasks.families.sinusoid import SinusoidTask
 from tests.helpers import small_omniglot_task
 
 

@@ -18,10 +18,11 @@ from pipeline.algorithms.l2l import (
     preprocess,
 )
 from pipeline.build import build_learner
-from pipeline.config import ConfigError, validate
-from tasks.config import QuadraticTask
+from pipeline.config import validate
+from pipeline.errors import ConfigError
 from tasks.episodes import Episodes
 from tasks.families import quadratic
+from tasks.families.quadratic import QuadraticTask
 
 
 def quadratics(count: int, seed: int, dim: int = 10, dtype: torch.dtype = torch.float64) -> Episodes:
@@ -271,5 +272,5 @@ def test_from_config_builds_the_learner_the_config_names() -> None:
 def test_config_rejects_l2l_on_an_image_task() -> None:
     raw = run_config()
     raw["task"] = {"name": "omniglot"}
-    with pytest.raises(ConfigError, match="l2l optimizes task.name quadratic or digits"):
+    with pytest.raises(ConfigError, match="algorithm.name: l2l meta-learns optimizee tasks; task.name='omniglot' is classification"):
         validate(raw)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from pipeline.algorithms.meta_lstm import INIT, MetaLSTM, plot_gates
 from pipeline.build import build_learner
-from pipeline.config import ConfigError, validate
+from pipeline.config import validate
+from pipeline.errors import ConfigError
 from pipeline.nets.networks import Conv4
 from tasks.episodes import Episodes
 
@@ -138,7 +139,7 @@ def test_from_config_builds_the_learner_the_config_names() -> None:
 def test_config_requires_a_conv4_learner() -> None:
     raw = omniglot_config()
     raw["model"] = {"network": "mlp"}
-    with pytest.raises(ConfigError, match="meta_lstm trains a conv4 learner"):
+    with pytest.raises(ConfigError, match="model.network: meta_lstm trains conv4, got 'mlp'"):
         validate(raw)
 
 

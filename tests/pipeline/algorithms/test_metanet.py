@@ -16,6 +16,7 @@ from pipeline.algorithms.fast_weights import (
 from pipeline.algorithms.metanet import MetaNet
 from pipeline.build import build_learner
 from pipeline.config import load_config, validate
+from pipeline.errors import ConfigError
 from tasks.episodes import Episodes
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -220,9 +221,8 @@ def test_config_rejects_unknown_metanet_key_and_non_image_task():
     assert (defaults.conv_layers, defaults.filters, defaults.generator_hidden, defaults.preprocess_p) == (5, 64, 20, 10.0)
     with pytest.raises(ValueError, match="algorithm.hiden"):
         validate({**base, "algorithm": {"name": "metanet", "hiden": 3}})
-    config = validate({**base, "task": {"name": "sinusoid"}})
-    with pytest.raises(ValueError, match="metanet needs an image task"):
-        build_learner(config)
+    with pytest.raises(ConfigError, match="algorithm.name: metanet meta-learns classification tasks; task.name='sinusoid' is regression"):
+        validate({**base, "task": {"name": "sinusoid"}})
 
 
 @pytest.mark.integration

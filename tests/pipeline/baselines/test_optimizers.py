@@ -10,8 +10,8 @@ import torch
 
 from pipeline.algorithms.l2l import L2L, MLPClassifier, Quadratic
 from pipeline.baselines import optimizers as baselines
-from tasks.config import QuadraticTask
 from tasks.families import quadratic
+from tasks.families.quadratic import QuadraticTask
 
 
 def problem(count: int, seed: int, steps: int = 30):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pipeline.cli import main
 
+from pipeline.cli import main
 from tasks.store.parquet import open_store
 from tests.helpers import small_omniglot_task, write_omniglot
 
@@ -54,7 +54,7 @@ def test_precompute_accepts_a_training_config_and_overrides(tmp_path, capsys):
     config.write_text(yaml.safe_dump({
         "task": {"name": "quadratic", "dim": 3},
         "store": {"path": str(tmp_path / "q"), "train_episodes": 100},
-        "algorithm": {"name": "maml", "inner_lr": 0.1},
+        "algorithm": {"name": "l2l", "unroll": 10},
         "train": {"steps": 5, "meta_batch": 4},
     }))
     assert main(["precompute", str(config), "--set", "store.val_episodes=10"]) == 0
@@ -95,9 +95,9 @@ def test_download_without_internet_is_a_clear_error(tmp_path, capsys, monkeypatc
     assert f"cannot download Omniglot into {tmp_path}/omniglot (network unreachable)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["omniglot_5w1s", "omniglot_20w1s", "sinusoid", "quadratic"])
-def test_shipped_configs_validate(name):
-    from pipeline.config import load_config
+@pytest.mark.parametrize("name", ["omniglot-5w1s", "omniglot-20w1s", "sinusoid", "quadratic"])
+def test_shipped_task_bases_validate_as_store_configs(name):
+    from pipeline.config import load_episode_config
 
-    config = load_config(REPO / "configs" / f"{name}.yaml")
+    config = load_episode_config(REPO / "configs" / "tasks" / f"{name}.yaml")
     assert config.store.path.startswith("episodes/")

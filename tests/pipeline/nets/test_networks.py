@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import validate
-from pipeline.nets.networks import MLP, Conv4, _batch_norm_tasks, from_config
+from pipeline.nets.networks import MLP, Conv4, _batch_norm_tasks
 
 DT = torch.float64
 
@@ -100,20 +99,6 @@ def test_batch_norm_uses_each_tasks_own_statistics(mode):
     assert not torch.allclose(before[1], after[1])
 
 
-def test_from_config_sizes_the_network_for_the_task():
-    omni = validate({"task": {"name": "omniglot", "ways": 20}, "store": {"path": "x"}, "model": {"network": "conv4"}})
-    assert from_config(omni) == Conv4(1, 28, 20, 64, "stride")
-    mini = validate(
-        {
-            "task": {"name": "miniimagenet"},
-            "store": {"path": "x"},
-            "model": {"network": "conv4", "filters": 32, "downsample": "maxpool"},
-        }
-    )
-    assert from_config(mini) == Conv4(3, 84, 5, 32, "maxpool")
-    sine = validate({"task": {"name": "sinusoid"}, "store": {"path": "x"}, "model": {"hidden": [40, 40]}})
-    assert from_config(sine) == MLP((1, 40, 40, 1))
-    with pytest.raises(ValueError, match="task.name=sinusoid"):
-        from_config(validate({"task": {"name": "omniglot"}, "store": {"path": "x"}}))
+def test_conv4_refuses_images_too_small_for_its_pooling():
     with pytest.raises(ValueError, match="too small"):
         Conv4(1, 8, 5, downsample="maxpool")

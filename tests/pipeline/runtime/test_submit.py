@@ -5,9 +5,9 @@ import shlex
 from pathlib import Path
 
 import pytest
-from pipeline.cli import main
 
-from pipeline.config import ConfigError
+from pipeline.cli import main
+from pipeline.errors import ConfigError
 from pipeline.runtime.submit import (
     EXCLUDES,
     FORWARDED_ENV,

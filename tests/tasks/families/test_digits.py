@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import DigitsTask
 from tasks.families import digits
+from tasks.families.digits import DigitsTask
 
 
 def test_images_are_flat_and_scaled_to_unit_range() -> None:

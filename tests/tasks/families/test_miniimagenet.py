@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.config import MiniImageNetTask
 from tasks.distribution import TaskDistribution
 from tasks.errors import DatasetError
 from tasks.families import miniimagenet
+from tasks.families.miniimagenet import MiniImageNetTask
 
 SPLIT_CLASSES = {"train": ["n01", "n02", "n03", "n04", "n05"], "val": ["n06"], "test": ["n07", "n08"]}
 PER_CLASS = 4

@@ -4,9 +4,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from tasks.config import OmniglotTask
 from tasks.errors import DatasetError
 from tasks.families import omniglot
+from tasks.families.omniglot import OmniglotTask
 from tests.helpers import DRAWINGS, drawing, small_omniglot_task, write_omniglot
 
 

@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from tasks.config import QuadraticTask
 from tasks.families import quadratic
+from tasks.families.quadratic import QuadraticTask
 
 
 def test_w_and_y_are_standard_normal():

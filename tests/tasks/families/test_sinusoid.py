@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.config import SinusoidTask
 from tasks.families import sinusoid
+from tasks.families.sinusoid import SinusoidTask
 
 
 @pytest.fixture(scope="module")

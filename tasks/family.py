@@ -1,0 +1,115 @@
+"""What a task family is: its config section, the properties it declares once, and how its episodes are made.
+
+A family is one module under tasks/families/ with a ``FAMILY`` entry in the registry
+(tasks/families/__init__.py). It declares its ``TaskSpec`` (regression, classification or
+optimizee; input shape; outputs; loss) so that no code outside tasks/ ever tests a task's
+name: networks, algorithms and the config's cross-section rules read the spec instead.
+Two shapes of family exist:
+
+- ``ArrayFamily``: episodes sampled as numpy arrays and stored as they are (sinusoid,
+  quadratic, digits): ``sample(task, rng, count) -> fields`` and ``decode(task, fields)``.
+- ``ImageFamily``: an image data set decoded once into an ``ImageTable``, episodes stored
+  as indices into it (Omniglot, Mini-ImageNet): ``load(task)``, ``split_classes(task, table)``
+  and ``to_array(image, task)``, the one transform from a PIL image to a table row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.episodes import Episodes
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from tasks.images import ImageTable
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ImageTask(Strict):
+    """Fields every N-way K-shot image family shares."""
+
+    ways: int = Field(5, ge=2)
+    shots: int = Field(1, ge=1)
+    queries: int = Field(15, ge=1)
+    data_root: str | None = Field(None, description="folder holding the data set; default $METAPIPE_DATA or ../shared/data")
+
+
+Kind = Literal["regression", "classification", "optimizee"]
+Loss = Literal["mse", "cross_entropy", "quadratic"]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """The properties of a task config that the rest of metapipe may depend on.
+
+    ``input_shape`` is one example's shape (``(1,)`` for sinusoid x, ``(C, H, W)`` for
+    images, ``(D, D)`` for a quadratic's W); ``outputs`` the width of a prediction
+    (regression targets, classes per episode, or a quadratic's dimension D).
+    ``batch_size`` is an optimizee's mini-batch (None when it takes whole sets).
+    """
+
+    kind: Kind
+    input_shape: tuple[int, ...]
+    outputs: int
+    loss: Loss
+    batch_size: int | None = None
+    family: str = ""
+    """The family's registry name, as a label for messages and exports (set by the registry)."""
+
+    @property
+    def is_image(self) -> bool:
+        """Whether one example is an image ``[C, H, W]``."""
+        return len(self.input_shape) == 3
+
+    @property
+    def is_flat(self) -> bool:
+        """Whether one example is a feature vector ``[F]``."""
+        return len(self.input_shape) == 1
+
+
+@dataclass(frozen=True)
+class ArrayFamily:
+    """A family whose episodes are sampled as arrays and stored as they are."""
+
+    config: type[Strict]
+    spec: Callable[[Any], TaskSpec]
+    sample: Callable[[Any, np.random.Generator, int], dict[str, np.ndarray]]
+    """``sample(task, rng, count)``: the fields of ``count`` episodes, each array with a leading episode axis."""
+    decode: Callable[[Any, dict[str, torch.Tensor]], Episodes]
+    """``decode(task, fields)``: stored fields (a leading batch axis) as an episode batch."""
+
+
+@dataclass(frozen=True)
+class ImageFamily:
+    """A family over an image data set decoded once into an image table."""
+
+    config: type[ImageTask]
+    spec: Callable[[Any], TaskSpec]
+    load: Callable[[Any], ImageTable]
+    """``load(task)``: the decoded data set; raises DatasetError naming the file when it cannot be read."""
+    split_classes: Callable[[Any, ImageTable], dict[str, np.ndarray]]
+    """``split_classes(task, table)``: class ids of the train, val and test splits."""
+    to_array: Callable[[Image.Image, Any], np.ndarray]
+    """``to_array(image, task)``: one PIL image as a uint8 ``[C, H, W]`` table row."""
+
+    def preprocess(self, images: list[Image.Image], task: Any) -> torch.Tensor:
+        """A user's images as model inputs: float32 ``[N, C, H, W]`` in [0, 1], the transform of the table.
+
+        Raises ValueError on an empty list.
+        """
+        if not images:
+            raise ValueError("preprocess needs at least one image")
+        return torch.from_numpy(np.stack([self.to_array(im, task) for im in images])).float().div_(255.0)
+
+
+Family = ArrayFamily | ImageFamily
