@@ -47,6 +47,7 @@ from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
+from pipeline.types import MetaLearner, Params
 from tasks.store.parquet import Store, precompute
 
 StartPool = Callable[[ServerState, Positions, FailurePolicy], Pool]
@@ -109,13 +110,14 @@ def run(
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.set_tag("metapipe.algorithm", config.algorithm.name)
     t = config.train
+    val_set = store.read_split("val", limit=t.val_episodes)
     policy = FailurePolicy(t.max_bad_grads)
     pool = start_pool(state, positions, policy)
     checkpoints = Checkpoints(pool, tracker, scratch, config, best_val, RestorePoint(state, list(positions)))
     print(f"run_id: {tracker.run_id}", flush=True)
     bar = tqdm(total=t.steps, initial=state.version, disable=not progress, unit="step", file=sys.stderr)
     callbacks = [
-        Validation(learner, layout, store.read_split("val", limit=t.val_episodes), t.val_every, pool, checkpoints),
+        Validation(learner, layout, val_set, t.val_every, pool, checkpoints),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         Progress(bar),
@@ -140,15 +142,23 @@ def run(
     try:
         best = checkpoints.best()
         params = layout.unflatten(best.server.params) if best else current_params(pool, layout)
-        test_set = store.read_split("test", limit=t.test_episodes)
-        result = log_test(tracker, learner, params, test_set, loop.version, scratch)
-        log_learning_curve(tracker, scratch)
-        log_learner_figures(tracker, learner, params, test_set, scratch)
-        out = log_export(tracker, params, config, result, Path(export_dir or scratch / "export"), scratch)
-        tracker.finish("FINISHED")
-        return TrainResult(tracker.run_id, loop.version, result, out)
+        test = _end_finished(config, store, learner, params, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
+        return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
+
+
+def _end_finished(
+    config: RunConfig, store: Store, learner: MetaLearner, params: Params, tracker: Tracker, step: int, export_dir: Path, scratch: Path
+) -> tuple[EvalResult, Path]:
+    """Meta-test ``params``, draw the figures, export, and mark the run FINISHED; the test and the export's folder."""
+    test_set = store.read_split("test", limit=config.train.test_episodes)
+    result = log_test(tracker, learner, params, test_set, step, scratch)
+    log_learning_curve(tracker, scratch)
+    log_learner_figures(tracker, learner, params, test_set, scratch)
+    out = log_export(tracker, params, config, result, export_dir, scratch)
+    tracker.finish("FINISHED")
+    return result, out
 
 
 def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
