@@ -39,7 +39,7 @@ import torch
 
 from pipeline.algorithms.maml import MAML, resolve_batching
 from pipeline.nets.conv4 import Conv4
-from pipeline.runtime.worker import MALLOC_ENV
+from pipeline.runtime.ray_env import MALLOC_ENV
 from tasks.episodes import Episodes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,32 +101,31 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
 
     from pipeline.build import build_learner
     from pipeline.config import load_config
-    from pipeline.runtime.driver import start_ray
     from pipeline.runtime.flat_buffer import Layout
-    from pipeline.runtime.pool import WorkerPool
+    from pipeline.runtime.policy import FailurePolicy
+    from pipeline.runtime.pool import RayPool
+    from pipeline.runtime.ray_env import start_ray
     from pipeline.runtime.server import ParameterServer
     from tasks.store.parquet import precompute
 
     rows = []
     for n in args.workers:
-        overrides = [f"train.workers={n}", f"train.meta_batch={args.meta_batch}"]
+        overrides = [f"train.workers={n}", f"train.meta_batch={args.meta_batch}", "train.steps=1000000"]
         config = load_config(ROOT / "configs" / "omniglot_maml_5w1s.yaml", overrides)
         precompute(config)
         resources = start_ray(config)
         params = build_learner(config).init(config.seed)
         state = ParameterServer.fresh(Layout.of(params).flatten(params))
-        server = ray.remote(ParameterServer).options(num_cpus=0).remote(state, config.optimizer, 10**6, n, "sync")
-        pool = WorkerPool(config, resources, [None] * n)
-        pool.step_all(server)
+        pool = RayPool(config, resources, state, [None] * n, FailurePolicy(config.train.max_bad_grads))
+        pool.step_all()
         walls, overheads = [], []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            reports = pool.step_all(server)
+            reports = pool.step_all()
             wall = time.perf_counter() - start
             walls.append(wall)
             overheads.append(1 - max(r.timings["compute_s"] for r in reports) / wall)
         pool.stop()
-        ray.kill(server)
         overhead = statistics.median(overheads)
         rows.append(Row(f"Ray, {n} worker(s), PS overhead {overhead:.0%}", args.meta_batch / statistics.median(walls)))
     ray.shutdown()

@@ -3,6 +3,12 @@ import pytest
 import ray
 
 
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own folder: MLflow puts a SQLite store's artifacts under ./mlruns, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One embedded Ray per test module, pinned to 2 CPUs (Ray's testing tips)."""

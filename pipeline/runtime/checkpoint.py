@@ -33,7 +33,6 @@ class Checkpoint:
     positions: list[dict[str, Any]]
     best_val: float | None
     config: dict[str, Any]
-    extra: dict[str, Any]
 
 
 def sha256_file(path: Path) -> str:
@@ -59,7 +58,6 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
         "positions": checkpoint.positions,
         "best_val": checkpoint.best_val,
         "config": checkpoint.config,
-        "extra": checkpoint.extra,
     }
     tmp = directory / (STATE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
@@ -68,7 +66,11 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
 
 
 def load(directory: str | Path) -> Checkpoint:
-    """Read a checkpoint written by ``save``; refuses missing files, other formats and altered tensors."""
+    """Read a checkpoint written by ``save`` (keys it does not know, like an older "extra", are ignored).
+
+    Raises CheckpointError naming the file when one is missing, not JSON, of another
+    format version, or when the tensors do not match their sha256.
+    """
     directory = Path(directory)
     state_path, tensor_path = directory / STATE, directory / TENSORS
     for path in (state_path, tensor_path):
@@ -90,4 +92,4 @@ def load(directory: str | Path) -> Checkpoint:
         rejected_nonfinite=state["rejected_nonfinite"],
         rejected_stale=state["rejected_stale"],
     )
-    return Checkpoint(server, state["positions"], state["best_val"], state["config"], state["extra"])
+    return Checkpoint(server, state["positions"], state["best_val"], state["config"])

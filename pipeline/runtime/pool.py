@@ -1,33 +1,37 @@
-"""The driver's one place to reach the workers: starts them, knows their health, replaces dead ones.
+"""The parameter server and the workers as the step loop sees them, and their Ray implementation.
 
-Every result is tagged with the worker that produced it (StepReport.worker_id). A
-worker whose process dies is replaced by a new actor that starts at the reader
-position of its last finished step, so it recomputes exactly the gradient the
-dead one was computing; the server ignores a second push for the same version,
-so no gradient is applied twice. A step that fails because the *server* died
-(the worker is alive; its call to the server failed) raises ServerLost: the driver
-restores the server and calls ``restart`` with the positions of its checkpoint.
+``Pool`` is what the loop, the callbacks and the policy's actions need; ``RayPool``
+runs the server and the workers as Ray actors, ``pipeline.runtime.local.LocalPool``
+in this process. Every result is tagged with the worker that produced it
+(StepReport.worker_id). In the Ray pool a worker whose process dies is replaced
+(as the failure policy decides) by a new actor that starts at the reader position
+of its last finished step, so it recomputes exactly the gradient the dead one was
+computing; the server ignores a second push for the same version, so no gradient
+is applied twice. A call that fails because the *server* died raises ServerLost:
+the loop then restores the server with ``restore``.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Hashable, Protocol, Sequence
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline.config import RunConfig
+from pipeline.config import OptimizerConfig, RunConfig
+from pipeline.errors import TrainingError
+from pipeline.runtime.policy import FailurePolicy, GiveUp
+from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
 
-MAX_RESTARTS_PER_STEP = 3
 
-
-class WorkerLost(RuntimeError):
-    """A worker kept dying: the message names it and how often it was replaced."""
+Positions = list[dict[str, Any] | None]
+"""Every worker's reader position (None: the start of its share), as a checkpoint records them."""
 
 
 class ServerLost(RuntimeError):
-    """A worker's call to the parameter server failed because the server's actor died."""
+    """The parameter server's actor died (a worker's call to it, or the driver's, failed)."""
 
 
 def split_batch(meta_batch: int, workers: int) -> list[int]:
@@ -35,65 +39,155 @@ def split_batch(meta_batch: int, workers: int) -> list[int]:
     return [meta_batch // workers + (i < meta_batch % workers) for i in range(workers)]
 
 
-class WorkerPool:
-    """N EpisodeWorker actors: a GPU each when the cluster has GPUs, else an equal CPU share."""
+def server_options(config: RunConfig) -> tuple[OptimizerConfig, int, int, str, int]:
+    """ParameterServer's arguments after its state: optimizer, total steps, workers, mode, staleness bound."""
+    t = config.train
+    return config.optimizer, t.steps, t.workers, t.mode, t.max_staleness
 
-    def __init__(self, config: RunConfig, resources: dict[str, float], positions: list[dict | None]) -> None:
-        n = config.train.workers
+
+class Pool(Protocol):
+    """One parameter server and N workers. Server calls raise ServerLost when the server is gone."""
+
+    positions: Positions
+    """Every worker's reader position after its last finished step."""
+    restarts: int
+    """Workers replaced since the pool started."""
+
+    @property
+    def size(self) -> int:
+        """The number of workers."""
+        ...
+
+    def step_all(self) -> list[StepReport]:
+        """One synchronous step of every worker, in worker order."""
+        ...
+
+    def submit(self, i: int) -> Hashable:
+        """Start worker ``i``'s next step; returns a handle for ``wait_any`` and ``result``."""
+        ...
+
+    def wait_any(self, pending: Sequence[Hashable]) -> Hashable:
+        """The first of ``pending`` (handles from ``submit``) to finish."""
+        ...
+
+    def result(self, i: int, handle: Hashable) -> StepReport:
+        """Worker ``i``'s report for ``handle``."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """The server's counters (ParameterServer.stats)."""
+        ...
+
+    def state(self) -> ServerState:
+        """The server's full state, for a checkpoint."""
+        ...
+
+    def pull(self) -> tuple[int, np.ndarray]:
+        """The server's version and a copy of its flat parameters."""
+        ...
+
+    def restore(self, state: ServerState, positions: Positions) -> None:
+        """Replace the server by one holding ``state`` and every worker by one starting at ``positions``."""
+        ...
+
+    def stop(self) -> None:
+        """End the server and the workers."""
+        ...
+
+
+class RayPool:
+    """The server as a Ray actor (no CPU of its own) and N EpisodeWorker actors: a GPU each when the cluster has
+    GPUs (train.gpus_per_worker), else an equal share of the CPUs."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        resources: dict[str, float],
+        state: ServerState,
+        positions: Positions,
+        policy: FailurePolicy,
+    ) -> None:
+        t = config.train
         gpus = resources.get("GPU", 0.0)
-        share = max(resources.get("CPU", 1.0), 1.0) / n
+        share = max(resources.get("CPU", 1.0), 1.0) / t.workers
         options: dict[str, Any] = {"num_cpus": min(share, 1.0) if gpus else share, "max_restarts": 0}
         if gpus:
-            options["num_gpus"] = config.train.gpus_per_worker
-        self._actor = ray.remote(EpisodeWorker).options(**options)
-        self._args = (n, config.model_dump(mode="json"))
-        self._batches = split_batch(config.train.meta_batch, n)
+            options["num_gpus"] = t.gpus_per_worker
+        self._worker_class = ray.remote(EpisodeWorker).options(**options)
+        self._server_class = ray.remote(ParameterServer).options(num_cpus=0)
+        self._server_args = server_options(config)
+        self._raw = config.model_dump(mode="json")
+        self._batches = split_batch(t.meta_batch, t.workers)
         self._threads = max(1, int(share))
+        self._policy = policy
         self.positions = list(positions)
         self.restarts = 0
-        self.actors = [self._start(i) for i in range(n)]
+        self.server = self._server_class.remote(state, *self._server_args)
+        self.workers = [self._start(i) for i in range(t.workers)]
+
+    @property
+    def size(self) -> int:
+        return len(self._batches)
 
     def _start(self, i: int) -> Any:
-        n, raw = self._args
-        return self._actor.remote(i, n, raw, self._batches[i], self.positions[i], self._threads)
+        return self._worker_class.remote(i, self.size, self._raw, self._batches[i], self.positions[i], self._threads)
 
-    def submit(self, i: int, server: Any) -> ray.ObjectRef:
-        """Start worker ``i``'s next step against ``server``."""
-        return self.actors[i].step.remote(server)
+    def submit(self, i: int) -> ray.ObjectRef:
+        return self.workers[i].step.remote(self.server)
 
-    def result(self, i: int, ref: ray.ObjectRef, server: Any) -> StepReport:
-        """Worker ``i``'s report for ``ref``; a dead worker is replaced and its step redone."""
-        for attempt in range(MAX_RESTARTS_PER_STEP + 1):
+    def wait_any(self, pending: Sequence[Hashable]) -> Hashable:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        return ready[0]
+
+    def result(self, i: int, handle: Hashable) -> StepReport:
+        """Worker ``i``'s report; a dead worker is replaced and its step redone while the policy allows.
+
+        Raises ServerLost when the worker lost the server, TrainingError when the policy gives up.
+        """
+        deaths = 0
+        while True:
             try:
-                report: StepReport = ray.get(ref)
+                report: StepReport = ray.get(handle)
                 self.positions[i] = report.position
                 return report
             except RayActorError as e:
                 if isinstance(e, RayTaskError):  # the worker is alive: the actor that died is the server
                     raise ServerLost(f"worker {i} lost the parameter server: {type(e.cause).__name__}") from e
-                if attempt == MAX_RESTARTS_PER_STEP:
-                    raise WorkerLost(f"worker {i} died {attempt + 1} times in one step: {e}") from None
+                deaths += 1
+                decision = self._policy.worker_died(i, deaths, e)
+                if isinstance(decision, GiveUp):
+                    raise TrainingError(decision.reason) from None
                 print(f"worker {i} died ({type(e).__name__}); replacing it", file=sys.stderr)
                 self.restarts += 1
-                ray.kill(self.actors[i])
-                self.actors[i] = self._start(i)
-                ref = self.submit(i, server)
-        raise AssertionError("unreachable")
+                ray.kill(self.workers[i])
+                self.workers[i] = self._start(i)
+                handle = self.submit(i)
 
-    def step_all(self, server: Any) -> list[StepReport]:
-        """One synchronous step of every worker."""
-        refs = [self.submit(i, server) for i in range(len(self.actors))]
-        return [self.result(i, ref, server) for i, ref in enumerate(refs)]
+    def step_all(self) -> list[StepReport]:
+        refs = [self.submit(i) for i in range(self.size)]
+        return [self.result(i, ref) for i, ref in enumerate(refs)]
 
-    def restart(self, positions: list[dict | None]) -> None:
-        """Replace every worker by a new one starting at ``positions`` (after a server restore)."""
+    def _server_call(self, method: str) -> Any:
+        try:
+            return ray.get(getattr(self.server, method).remote())
+        except RayActorError as e:
+            raise ServerLost(f"the parameter server died ({type(e).__name__})") from e
+
+    def stats(self) -> dict[str, float]:
+        return self._server_call("stats")
+
+    def state(self) -> ServerState:
+        return self._server_call("state")
+
+    def pull(self) -> tuple[int, np.ndarray]:
+        return self._server_call("pull")
+
+    def restore(self, state: ServerState, positions: Positions) -> None:
         self.stop()
         self.positions = list(positions)
-        self.actors = [self._start(i) for i in range(len(self.actors))]
-
-    def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
+        self.server = self._server_class.remote(state, *self._server_args)
+        self.workers = [self._start(i) for i in range(self.size)]
 
     def stop(self) -> None:
-        for actor in self.actors:
+        for actor in [self.server, *self.workers]:
             ray.kill(actor)

@@ -11,13 +11,13 @@ from pipeline.config import RunConfig, TrackingConfig, apply_overrides, validate
 from pipeline.errors import RunError
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
-from pipeline.tracking.mlflow_tracker import Tracker
+from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.types import Params
 
 
 def load_run(run_id: str, tracking_uri: str | None, which: str = "best", overrides: list[str] | None = None) -> tuple[RunConfig, Params]:
     """The run's config (with ``overrides`` applied) and the parameters of checkpoint ``which``."""
-    tracker = Tracker(TrackingConfig(uri=tracking_uri), run_name="", run_id=run_id)
+    tracker = MlflowTracker(TrackingConfig(uri=tracking_uri), run_name="", run_id=run_id)
     scratch = Path(tempfile.mkdtemp(prefix="metapipe-run-"))
     try:
         path = tracker.download(f"checkpoints/{which}", scratch)

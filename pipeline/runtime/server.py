@@ -9,7 +9,6 @@ rejected and counted, never applied.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,11 +89,8 @@ class ParameterServer:
         return self._s.version, self._s.params.numpy().copy()
 
     def version(self) -> int:
+        """The number of updates applied so far."""
         return self._s.version
-
-    def pid(self) -> int:
-        """The process holding this server (fault-injection tests kill it)."""
-        return os.getpid()
 
     def stats(self) -> dict[str, float]:
         """Counters for tracking: rejections, consecutive bad gradients, last gradient norm."""

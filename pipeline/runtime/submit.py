@@ -20,8 +20,8 @@ from typing import Any, Mapping, TextIO
 
 from pipeline.config import load_config
 from pipeline.errors import SubmitError
+from pipeline.runtime.ray_env import REPO_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 EXCLUDES = (
@@ -59,7 +59,7 @@ def job_spec(
     config_path: str | Path,
     overrides: list[str],
     environ: Mapping[str, str],
-    root: Path = PROJECT_ROOT,
+    root: Path = REPO_ROOT,
 ) -> JobSpec:
     """The job for ``train CONFIG --set ...``, validated locally before any cluster work.
 

@@ -6,7 +6,6 @@ and nothing of any one algorithm.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,12 +17,6 @@ from pipeline.config import validate
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
 from tasks.store.parquet import open_store
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
-"""glibc settings for worker processes (set before they start, through Ray's runtime_env): freed
-autograd buffers stay in the heap instead of going back to the OS; 1.4x on the CPU stacked path
-(bench/throughput.py)."""
-
 
 @dataclass(frozen=True)
 class StepReport:
@@ -74,11 +67,9 @@ class EpisodeWorker:
             "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True
         )
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def position(self) -> dict[str, Any]:
-        return self.reader.position
+    def close(self) -> None:
+        """Stop the reader's read-ahead (a Ray actor is simply killed; an in-process worker is closed)."""
+        self.reader.close()
 
     def step(self, server: Any) -> StepReport:
         """One pull -> read -> compute -> push cycle against ``server``."""

@@ -2,7 +2,7 @@
 
 Embedded default: a SQLite store ``sqlite:///mlflow.db`` in the working directory
 with artifacts beside it; production: ``tracking.uri`` or $MLFLOW_TRACKING_URI
-pointing at an ``mlflow server``. Metric keys are ``scope/name`` (see README).
+pointing at an ``mlflow server``. Implements ``pipeline.tracking.tracker.Tracker``.
 
 Writes never block training: they go, in order, through a queue that one thread
 delivers. While the server is unreachable the queue buffers them (artifacts as
@@ -21,7 +21,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
@@ -39,18 +39,6 @@ MAX_BATCH_METRICS = 1000
 def tracking_uri(config: TrackingConfig) -> str:
     """The config's URI, else $MLFLOW_TRACKING_URI, else the embedded SQLite store."""
     return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config dict -> dotted keys with string values (MLflow params)."""
-    out: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = str(value)
-    return out
 
 
 def is_transient(error: BaseException) -> bool:
@@ -71,7 +59,7 @@ class _Write:
     metrics: tuple[Metric, ...] = ()
 
 
-class Tracker:
+class MlflowTracker:
     """Logs one run's params, metrics and artifacts; creates the run or resumes ``run_id``."""
 
     def __init__(self, config: TrackingConfig, run_name: str, run_id: str | None = None) -> None:
@@ -81,11 +69,11 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         self.uri = tracking_uri(config)
         self.outage_timeout_s = config.outage_timeout_s
-        self.client = MlflowClient(self.uri)
+        self._client = MlflowClient(self.uri)
         if run_id is None:
-            experiment = self.client.get_experiment_by_name(config.experiment)
-            experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.experiment)
-            self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
+            experiment = self._client.get_experiment_by_name(config.experiment)
+            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(config.experiment)
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         else:
             self.run_id = run_id
         self._queue: deque[_Write] = deque()
@@ -102,12 +90,14 @@ class Tracker:
         self._put("status RUNNING", lambda c: c.update_run(self.run_id, status="RUNNING"))
 
     def log_params(self, params: dict[str, str]) -> None:
+        """Log params in batches of 100; values are cut to MLflow's 6000 characters."""
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             chunk = items[start : start + 100]
             self._put(f"{len(chunk)} params", lambda c, chunk=chunk: c.log_batch(self.run_id, params=chunk))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log ``metrics`` (``scope/name`` keys) at ``step``, timestamped now."""
         now = int(time.time() * 1000)
         batch = tuple(Metric(k, float(v), now, step) for k, v in metrics.items())
         self._put(f"metrics of step {step}", lambda c: c.log_batch(self.run_id, metrics=list(batch)), metrics=batch)
@@ -124,6 +114,7 @@ class Tracker:
         self._put(f"artifact {Path(local_file).name}", lambda c: c.log_artifact(self.run_id, str(file), artifact_path), snapshot)
 
     def set_tag(self, key: str, value: str) -> None:
+        """Set one run tag."""
         self._put(f"tag {key}", lambda c: c.set_tag(self.run_id, key, value))
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -138,8 +129,14 @@ class Tracker:
     # -- reads (direct) ---------------------------------------------------------------------------
 
     def download(self, artifact_path: str, dst: str | Path) -> Path:
+        """Download the run's artifact ``artifact_path`` into ``dst`` (created); raises MlflowException or OSError."""
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(self.run_id, artifact_path, str(dst)))
+        return Path(self._client.download_artifacts(self.run_id, artifact_path, str(dst)))
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        """Every ``(step, value)`` of ``key`` in the run, sorted; delivers the queued writes first (see ``flush``)."""
+        self.flush()
+        return sorted((m.step, m.value) for m in self._client.get_metric_history(self.run_id, key))
 
     # -- delivery ---------------------------------------------------------------------------------
 
@@ -163,6 +160,7 @@ class Tracker:
 
     @property
     def pending(self) -> int:
+        """Writes queued and not yet delivered."""
         with self._changed:
             return len(self._queue)
 
@@ -202,9 +200,9 @@ class Tracker:
             write = writes[0]
             try:
                 if len(writes) > 1:
-                    self.client.log_batch(self.run_id, metrics=[m for w in writes for m in w.metrics])
+                    self._client.log_batch(self.run_id, metrics=[m for w in writes for m in w.metrics])
                 else:
-                    write.send(self.client)
+                    write.send(self._client)
             except Exception as e:  # noqa: BLE001 - every failure is either retried or reported
                 if not is_transient(e):
                     with self._changed:

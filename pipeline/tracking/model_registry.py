@@ -18,6 +18,8 @@ from pipeline.errors import RegistryError
 
 MODEL_PATH = "model"
 """Where the driver logs the pyfunc model inside a run's artifacts."""
+AWAIT_CREATION_S = 60
+"""How long ``register`` waits for a new model version to be ready, in seconds."""
 
 
 def test_metrics(run: Run) -> dict[str, float]:
@@ -58,8 +60,9 @@ def description(run: Run, link: str | None) -> str:
     return f"Meta-learner from run {name} ({run.info.run_id}): {tested}." + (f" Run: {link}" if link else "")
 
 
-def register(run_id: str, name: str, tracking_uri: str, await_seconds: int = 60) -> ModelVersion:
-    """Register ``runs:/<run_id>/model`` as a new version of ``name`` and return it.
+def register(run_id: str, name: str, tracking_uri: str) -> ModelVersion:
+    """Register ``runs:/<run_id>/model`` as a new version of ``name`` and return it once it is ready
+    (at most AWAIT_CREATION_S).
 
     Refuses runs that did not finish or have no logged model, naming the run.
     """
@@ -82,7 +85,7 @@ def register(run_id: str, name: str, tracking_uri: str, await_seconds: int = 60)
         tags=version_tags(run),
         run_link=link,
         description=description(run, link),
-        await_creation_for=await_seconds,
+        await_creation_for=AWAIT_CREATION_S,
     )
 
 

@@ -10,28 +10,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from pipeline.config import validate
+from pipeline.errors import TrainingError
 from pipeline.export.directory import load
 from pipeline.runtime import driver
-from pipeline.runtime.pool import WorkerPool
+from pipeline.runtime.pool import RayPool
+from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
-
-
-def sinusoid_config(tmp_path, **train):
-    return validate(
-        {
-            "name": "test-sinusoid",
-            "seed": 3,
-            "task": {"name": "sinusoid", "shots": 10, "queries": 10},
-            "store": {"path": str(tmp_path / "episodes"), "train_episodes": 2000, "val_episodes": 20, "test_episodes": 40, "shard_episodes": 500},
-            "model": {"network": "mlp", "hidden": [40, 40]},
-            "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": 1},
-            "optimizer": {"lr": 0.01},
-            "train": {"meta_batch": 8, "workers": 2, "val_episodes": 20, "test_episodes": 40, "log_every": 1, **train},
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
-        }
-    )
 
 
 def history(client, run_id, key):
@@ -84,22 +69,27 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 def test_resume_with_another_config_is_refused(tmp_path):
     part = driver.train(sinusoid_config(tmp_path, steps=2, val_every=2, checkpoint_every=2), progress=False)
     changed = sinusoid_config(tmp_path, steps=4, val_every=2, checkpoint_every=2).model_copy(update={"seed": 4})
-    with pytest.raises(driver.TrainingError, match=r"config differs .*seed"):
+    with pytest.raises(TrainingError, match=r"config differs .*seed"):
         driver.train(changed, resume=part.run_id, progress=False)
 
 
-def kill_at_step(step: int, pid_of: Callable[[WorkerPool, Any], int], monkeypatch) -> list[int]:
-    """Before the pool's step at server version ``step``, SIGKILL the process ``pid_of(pool, server)`` once."""
+def actor_pid(actor: Any) -> int:
+    """The process of a Ray actor, asked from the test side (the actor itself has no such method)."""
+    return ray.get(actor.__ray_call__.remote(lambda _: os.getpid()))
+
+
+def kill_at_step(step: int, actor_of: Callable[[RayPool], Any], monkeypatch) -> list[int]:
+    """Before the pool's step at server version ``step``, SIGKILL the process of ``actor_of(pool)`` once."""
     killed: list[int] = []
-    original = WorkerPool.step_all
+    original = RayPool.step_all
 
-    def step_all_killing_once(self, server):
-        if not killed and ray.get(server.version.remote()) == step:
-            killed.append(pid_of(self, server))
+    def step_all_killing_once(self):
+        if not killed and ray.get(self.server.version.remote()) == step:
+            killed.append(actor_pid(actor_of(self)))
             os.kill(killed[0], signal.SIGKILL)
-        return original(self, server)
+        return original(self)
 
-    monkeypatch.setattr(WorkerPool, "step_all", step_all_killing_once)
+    monkeypatch.setattr(RayPool, "step_all", step_all_killing_once)
     return killed
 
 
@@ -116,7 +106,7 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
     """Kill a worker process mid-run: the run finishes with the same losses as an undisturbed run."""
     train = dict(steps=10, val_every=10, checkpoint_every=10)
     reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
-    killed = kill_at_step(5, lambda pool, server: pool.pids()[1], monkeypatch)
+    killed = kill_at_step(5, lambda pool: pool.workers[1], monkeypatch)
     faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
     assert killed and faulty.steps == 10
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
@@ -128,7 +118,7 @@ def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypa
     """Kill the server's process at step 7: it comes back from the checkpoint of step 5; steps 6-7 are redone."""
     train = dict(steps=10, val_every=10, checkpoint_every=5)
     reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
-    killed = kill_at_step(7, lambda pool, server: ray.get(server.pid.remote()), monkeypatch)
+    killed = kill_at_step(7, lambda pool: pool.server, monkeypatch)
     faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
     assert killed and faulty.steps == 10
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
@@ -141,7 +131,7 @@ def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypa
 def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_path):
     config = sinusoid_config(tmp_path, steps=50, val_every=50, checkpoint_every=50, max_bad_grads=3)
     config = config.model_copy(update={"algorithm": config.algorithm.model_copy(update={"inner_lr": 1e30})})
-    with pytest.raises(driver.TrainingError, match=r"\d+ rejected gradients in a row \(train.max_bad_grads=3\).*non-finite"):
+    with pytest.raises(TrainingError, match=r"\d+ rejected gradients in a row \(train.max_bad_grads=3\).*non-finite"):
         driver.train(config, progress=False)
     client = MlflowClient(config.tracking.uri)
     run = client.search_runs(client.get_experiment_by_name("test").experiment_id)[0]
@@ -198,11 +188,3 @@ def test_async_mode_applies_every_step_and_logs_staleness(tmp_path):
     # may already have moved on, so a few versions can go unlogged.
     assert 20 in staleness and set(staleness) <= set(range(1, 21)) and len(staleness) >= 10
     assert all(0 <= s <= 1 for s in staleness.values())
-
-
-def test_more_gpus_than_there_are_is_refused_and_none_means_cpu(tmp_path):
-    config = sinusoid_config(tmp_path, gpus_per_worker=1)  # two workers
-    with pytest.raises(driver.TrainingError, match=r"train.workers x train.gpus_per_worker = 2 x 1.0 needs 2 GPUs, there are 1"):
-        driver.check_gpus(config, 1)
-    driver.check_gpus(config, 2)
-    driver.check_gpus(config, 0)  # no GPU at all: workers run on CPUs

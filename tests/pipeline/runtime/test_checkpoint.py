@@ -12,7 +12,7 @@ from pipeline.runtime.server import ServerState
 def sample():
     params = torch.randn(10)
     state = ServerState(params, AdamState(7, torch.randn(10), torch.rand(10)), version=7, rejected_nonfinite=2)
-    return checkpoint.Checkpoint(state, [{"shard": 1, "row": 3}, None], 0.5, {"seed": 0}, {"note": "x"})
+    return checkpoint.Checkpoint(state, [{"shard": 1, "row": 3}, None], 0.5, {"seed": 0})
 
 
 def test_roundtrip(tmp_path):
@@ -22,6 +22,14 @@ def test_roundtrip(tmp_path):
     assert torch.equal(back.server.adam.exp_avg_sq, ck.server.adam.exp_avg_sq)
     assert back.server.adam.step == 7 and back.server.version == 7 and back.server.rejected_nonfinite == 2
     assert back.positions == ck.positions and back.best_val == 0.5 and back.config == {"seed": 0}
+
+
+def test_a_checkpoint_written_with_an_extra_key_still_loads(tmp_path):
+    path = checkpoint.save(tmp_path / "c", sample())
+    state = json.loads((path / checkpoint.STATE).read_text())
+    (path / checkpoint.STATE).write_text(json.dumps({**state, "extra": {}}))  # as written before the key was dropped
+    back = checkpoint.load(path)
+    assert back.server.version == 7 and back.positions == [{"shard": 1, "row": 3}, None]
 
 
 def test_altered_tensors_are_refused(tmp_path):

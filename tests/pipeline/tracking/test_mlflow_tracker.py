@@ -12,11 +12,12 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
 from pipeline.errors import TrackingError
-from pipeline.tracking.mlflow_tracker import Tracker, flatten, is_transient
+from pipeline.tracking.mlflow_tracker import MlflowTracker, is_transient
+from pipeline.tracking.tracker import flatten
 
 
-def sqlite_tracker(tmp_path, **config) -> Tracker:
-    return Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t", **config), "run")
+def sqlite_tracker(tmp_path, **config) -> MlflowTracker:
+    return MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t", **config), "run")
 
 
 def test_flatten_gives_dotted_string_params():
@@ -40,6 +41,7 @@ def test_writes_are_delivered_in_order_and_finish_waits_for_them(tmp_path):
     client = MlflowClient(tracker.uri)
     history = client.get_metric_history(tracker.run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 51)]
+    assert tracker.metric_history("train/loss") == [(s, 1.0 / s) for s in range(1, 51)]
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["k"] == "v"
 
@@ -71,7 +73,7 @@ def test_an_unreachable_server_times_out_naming_what_was_not_delivered(tmp_path)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
     config = TrackingConfig(uri=f"http://127.0.0.1:{port}", experiment="t", outage_timeout_s=2)
-    tracker = Tracker(config, "run", run_id="0" * 32)  # a resumed run: no request at construction
+    tracker = MlflowTracker(config, "run", run_id="0" * 32)  # a resumed run: no request at construction
     tracker.log_metrics({"train/loss": 1.0}, step=7)
     with pytest.raises(TrackingError, match=r"unreachable for tracking.outage_timeout_s=2 s; 1 writes .*metrics of step 7"):
         tracker.flush()

@@ -1,0 +1,57 @@
+"""The driver's run in process (LocalPool, MLflow on SQLite): every ending gets its learning curve and status."""
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.runtime.driver import run
+from pipeline.runtime.local import LocalPool
+from pipeline.tracking.mlflow_tracker import MlflowTracker
+from tasks.store.parquet import precompute
+from tests.pipeline.runtime.sinusoid_run import sinusoid_config
+
+
+class InterruptedAt3(LocalPool):
+    """Raises ``error`` when asked for step 4 (steps 1-3 are done and logged)."""
+
+    error: BaseException = KeyboardInterrupt()
+
+    def step_all(self):
+        if self.server.version() == 3:
+            raise self.error
+        return super().step_all()
+
+
+class FailsAt3(InterruptedAt3):
+    error = RuntimeError("the store went away")
+
+
+def train_in_process(tmp_path, pool_class, **train):
+    config = sinusoid_config(tmp_path, train_episodes=1000, **{"steps": 6, "val_every": 3, "checkpoint_every": 3, **train})
+    tracker = MlflowTracker(config.tracking, config.name)
+    result = run(config, precompute(config), tracker, lambda s, p, _: pool_class(config, s, p), export_dir=tmp_path / "export", progress=False)
+    return result, MlflowClient(config.tracking.uri), tracker.run_id
+
+
+def test_a_finished_run_is_tested_exported_and_drawn(tmp_path):
+    result, client, run_id = train_in_process(tmp_path, LocalPool)
+    run_info = client.get_run(run_id)
+    assert run_info.info.status == "FINISHED" and result.steps == 6 and result.export_dir == tmp_path / "export"
+    assert run_info.data.metrics["test/episodes"] == 40 and run_info.data.params["train.workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run_id, "val/mse")] == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"checkpoints", "export", "model", "plots", "test_results.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
+
+
+@pytest.mark.parametrize("pool_class, error, status", [(InterruptedAt3, KeyboardInterrupt, "KILLED"), (FailsAt3, RuntimeError, "FAILED")], ids=["killed", "failed"])
+def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, error, status):
+    with pytest.raises(error):
+        train_in_process(tmp_path, pool_class)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    run_id = run_info.info.run_id
+    assert run_info.info.status == status
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
+    assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
