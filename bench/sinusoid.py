@@ -1,6 +1,7 @@
 """Sinusoid regression, MAML paper figure 2: post-adaptation MSE after 1 and 10 gradient steps.
 
-MAML (configs/sinusoid_maml.yaml, trained in one process like bench/accuracy.py)
+MAML (configs/sinusoid_maml.yaml, trained in one process by bench/accuracy.py: the driver's run on
+LocalPool; its best validation checkpoint, as ``train`` exports)
 against a network pretrained on all tasks jointly (the paper's baseline: plain
 regression on every training episode's points with the same steps and Adam,
 then fine-tuned with the same inner SGD), both meta-tested on the store's 600
@@ -11,12 +12,14 @@ held-out tasks (K=10 support points, 10 query points).
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
 
 import torch
 
-from bench.accuracy import meta_train
+import pipeline
+from bench.accuracy import load, meta_train
 from pipeline.build import build_learner
-from pipeline.config import load_config
 from pipeline.evaluation import mean_ci95
 from tasks.store.parquet import precompute
 
@@ -44,13 +47,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.sinusoid", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/sinusoid_maml.yaml")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--log-every", type=int, default=500)
+    parser.add_argument("--log-every", type=int, default=500, help="pretraining progress every this many steps")
     args = parser.parse_args()
-    config = load_config(args.config, [f"train.steps={args.steps}"] if args.steps else [])
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sinusoid-"))
+    config = load(argparse.Namespace(config=args.config, steps=args.steps, set=[]), workdir)
     test = precompute(config).read_split("test")
-    worker, maml_params = meta_train(config, args.log_every)
+    maml_params = pipeline.load(meta_train(config, workdir).export_dir).params
     baseline_params = pretrain(config, args.log_every)
-    learner = worker.learner
+    learner = build_learner(config)
     print(f"\nsinusoid K={config.task.shots}, {config.train.steps} steps x meta-batch {config.train.meta_batch}, "
           f"inner lr {config.algorithm.inner_lr}, {len(test)} test tasks; query MSE (95% CI)")
     print(f"{'model':<26}{'0 steps':>18}{'1 step':>18}{'10 steps':>18}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -95,23 +94,22 @@ def problems(learner: L2L, episodes: Episodes, steps: int, seed: int) -> Problem
     return learner.optimizee.problem(episodes.support_x, episodes.support_y, steps, episode_generator(episodes, seed))
 
 
-def meta_train(learner: L2L, config: RunConfig, steps: int, log_every: int = 50) -> Params:
-    """Meta-train in process with torch Adam on ``meta_grad`` (the server's update, without the server)."""
-    dist = TaskDistribution.load(config.task)
-    rng = np.random.default_rng(config.seed)
-    leaves = {k: v.requires_grad_() for k, v in learner.init(config.seed).items()}
-    adam = torch.optim.Adam(leaves.values(), lr=config.optimizer.lr, betas=config.optimizer.betas)
-    start = time.time()
-    for step in range(steps):
-        grads, metrics = learner.meta_grad({k: v.detach() for k, v in leaves.items()}, dist.episodes("train", rng, config.train.meta_batch))
-        for k, v in leaves.items():
-            v.grad = grads[k]
-        if config.optimizer.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(leaves.values(), config.optimizer.clip_norm)
-        adam.step()
-        if step % log_every == 0 or step == steps - 1:
-            print(f"meta-step {step}: loss {metrics['loss']:.4g} final {metrics['final_loss']:.4g} ({time.time() - start:.0f} s)", flush=True)
-    return {k: v.detach() for k, v in leaves.items()}
+def meta_train(config: RunConfig) -> Params:
+    """Meta-train the config's L2L with the pipeline's own run in this process and return its best weights.
+
+    The driver's ``run`` on ``LocalPool``: the same server (Adam), workers, store,
+    validation and export as ``python -m pipeline train``, without Ray; tracked in
+    the config's MLflow (``tracking``), which prints the run id.
+    """
+    from pipeline.export.directory import load
+    from pipeline.runtime.driver import run
+    from pipeline.runtime.local import LocalPool
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+    from tasks.store.parquet import precompute
+
+    tracker = MlflowTracker(config.tracking, config.name)
+    result = run(config, precompute(config), tracker, lambda state, positions, _: LocalPool(config, state, positions))
+    return load(result.export_dir).params
 
 
 def _table(results: dict[str, tuple[float | None, torch.Tensor]], steps: int) -> str:
@@ -129,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline baselines", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--meta-steps", type=int, default=300, help="in-process meta-training steps (ignored with --export)")
+    parser.add_argument("--meta-steps", type=int, default=300,
+                        help="in-process meta-training steps: train.steps of the run it makes (ignored with --export/--weights)")
     parser.add_argument("--export", help="evaluate the L2L weights of this export directory instead of training")
     parser.add_argument("--weights", help="evaluate these L2L weights (safetensors) instead of training")
     parser.add_argument("--save-weights", help="write the meta-trained L2L weights here (safetensors)")
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, [*args.set, f"train.steps={args.meta_steps}"])
     learner = build_learner(config)
     if not isinstance(learner, L2L):
         raise ConfigError(f"--config {args.config}: baselines compare a learned l2l optimizer, got algorithm.name={config.algorithm.name!r}")
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.weights:
         params = load_file(args.weights)
     else:
-        params = meta_train(learner, config, args.meta_steps)
+        params = meta_train(config)
         if args.save_weights:
             save_file({k: v.contiguous() for k, v in params.items()}, args.save_weights)
     evaluator = learner
