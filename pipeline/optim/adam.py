@@ -3,7 +3,7 @@
 The same update as ``torch.optim.Adam`` without weight decay (checked step by
 step against it), over a flat tensor (the parameter server's buffer) or a dict
 of named tensors with any leading task dimension. ``eps_root`` is added inside
-the square root as in TorchOpt and optax: 0 reproduces torch.optim; a small
+the square root as in TorchOpt and optax: 0 gives torch.optim's update; a small
 positive value keeps the derivative of the update finite where a second moment
 is exactly 0 (a gradient coordinate that was always 0), which matters only
 when an unroll is differentiated with ``create_graph=True``.
@@ -63,11 +63,9 @@ def adam(
         exp_avg_sq = tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.exp_avg_sq, grads)
         step_size = rate / (1 - beta1**step)
         bias2 = 1 - beta2**step
-        root = bias2**0.5
-        # sqrt(v / bias2 + eps_root) written as torch.optim does: sqrt(v) / sqrt(bias2) when eps_root = 0
-        updates = tree_map(
-            lambda m, v: -step_size * m / ((v + eps_root * bias2).sqrt() / root + eps), exp_avg, exp_avg_sq
-        )
+        # optax's form, sqrt(v / bias2 + eps_root); torch.optim divides sqrt(v) by sqrt(bias2), equal up to
+        # rounding. This form keeps the server's updates bit for bit what they were (the README's figures).
+        updates = tree_map(lambda m, v: -step_size * m / ((v / bias2 + eps_root).sqrt() + eps), exp_avg, exp_avg_sq)
         return updates, AdamState(step, exp_avg, exp_avg_sq)
 
     return GradientTransformation(AdamState.zeros, update)
