@@ -60,7 +60,7 @@ def adam(
         rate = lr(state.step) if callable(lr) else lr
         step = state.step + 1
         exp_avg = tree_map(lambda m, g: beta1 * m + (1 - beta1) * g, state.exp_avg, grads)
-        exp_avg_sq = tree_map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.exp_avg_sq, grads)
+        exp_avg_sq = tree_map(lambda v, g: beta2 * v + g * g * (1 - beta2), state.exp_avg_sq, grads)  # (g*g) first, as before
         step_size = rate / (1 - beta1**step)
         bias2 = 1 - beta2**step
         # optax's form, sqrt(v / bias2 + eps_root); torch.optim divides sqrt(v) by sqrt(bias2), equal up to
