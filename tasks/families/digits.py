@@ -16,9 +16,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.episodes import Episodes
+from tasks.errors import DatasetError
 from tasks.family import ArrayFamily, Strict, TaskSpec
 
 
@@ -39,7 +40,26 @@ class DigitsTask(Strict):
     split_seed: int = 1
     data_root: str | None = Field(None, description="mnist: folder holding MNIST/raw (torchvision layout)")
 
+    @model_validator(mode="after")
+    def _fits(self) -> DigitsTask:
+        held_out = held_out_count(IMAGES[self.source], self.test_fraction)
+        training = IMAGES[self.source] - held_out
+        if self.shots > training or self.queries > held_out:
+            raise ValueError(
+                f"task: shots={self.shots} and queries={self.queries} exceed the {training} training and "
+                f"{held_out} held-out images of source={self.source!r} (test_fraction={self.test_fraction})"
+            )
+        return self
+
+
 _FEATURES = {"sklearn": 64, "mnist": 784}
+IMAGES = {"sklearn": 1797, "mnist": 70_000}
+"""Images of each source (scikit-learn's digits; MNIST's training and test sets together)."""
+
+
+def held_out_count(images: int, test_fraction: float) -> int:
+    """Images of the fixed held-out split (at least one)."""
+    return max(1, round(images * test_fraction))
 
 
 def feature_count(task: DigitsTask) -> int:
@@ -83,13 +103,10 @@ def split(task: DigitsTask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     """
     x, y = load_images(task)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(task.split_seed))
-    n_test = max(1, round(len(x) * task.test_fraction))
+    n_test = held_out_count(len(x), task.test_fraction)
     test, train = order[:n_test], order[n_test:]
-    if task.shots > len(train) or task.queries > len(test):
-        raise ValueError(
-            f"task: shots={task.shots} and queries={task.queries} exceed the {len(train)} training and "
-            f"{len(test)} held-out images of source={task.source!r} (test_fraction={task.test_fraction})"
-        )
+    if len(x) != IMAGES[task.source]:
+        raise DatasetError(f"task.source={task.source!r}: expected {IMAGES[task.source]} images, found {len(x)}")
     return x[train], y[train], x[test], y[test]
 
 

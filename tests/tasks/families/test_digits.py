@@ -48,11 +48,16 @@ def test_out_of_range_indices_name_the_field() -> None:
         digits.decode(task, fields)
 
 
-def test_too_many_shots_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="shots=5000"):
-        digits.split(DigitsTask(shots=5000))
-
-
 def test_missing_mnist_names_the_folder(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         digits.load_images(DigitsTask(source="mnist", data_root=str(tmp_path)))
+
+
+def test_more_shots_or_queries_than_the_source_holds_is_a_config_error():
+    from pipeline.config import validate
+    from pipeline.errors import ConfigError
+
+    raw = {"task": {"name": "digits", "shots": 1349}, "store": {"path": "x"}, "algorithm": {"name": "l2l"}}
+    with pytest.raises(ConfigError, match="shots=1349 and queries=200 exceed the 1348 training and 449 held-out"):
+        validate(raw)
+    validate({**raw, "task": {"name": "digits", "shots": 1348}})
