@@ -20,6 +20,9 @@ class EvalResult:
     n: int
 
     def __str__(self) -> str:
+        if self.n < 2:  # one value has no spread: say so rather than print nan
+            shown = f"{100 * self.mean:.2f}%" if self.metric == "accuracy" else f"{self.mean:.4f}"
+            return f"{self.metric} {shown} (1 episode: no 95% interval)"
         if self.metric == "accuracy":
             return f"accuracy {100 * self.mean:.2f}% +- {100 * self.ci95:.2f}% (95% CI, {self.n} episodes)"
         return f"{self.metric} {self.mean:.4f} +- {self.ci95:.4f} (95% CI, {self.n} episodes)"

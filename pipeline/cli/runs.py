@@ -8,6 +8,14 @@ from pipeline.config import load_config
 from pipeline.errors import ConfigError, TrackingError, TrainingError
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag and exits 2 otherwise)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from pipeline.runtime.driver import train
 
@@ -52,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="meta-test a run's checkpoint: mean and 95%% interval")
     p.add_argument("run_id")
-    p.add_argument("--episodes", type=int, default=600, help="held-out test episodes (default 600)")
+    p.add_argument("--episodes", type=at_least_one, default=600, help="held-out test episodes (default 600)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. algorithm.eval_inner_steps=10")

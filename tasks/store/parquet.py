@@ -21,6 +21,7 @@ import math
 import queue
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -230,10 +231,19 @@ class Store:
         return EpisodeReader(self, split, batch_size, worker, num_workers, start, loop)
 
     def read_split(self, split: str, limit: int | None = None) -> Episodes:
-        """The first ``limit`` (default all) episodes of ``split`` in one batch, for evaluation."""
-        count = self.episodes(split) if limit is None else min(limit, self.episodes(split))
-        if count < 1:
+        """The first ``limit`` (default all) episodes of ``split`` in one batch, for evaluation.
+
+        Raises ValueError for a ``limit`` below 1 and StoreError for an empty split; warns
+        (UserWarning, naming both numbers) when the split holds fewer than ``limit``.
+        """
+        if limit is not None and limit < 1:
+            raise ValueError(f"{split} episodes: ask for at least 1, got {limit}")
+        held = self.episodes(split)
+        if held < 1:
             raise StoreError(f"{self.path}: split {split} has no episodes")
+        if limit is not None and limit > held:
+            warnings.warn(f"asked for {limit} {split} episodes, {self.path} holds {held}: using {held}", stacklevel=2)
+        count = held if limit is None else min(limit, held)
         with self.reader(split, count, loop=False) as reader:
             return next(reader)
 

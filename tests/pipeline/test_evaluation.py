@@ -62,3 +62,10 @@ def test_regression_scores_are_the_mse_of_each_episode():
 def test_interval_of_one_value_is_undefined():
     mean, ci = mean_ci95([0.5])
     assert mean == 0.5 and math.isnan(ci)
+
+
+def test_one_episode_has_no_interval_and_says_so():
+    from pipeline.evaluation import EvalResult
+
+    assert str(EvalResult("accuracy", 0.8, float("nan"), 1)) == "accuracy 80.00% (1 episode: no 95% interval)"
+    assert "nan" not in str(EvalResult("mse", 0.25, float("nan"), 1))

@@ -122,3 +122,9 @@ def test_configs_that_cannot_run_exit_2_before_anything_is_written(tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store, no MLflow database, no artifacts
+
+
+def test_evaluate_refuses_fewer_than_one_episode_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "some-run", "--episodes", "0"])
+    assert exit_.value.code == 2 and "--episodes: must be at least 1, got 0" in capsys.readouterr().err

@@ -386,3 +386,11 @@ def test_shard_entry_without_checksum(damaged):
     edit_manifest(damaged, lambda m: m["splits"]["train"]["shards"][0].pop("sha256"))
     with pytest.raises(StoreError, match="manifest.json: a shard entry of split train lacks file, rows or sha256"):
         open_store(str(damaged))
+
+
+def test_asking_for_more_episodes_than_a_split_holds_warns_with_both_numbers(sinusoid_store):
+    held = sinusoid_store.episodes("val")
+    with pytest.warns(UserWarning, match=f"asked for {held + 5} val episodes, .* holds {held}: using {held}"):
+        assert len(sinusoid_store.read_split("val", limit=held + 5)) == held
+    with pytest.raises(ValueError, match="val episodes: ask for at least 1, got 0"):
+        sinusoid_store.read_split("val", limit=0)
