@@ -353,7 +353,7 @@ def validate(raw: dict[str, Any], source: str = "<dict>") -> RunConfig:
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+def read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
     """The YAML mapping in ``path`` deep-merged over its ``base:`` file, and the base files read.
 
     ``base: FILE`` (top level) names another YAML mapping, relative to the file that
@@ -385,7 +385,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str
     if base.resolve() in seen:
         cycle = " -> ".join(str(p) for p in (*chain[seen.index(base.resolve()):], path, base))
         raise ConfigError(f"invalid config {path}: base: {ref!r} makes a cycle of bases: {cycle}")
-    merged, bases = _read_with_bases(base, (*chain, path))
+    merged, bases = read_with_bases(base, (*chain, path))
 
     def merge(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
         out = dict(low)
@@ -399,7 +399,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML run config and its ``base:`` files, apply ``--set`` overrides and validate it."""
     path = Path(path)
-    raw, bases = _read_with_bases(path)
+    raw, bases = read_with_bases(path)
     source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
     return validate(apply_overrides(raw, overrides or []), source)
 
@@ -412,7 +412,7 @@ def load_episode_config(path: str | Path, overrides: list[str] | None = None) ->
     what the store needs. Raises ConfigError naming the file, key and value.
     """
     path = Path(path)
-    raw, bases = _read_with_bases(path)
+    raw, bases = read_with_bases(path)
     raw = apply_overrides(raw, overrides or [])
     source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
     if set(raw) - {"task", "store"}:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-from pipeline.config import load_config
+from pipeline.config import load_config, read_with_bases
 from pipeline.errors import SubmitError
 from pipeline.runtime.ray_env import REPO_ROOT
 
@@ -73,6 +73,9 @@ def job_spec(
     if not path.is_relative_to(root):
         raise SubmitError(f"config {config_path}: must lie inside the project {root} (e.g. configs/), the job sees only that folder")
     config = load_config(path, overrides)
+    for base in read_with_bases(path)[1]:
+        if not base.resolve().is_relative_to(root):
+            raise SubmitError(f"config {config_path}: its base {base} must lie inside the project {root}, the job sees only that folder")
     if not (config.tracking.uri or environ.get("MLFLOW_TRACKING_URI")):
         raise SubmitError(
             "a cluster job needs a tracking server: set MLFLOW_TRACKING_URI=http://HOST:PORT (mlflow/server.sh) "

@@ -80,6 +80,14 @@ def test_config_outside_the_project_is_refused(project: Path, tmp_path_factory: 
         job_spec(outside, [], ENV, root=project)
 
 
+def test_a_base_outside_the_project_is_refused(project: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp("elsewhere") / "task.yaml"
+    base.write_text(CONFIG)
+    (project / "configs" / "run.yaml").write_text(f"base: {base}\nname: run\n")
+    with pytest.raises(SubmitError, match=f"its base {base} must lie inside the project"):
+        job_spec(project / "configs" / "run.yaml", [], ENV, root=project)
+
+
 def test_a_run_without_a_tracking_server_is_refused(project: Path) -> None:
     env = {k: v for k, v in ENV.items() if k != "MLFLOW_TRACKING_URI"}
     with pytest.raises(SubmitError, match="MLFLOW_TRACKING_URI"):
