@@ -37,7 +37,7 @@ class MLPModel(ModelSection):
     """
 
     network: Literal["mlp"] = "mlp"
-    hidden: tuple[int, ...] = (40, 40)
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
     activation: Literal["relu", "sigmoid"] = "relu"
 
 
@@ -150,6 +150,14 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     forget_bias: tuple[float, float] = Field((4.0, 6.0), description="uniform range of the initial forget-gate bias")
     input_bias: tuple[float, float] = Field((-5.0, -4.0), description="uniform range of the initial input-gate bias")
 
+    @model_validator(mode="after")
+    def _ranges(self) -> MetaLSTMAlgorithm:
+        for key in ("forget_bias", "input_bias"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise ValueError(f"algorithm.{key}: low must not exceed high, got {[low, high]}")
+        return self
+
 
 class MetaNetAlgorithm(AlgorithmSection):
     """Meta Networks of Munkhdalai & Yu 2017 (pipeline/algorithms/metanet.py); defaults follow the paper's Omniglot setup.
@@ -231,7 +239,7 @@ class RunConfig(EpisodeConfig):
     """A whole run: the episode store plus model, algorithm, optimizer, training and tracking."""
 
     name: str = "metapipe"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds parameters and the run (torch and numpy take it)")
     model: ModelConfig = Field(default_factory=MLPModel)
     algorithm: AlgorithmConfig = Field(default_factory=MAMLAlgorithm)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -241,10 +249,12 @@ class RunConfig(EpisodeConfig):
     @model_validator(mode="before")
     @classmethod
     def _default_network(cls, raw: Any) -> Any:
-        """A run that leaves ``model`` out gets the network its task's inputs call for: conv4 for images, else mlp."""
-        if isinstance(raw, dict) and "model" not in raw and isinstance(raw.get("task"), dict):
-            if isinstance(FAMILIES.get(raw["task"].get("name")), ImageFamily):
-                return {**raw, "model": {"network": "conv4"}}
+        """A run that leaves ``model.network`` out gets the network its task's inputs call for: conv4 for images, else mlp."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("task"), dict) and isinstance(raw.get("model", {}), dict)):
+            return raw
+        model = raw.get("model", {})
+        if "network" not in model and isinstance(FAMILIES.get(raw["task"].get("name")), ImageFamily):
+            return {**raw, "model": {"network": "conv4", **model}}
         return raw
 
     @model_validator(mode="after")
@@ -254,6 +264,15 @@ class RunConfig(EpisodeConfig):
             raise ValueError(
                 f"train.meta_batch ({self.train.meta_batch}) must be at least train.workers ({self.train.workers})"
             )
+        groups = self.store.train_row_groups()
+        if groups < self.train.workers:
+            raise ValueError(
+                f"train.workers ({self.train.workers}): the store's {self.store.train_episodes} training episodes make"
+                f" {groups} row groups of at most 1000, one per worker at most; raise store.train_episodes"
+            )
+        for split in ("val", "test"):
+            if getattr(self.store, f"{split}_episodes") < 1:
+                raise ValueError(f"store.{split}_episodes: a run validates and tests on its store's {split} split; needs at least 1, got 0")
         problem = incompatibility(self.task, self.model, self.algorithm)
         if problem:
             raise ValueError(problem)
@@ -339,7 +358,8 @@ def _format_errors(error: ValidationError, source: str) -> str:
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         msg = e["msg"].removeprefix("Value error, ")
         key = key_path(e["loc"])
-        lines.append(f"  {key}: {msg}{shown}" if key else f"  {msg}{shown}")  # cross-section rules name their keys
+        named = not key or msg.startswith(key)  # the rules of a section or of the run name their own keys
+        lines.append(f"  {msg}{shown}" if named else f"  {key}: {msg}{shown}")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ class DigitsTask(Strict):
     queries: int = Field(200, ge=1, description="held-out images per episode")
     batch_size: int = Field(128, ge=1, description="the optimizee's mini-batch")
     test_fraction: float = Field(0.25, gt=0, lt=1, description="share of the images held out for queries")
-    split_seed: int = 1
+    split_seed: int = Field(1, ge=0, lt=2**63)
     data_root: str | None = Field(None, description="mnist: folder holding MNIST/raw (torchvision layout)")
 
     @model_validator(mode="after")
@@ -46,7 +46,7 @@ class DigitsTask(Strict):
         training = IMAGES[self.source] - held_out
         if self.shots > training or self.queries > held_out:
             raise ValueError(
-                f"task: shots={self.shots} and queries={self.queries} exceed the {training} training and "
+                f"task.shots={self.shots} and task.queries={self.queries} exceed the {training} training and "
                 f"{held_out} held-out images of source={self.source!r} (test_fraction={self.test_fraction})"
             )
         return self

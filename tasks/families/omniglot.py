@@ -33,7 +33,7 @@ class OmniglotTask(ImageTask):
     name: Literal["omniglot"] = "omniglot"
     image_size: int = Field(28, ge=8)
     rotations: bool = Field(True, description="0/90/180/270 degree rotations as extra classes (MAML paper)")
-    split_seed: int = Field(1, description="seed of the fixed permutation of the 1623 characters")
+    split_seed: int = Field(1, ge=0, lt=2**63, description="seed of the fixed permutation of the 1623 characters")
     train_characters: int = Field(1100, ge=1)
     val_characters: int = Field(100, ge=1)
     characters: int = Field(1623, ge=3, description="character folders the data set must hold (1623 in Omniglot)")

@@ -32,7 +32,7 @@ import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from tasks.config import EpisodeConfig
+from tasks.config import ROW_GROUP, EpisodeConfig
 from tasks.distribution import SPLITS, TaskDistribution
 from tasks.episodes import Episodes
 from tasks.errors import StoreError
@@ -50,7 +50,6 @@ from tasks.store.filesystem import (
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TABLE = "images.parquet"
-ROW_GROUP = 1000
 """Episodes per Parquet row group: the unit of worker assignment and read-ahead."""
 
 

@@ -130,3 +130,29 @@ def test_conv4_with_max_pooling_needs_16_pixels():
 def test_a_left_out_model_is_the_network_the_task_inputs_call_for():
     assert validate({k: v for k, v in OMNIGLOT.items() if k != "model"}).model.network == "conv4"
     assert validate(BASE).model.network == "mlp"
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model": {"hidden": [-3]}}, r"model.hidden.0: Input should be greater than or equal to 1 \(got -3\)"),
+        ({"store": {"path": "x", "test_episodes": 0}}, "store.test_episodes: a run validates and tests on its store's test split"),
+        ({"store": {"path": "x", "val_episodes": 0}}, "store.val_episodes: a run validates and tests on its store's val split"),
+        (
+            {"store": {"path": "x", "train_episodes": 1000}, "train": {"workers": 2, "meta_batch": 4}},
+            r"train.workers \(2\): the store's 1000 training episodes make 1 row groups",
+        ),
+        ({"algorithm": {"inner_lr": float("inf")}}, "algorithm.inner_lr: Input should be a finite number"),
+        ({"seed": 10**30}, "seed: Input should be less than 9223372036854775808"),
+    ],
+    ids=["negative-hidden", "no-test-episodes", "no-val-episodes", "workers-over-row-groups", "infinite-lr", "huge-seed"],
+)
+def test_values_that_would_fail_after_the_store_is_written_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**BASE, **changes})
+
+
+def test_meta_lstm_bias_ranges_and_a_model_without_network_on_images():
+    with pytest.raises(ConfigError, match=r"algorithm.forget_bias: low must not exceed high, got \[6.0, 4.0\]"):
+        validate({**OMNIGLOT, "algorithm": {"name": "meta_lstm", "forget_bias": [6, 4]}})
+    assert validate({**OMNIGLOT, "model": {"filters": 32}}).model.filters == 32

@@ -37,7 +37,7 @@ TASKS = {
 }
 NETWORKS = {
     "mlp": st.fixed_dictionaries(
-        {"hidden": st.lists(st.integers(2, 4), min_size=1, max_size=2), "activation": st.sampled_from(["relu", "sigmoid"])}
+        {"hidden": st.lists(st.integers(-1, 4), min_size=1, max_size=2), "activation": st.sampled_from(["relu", "sigmoid"])}
     ),
     "conv4": st.fixed_dictionaries({"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"])}),
 }

@@ -58,6 +58,6 @@ def test_more_shots_or_queries_than_the_source_holds_is_a_config_error():
     from pipeline.errors import ConfigError
 
     raw = {"task": {"name": "digits", "shots": 1349}, "store": {"path": "x"}, "algorithm": {"name": "l2l"}}
-    with pytest.raises(ConfigError, match="shots=1349 and queries=200 exceed the 1348 training and 449 held-out"):
+    with pytest.raises(ConfigError, match="task.shots=1349 and task.queries=200 exceed the 1348 training and 449 held-out"):
         validate(raw)
     validate({**raw, "task": {"name": "digits", "shots": 1348}})
