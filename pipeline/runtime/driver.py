@@ -74,9 +74,10 @@ def train(
     TrackingError (MLflow refused a write or stayed unreachable), StoreError, and
     KeyboardInterrupt after writing a final checkpoint.
     """
+    resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
     store = precompute(config)  # when the store is missing; refuses one made for another config
     resources = start_ray(config)
-    tracker = MlflowTracker(config.tracking, config.name, run_id=resume)
+    tracker = resumed or MlflowTracker(config.tracking, config.name)
 
     def start_pool(state: ServerState, positions: Positions, policy: FailurePolicy) -> Pool:
         return RayPool(config, resources, state, positions, policy)

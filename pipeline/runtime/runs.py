@@ -4,7 +4,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
 
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, TrackingConfig, apply_overrides, validate
@@ -19,11 +18,12 @@ def load_run(run_id: str, tracking_uri: str | None, which: str = "best", overrid
     """The run's config (with ``overrides`` applied) and the parameters of checkpoint ``which``."""
     tracker = MlflowTracker(TrackingConfig(uri=tracking_uri), run_name="", run_id=run_id)
     scratch = Path(tempfile.mkdtemp(prefix="metapipe-run-"))
-    try:
-        path = tracker.download(f"checkpoints/{which}", scratch)
-    except (MlflowException, OSError) as e:
-        raise RunError(f"run {run_id} at {tracker.uri}: no checkpoints/{which} artifact ({e})") from None
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(tracker.download(f"checkpoints/{which}", scratch))
     config = validate(apply_overrides(ckpt.config, overrides or []), f"run {run_id}")
     layout = Layout.of(build_learner(config).init(config.seed))
+    if layout.numel != ckpt.server.params.numel():
+        raise RunError(
+            f"run {run_id}: its checkpoint holds {ckpt.server.params.numel()} parameters, the learner of its config"
+            f" with --set {overrides} has {layout.numel}: --set may change how it adapts, not its parameters"
+        )
     return config, layout.unflatten(ckpt.server.params)

@@ -28,7 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import TrackingConfig
-from pipeline.errors import TrackingError
+from pipeline.errors import RunError, TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_RETRY_WAIT_S = 10.0
@@ -75,6 +75,11 @@ class MlflowTracker:
             experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(config.experiment)
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         else:
+            try:
+                self._client.get_run(run_id)
+            except MlflowException as e:  # an unreachable server is an outage, waited out like any other
+                if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                    raise RunError(f"run {run_id}: not found at {self.uri}") from None
             self.run_id = run_id
         self._queue: deque[_Write] = deque()
         self._changed = threading.Condition()
@@ -129,9 +134,13 @@ class MlflowTracker:
     # -- reads (direct) ---------------------------------------------------------------------------
 
     def download(self, artifact_path: str, dst: str | Path) -> Path:
-        """Download the run's artifact ``artifact_path`` into ``dst`` (created); raises MlflowException or OSError."""
+        """Download the run's artifact ``artifact_path`` into ``dst`` (created); raises RunError naming both when it
+        cannot (no such artifact, or the store unreachable)."""
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(self._client.download_artifacts(self.run_id, artifact_path, str(dst)))
+        try:
+            return Path(self._client.download_artifacts(self.run_id, artifact_path, str(dst)))
+        except (MlflowException, OSError) as e:
+            raise RunError(f"run {self.run_id} at {self.uri}: no {artifact_path} artifact ({e})") from None
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         """Every ``(step, value)`` of ``key`` in the run, sorted; delivers the queued writes first (see ``flush``)."""

@@ -43,7 +43,7 @@ class Tracker(Protocol):
         ...
 
     def download(self, artifact_path: str, dst: str | Path) -> Path:
-        """Download the run's artifact ``artifact_path`` into ``dst``; return the local path."""
+        """Download the run's artifact ``artifact_path`` into ``dst``; return the local path (RunError when it cannot)."""
         ...
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:

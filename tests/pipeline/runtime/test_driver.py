@@ -55,3 +55,15 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
+
+
+def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_path):
+    from pipeline.errors import RunError
+    from pipeline.runtime.runs import load_run
+
+    _, client, run_id = train_in_process(tmp_path, LocalPool)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config, params = load_run(run_id, uri, "best", ["algorithm.eval_inner_steps=3"])
+    assert config.algorithm.eval_inner_steps == 3 and params
+    with pytest.raises(RunError, match=f"run {run_id}: its checkpoint holds .* parameters, the learner of its config"):
+        load_run(run_id, uri, "best", ["model.hidden=[8]"])

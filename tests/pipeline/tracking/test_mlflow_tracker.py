@@ -78,3 +78,17 @@ def test_an_unreachable_server_times_out_naming_what_was_not_delivered(tmp_path)
     with pytest.raises(TrackingError, match=r"unreachable for tracking.outage_timeout_s=2 s; 1 writes .*metrics of step 7"):
         tracker.flush()
     assert tracker.outages == 1 and tracker.pending == 1
+
+
+def test_an_unknown_run_and_a_missing_artifact_are_run_errors(tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.errors import RunError
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(RunError, match="run nonexistent: not found at sqlite:///"):
+        MlflowTracker(config, "x", run_id="nonexistent")
+    tracker = MlflowTracker(config, "x")
+    with pytest.raises(RunError, match=f"run {tracker.run_id} at .*: no checkpoints/latest artifact"):
+        tracker.download("checkpoints/latest", tmp_path / "d")
+    tracker.finish("FINISHED")
