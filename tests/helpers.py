@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from tasks.config import EpisodeConfig
 from tasks.families.omniglot import OmniglotTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -229,3 +230,25 @@ def small_omniglot_run(tmp_path: Path, name: str, **sections: dict) -> dict:
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "test"},
         **sections,
     }
+
+
+def sinusoid_store_config(path, **store) -> EpisodeConfig:
+    """A sinusoid store: 2500 train episodes in 3 shards (row groups of 1000), 300 val, 200 test."""
+    return EpisodeConfig.model_validate(
+        {
+            "task": {"name": "sinusoid", "shots": 3, "queries": 4},
+            "store": {"path": str(path), "train_episodes": 2500, "val_episodes": 300, "test_episodes": 200,
+                      "shard_episodes": 1000} | store,
+        }
+    )
+
+
+def omniglot_store_config(path, data_root, **store) -> EpisodeConfig:
+    """A store of the ``write_omniglot`` fixture under ``data_root``: 1500 train episodes in 2 shards, 20 val, 30 test."""
+    return EpisodeConfig.model_validate(
+        {
+            "task": small_omniglot_task(data_root).model_dump(),
+            "store": {"path": str(path), "train_episodes": 1500, "val_episodes": 20, "test_episodes": 30,
+                      "shard_episodes": 1000} | store,
+        }
+    )

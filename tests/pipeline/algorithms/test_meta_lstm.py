@@ -143,27 +143,6 @@ def test_config_requires_a_conv4_learner() -> None:
         validate(raw)
 
 
-@pytest.mark.integration
-def test_meta_lstm_trains_through_the_parameter_server_logs_its_gates_and_exports(tmp_path, local_ray) -> None:
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.export.directory import load
-    from pipeline.runtime import driver
-    from tests.helpers import small_omniglot_run
-
-    config = validate(
-        small_omniglot_run(
-            tmp_path, "test-meta-lstm", model={"network": "conv4", "filters": 4}, algorithm={"name": "meta_lstm", "inner_steps": 3}
-        )
-    )
-    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
-    assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
-    plots = {a.path for a in MlflowClient(config.tracking.uri).list_artifacts(result.run_id, "plots")}
-    assert plots == {"plots/gates.png", "plots/learning_curve.png"}
-    exported = load(tmp_path / "export")
-    assert set(exported.params) == set(build_learner(config).init(0))
-
-
 @pytest.mark.parametrize(
     "name, image_size, downsample, steps",
     [

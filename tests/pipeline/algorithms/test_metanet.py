@@ -223,20 +223,3 @@ def test_config_rejects_unknown_metanet_key_and_non_image_task():
         validate({**base, "algorithm": {"name": "metanet", "hiden": 3}})
     with pytest.raises(ConfigError, match="algorithm.name: metanet meta-learns classification tasks; task.name='sinusoid' is regression"):
         validate({**base, "task": {"name": "sinusoid"}})
-
-
-@pytest.mark.integration
-def test_metanet_trains_through_the_parameter_server_and_exports(tmp_path, local_ray):
-    from pipeline.export.directory import load
-    from pipeline.runtime import driver
-    from tests.helpers import small_omniglot_run
-
-    algorithm = {"name": "metanet", "conv_layers": 2, "filters": 4, "hidden": 8, "representation": 8, "rep_steps": 3}
-    config = validate(small_omniglot_run(tmp_path, "test-metanet", algorithm=algorithm))
-    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
-    assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
-    exported = load(tmp_path / "export")
-    assert set(exported.params) == set(build_learner(config).init(0))
-    batch = episodes(5, 1, 2, 1, seed=9)
-    predict = exported.adapt(batch.support_x[0], batch.support_y[0])
-    assert predict(batch.query_x[0]).shape == (10, 5)

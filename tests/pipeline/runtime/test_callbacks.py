@@ -9,7 +9,15 @@ from tqdm import tqdm
 
 from pipeline.build import build_learner
 from pipeline.runtime import checkpoint
-from pipeline.runtime.callbacks import Checkpoints, MetricsLog, PeriodicCheckpoint, Progress, RestorePoint, StepEnd, Validation
+from pipeline.runtime.callbacks import (
+    Checkpoints,
+    MetricsLog,
+    PeriodicCheckpoint,
+    Progress,
+    RestorePoint,
+    StepEnd,
+    Validation,
+)
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
 from pipeline.runtime.server import ParameterServer

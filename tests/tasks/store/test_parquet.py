@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,28 +14,8 @@ from tasks.errors import StoreError
 from tasks.store import parquet as store_module
 from tasks.store.filesystem import sha256_hex
 from tasks.store.parquet import open_store, precompute
-from tests.helpers import small_omniglot_task
-
-
-def sinusoid_config(path, **store) -> EpisodeConfig:
-    """2500 train episodes in 3 shards (row groups of 1000), 300 val, 200 test."""
-    return EpisodeConfig.model_validate(
-        {
-            "task": {"name": "sinusoid", "shots": 3, "queries": 4},
-            "store": {"path": str(path), "train_episodes": 2500, "val_episodes": 300, "test_episodes": 200,
-                      "shard_episodes": 1000} | store,
-        }
-    )
-
-
-def omniglot_config(path, data_root, **store) -> EpisodeConfig:
-    return EpisodeConfig.model_validate(
-        {
-            "task": small_omniglot_task(data_root).model_dump(),
-            "store": {"path": str(path), "train_episodes": 1500, "val_episodes": 20, "test_episodes": 30,
-                      "shard_episodes": 1000} | store,
-        }
-    )
+from tests.helpers import omniglot_store_config as omniglot_config
+from tests.helpers import sinusoid_store_config as sinusoid_config
 
 
 def files_of(store) -> dict[str, bytes]:
@@ -327,59 +306,6 @@ def test_fuzz_any_damage_to_a_shard_is_a_store_error(sinusoid_store, data):
         (copy / "val" / "part-00000.parquet").write_bytes(bytes(damaged))
         with pytest.raises(StoreError, match="val/part-00000.parquet"):
             open_store(str(copy)).read_split("val")
-
-
-# S3 ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 with a bucket ``episodes``; the environment points at it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="episodes")
-    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.mark.integration
-def test_s3_store_reads_back_equal_to_a_local_store(s3, tmp_path, small_omniglot, omniglot_store):
-    remote = precompute(omniglot_config("s3://episodes/omni", small_omniglot), progress=False)
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="episodes", Prefix="omni/")["Contents"]}
-    assert {"omni/manifest.json", "omni/images.parquet", "omni/train/part-00001.parquet"} <= keys
-    assert not [k for k in keys if ".tmp-" in k]
-    opened = open_store("s3://episodes/omni")
-    assert opened.verify() == {"train": 1500, "val": 20, "test": 30}
-    for split in ("train", "test"):
-        a, b = opened.read_split(split), omniglot_store.read_split(split)
-        assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_y, b.query_y)
-    with opened.reader("train", 32, worker=1, num_workers=2) as reader:
-        assert next(reader).support_x.shape == (32, 5, 1, 28, 28)
-    assert precompute(omniglot_config("s3://episodes/omni", small_omniglot), progress=False).manifest == remote.manifest
-
-
-@pytest.mark.integration
-def test_s3_damaged_shard_is_a_store_error(s3, tmp_path):
-    precompute(sinusoid_config("s3://episodes/sin"), progress=False)
-    s3.put_object(Bucket="episodes", Key="sin/train/part-00000.parquet", Body=b"PAR1 nonsense")
-    with pytest.raises(StoreError, match="s3://episodes/sin/train/part-00000.parquet: checksum mismatch"):
-        open_store("s3://episodes/sin").read_split("train", limit=10)
-    s3.delete_object(Bucket="episodes", Key="sin/val/part-00000.parquet")
-    with pytest.raises(StoreError, match="s3://episodes/sin/val/part-00000.parquet: missing"):
-        open_store("s3://episodes/sin").read_split("val")
 
 
 def test_shard_entry_without_checksum(damaged):
