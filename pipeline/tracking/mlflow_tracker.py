@@ -41,6 +41,14 @@ def tracking_uri(config: TrackingConfig) -> str:
     return config.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``mlruns/`` beside a SQLite database (MLflow's own
+    default is ./mlruns in the working directory, wherever the database is); the server's choice otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 def is_transient(error: BaseException) -> bool:
     """Worth retrying: anything but a request the server refused as a client error (4xx, not 429)."""
     if isinstance(error, MlflowException):
@@ -72,7 +80,10 @@ class MlflowTracker:
         self._client = MlflowClient(self.uri)
         if run_id is None:
             experiment = self._client.get_experiment_by_name(config.experiment)
-            experiment_id = experiment.experiment_id if experiment else self._client.create_experiment(config.experiment)
+            experiment_id = (
+                experiment.experiment_id if experiment
+                else self._client.create_experiment(config.experiment, artifact_location=artifact_location(self.uri))
+            )
             self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
         else:
             try:

@@ -92,3 +92,15 @@ def test_an_unknown_run_and_a_missing_artifact_are_run_errors(tmp_path):
     with pytest.raises(RunError, match=f"run {tracker.run_id} at .*: no checkpoints/latest artifact"):
         tracker.download("checkpoints/latest", tmp_path / "d")
     tracker.finish("FINISHED")
+
+
+def test_a_sqlite_store_keeps_its_artifacts_beside_the_database(tmp_path):
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+    (tmp_path / "elsewhere").mkdir()
+    tracker = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/elsewhere/mlflow.db"), "x")
+    (tmp_path / "a.txt").write_text("a")
+    tracker.log_artifact(tmp_path / "a.txt")
+    tracker.finish("FINISHED")
+    assert list((tmp_path / "elsewhere" / "mlruns").rglob("a.txt")) and not (tmp_path / "mlruns").exists()
