@@ -9,7 +9,6 @@ images (the query set it is measured on). Images are flattened, in [0, 1].
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from tasks.datasets import data_root
 from tasks.episodes import Episodes
 from tasks.errors import DatasetError
 from tasks.family import ArrayFamily, Strict, TaskSpec
@@ -75,7 +75,7 @@ def load_images(task: DigitsTask) -> tuple[torch.Tensor, torch.Tensor]:
         bunch = load_digits()
         x = torch.as_tensor(bunch.data, dtype=torch.float32) / 16.0
         return x, torch.as_tensor(bunch.target, dtype=torch.int64)
-    return _load_mnist(Path(task.data_root or os.environ.get("METAPIPE_DATA", "../shared/data")))
+    return _load_mnist(data_root(task.data_root))
 
 
 def _load_mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +83,13 @@ def _load_mnist(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
     raw = root / "MNIST" / "raw"
     if not raw.is_dir():
-        raise FileNotFoundError(f"task.data_root: MNIST not found at {raw} (torchvision layout; nothing is downloaded)")
+        raise DatasetError(f"task.data_root: MNIST not found at {raw} (torchvision layout; nothing is downloaded)")
     xs, ys = [], []
     for train in (True, False):
         try:
             data = MNIST(str(root), train=train, download=False)
         except RuntimeError as e:
-            raise FileNotFoundError(f"task.data_root: cannot read MNIST under {raw}: {e}") from None
+            raise DatasetError(f"task.data_root: cannot read MNIST under {raw}: {e}") from None
         xs.append(data.data.reshape(len(data.data), -1).float() / 255.0)
         ys.append(data.targets.long())
     return torch.cat(xs), torch.cat(ys)

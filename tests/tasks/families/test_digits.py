@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tasks.errors import DatasetError
 from tasks.families import digits
 from tasks.families.digits import DigitsTask
 
@@ -49,7 +50,7 @@ def test_out_of_range_indices_name_the_field() -> None:
 
 
 def test_missing_mnist_names_the_folder(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    with pytest.raises(DatasetError, match=f"task.data_root: MNIST not found at {tmp_path}"):
         digits.load_images(DigitsTask(source="mnist", data_root=str(tmp_path)))
 
 
