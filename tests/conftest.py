@@ -1,6 +1,7 @@
 """Fixtures shared by the test packages."""
 import pytest
 import ray
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +16,12 @@ def local_ray():
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and contend on shared CI cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

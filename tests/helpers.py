@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tasks.config import EpisodeConfig
@@ -252,3 +253,29 @@ def omniglot_store_config(path, data_root, **store) -> EpisodeConfig:
                       "shard_episodes": 1000} | store,
         }
     )
+
+
+def named_gradients(step: int) -> dict[str, torch.Tensor]:
+    """float64 gradients of two named parameters ``a [3, 4]`` and ``b [5]``, fixed by ``step``."""
+    gen = torch.Generator().manual_seed(step)
+    return {"a": torch.randn(3, 4, generator=gen, dtype=torch.float64), "b": torch.randn(5, generator=gen, dtype=torch.float64)}
+
+
+def assert_steps_match_torch_optim(opt, torch_class: type, steps: int = 5, **kwargs) -> tuple:
+    """Step the init/update pair ``opt`` and ``torch_class(**kwargs)`` side by side on copies of one pair of
+    parameters (TorchOpt's tests/helpers.py way); every tensor agrees to 1e-14 after every step. Returns
+    ``opt``'s last state."""
+    start = {k: torch.zeros_like(v) + 0.5 for k, v in named_gradients(0).items()}
+    reference = {k: v.clone().requires_grad_() for k, v in start.items()}
+    torch_opt = torch_class(list(reference.values()), **kwargs)
+    params, state = start, opt.init(start)
+    for step in range(steps):
+        grads = named_gradients(step)
+        updates, state = opt.update(grads, state)
+        params = {k: v + updates[k] for k, v in params.items()}
+        for k, g in grads.items():
+            reference[k].grad = g.clone()
+        torch_opt.step()
+        for k in params:
+            assert torch.allclose(params[k], reference[k].detach(), atol=1e-14, rtol=0), (step, k)
+    return state

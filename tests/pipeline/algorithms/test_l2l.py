@@ -201,15 +201,6 @@ def test_meta_loss_is_deterministic_in_the_episodes() -> None:
     assert a.item() == b.item() and a.item() != c.item()
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_meta_training_with_adam_beats_the_initial_lstm(one_thread: None) -> None:
     learner = L2L(Quadratic(), unroll=20, truncation=5)
     leaves = {k: v.requires_grad_() for k, v in learner.init(0).items()}

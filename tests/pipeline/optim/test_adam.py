@@ -8,13 +8,9 @@ from pipeline.optim.adam import AdamState, adam
 from pipeline.optim.base import apply_updates
 from pipeline.optim.schedule import cosine
 from pipeline.optim.unroll import unroll
+from tests.helpers import assert_steps_match_torch_optim
 
 DT = torch.float64
-
-
-def gradients(step: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(step)
-    return {"a": torch.randn(3, 4, generator=gen, dtype=DT), "b": torch.randn(5, generator=gen, dtype=DT)}
 
 
 @pytest.mark.parametrize(
@@ -23,20 +19,7 @@ def gradients(step: int) -> dict[str, torch.Tensor]:
     ids=["default-betas", "low-betas", "beta1-0"],
 )
 def test_named_tensors_match_torch_optim_step_by_step(kwargs):
-    start = {k: torch.zeros_like(v) + 0.5 for k, v in gradients(0).items()}
-    reference = {k: v.clone().requires_grad_() for k, v in start.items()}
-    torch_opt = torch.optim.Adam(list(reference.values()), **kwargs)
-    opt = adam(**kwargs)
-    params, state = start, opt.init(start)
-    for step in range(5):
-        grads = gradients(step)
-        updates, state = opt.update(grads, state)
-        params = apply_updates(params, updates)
-        for k, g in grads.items():
-            reference[k].grad = g.clone()
-        torch_opt.step()
-        for k in params:
-            assert torch.allclose(params[k], reference[k].detach(), atol=1e-14, rtol=0), (step, k)
+    state = assert_steps_match_torch_optim(adam(**kwargs), torch.optim.Adam, **kwargs)
     assert state.step == 5
 
 

@@ -60,15 +60,6 @@ def test_opt_fn_over_named_tensors_equals_one_tensor_at_a_time() -> None:
         torch.testing.assert_close(updates[k], alone, rtol=0, atol=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and contend on shared CI cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_trained_optimizer_trains_a_fresh_model_in_a_plain_loop(one_thread: None) -> None:
     """Meta-trained on quadratics, then a plain loop on an nn.Linear least-squares model (the same family)."""
     learner = L2L(Quadratic(), unroll=20, truncation=5)
