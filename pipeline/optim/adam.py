@@ -3,10 +3,11 @@
 The same update as ``torch.optim.Adam`` without weight decay (checked step by
 step against it), over a flat tensor (the parameter server's buffer) or a dict
 of named tensors with any leading task dimension. ``eps_root`` is added inside
-the square root as in TorchOpt and optax: 0 gives torch.optim's update; a small
-positive value keeps the derivative of the update finite where a second moment
-is exactly 0 (a gradient coordinate that was always 0), which matters only
-when an unroll is differentiated with ``create_graph=True``.
+the square root as in TorchOpt and optax. Its default, 1e-16, keeps the derivative
+of the update finite where a second moment is exactly 0 (a gradient coordinate
+that was always 0, common with dead ReLUs), so any Adam may be differentiated in
+an unroll with ``create_graph=True``; it moves no update by more than rounding.
+0 gives torch.optim's update exactly: the parameter server's choice.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def adam(
     lr: float | Schedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    eps_root: float = 0.0,
+    eps_root: float = 1e-16,
 ) -> GradientTransformation:
     """Adam with learning rate ``lr`` (a float, or a schedule of the 0-based step count).
 

@@ -76,7 +76,7 @@ class ParameterServer:
         self._max_staleness = max_staleness
         # the schedule runs on Adam's step count, which equals the version (both advance in _apply)
         lr = cosine(optimizer.lr, total_steps) if optimizer.schedule == "cosine" else optimizer.lr
-        self._adam = adam(lr, tuple(optimizer.betas), optimizer.eps)
+        self._adam = adam(lr, tuple(optimizer.betas), optimizer.eps, eps_root=0.0)  # torch.optim's update, never differentiated
 
     @staticmethod
     def fresh(params: torch.Tensor) -> ServerState:
