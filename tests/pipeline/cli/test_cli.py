@@ -128,3 +128,11 @@ def test_evaluate_refuses_fewer_than_one_episode_naming_the_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "some-run", "--episodes", "0"])
     assert exit_.value.code == 2 and "--episodes: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_baselines_take_their_own_flags_through_the_front_door(capsys):
+    assert main(["baselines", "--config", str(REPO / "configs" / "sinusoid_maml.yaml"), "--meta-steps", "1"]) == 2
+    assert "baselines compare a learned l2l optimizer, got algorithm.name='maml'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["finetune", "--help"])
+    assert exit_.value.code == 0 and "usage: python -m pipeline finetune" in capsys.readouterr().out
