@@ -416,12 +416,17 @@ def read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[str,
     return merge(merged, raw), [base, *bases]
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config and its ``base:`` files, apply ``--set`` overrides and validate it."""
+def _read(path: str | Path, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The file with its bases merged and ``--set`` overrides applied, and how errors name its source."""
     path = Path(path)
     raw, bases = read_with_bases(path)
     source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
-    return validate(apply_overrides(raw, overrides or []), source)
+    return apply_overrides(raw, overrides or []), source
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config and its ``base:`` files, apply ``--set`` overrides and validate it."""
+    return validate(*_read(path, overrides))
 
 
 def load_episode_config(path: str | Path, overrides: list[str] | None = None) -> EpisodeConfig:
@@ -431,10 +436,7 @@ def load_episode_config(path: str | Path, overrides: list[str] | None = None) ->
     file is validated as a run config (every section and rule), whose episode part is
     what the store needs. Raises ConfigError naming the file, key and value.
     """
-    path = Path(path)
-    raw, bases = read_with_bases(path)
-    raw = apply_overrides(raw, overrides or [])
-    source = f"{path} (with base {', '.join(str(b) for b in bases)})" if bases else str(path)
+    raw, source = _read(path, overrides)
     if set(raw) - {"task", "store"}:
         return validate(raw, source)
     try:
