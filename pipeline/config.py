@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 from tasks.config import EpisodeConfig
@@ -239,6 +246,9 @@ class RunConfig(EpisodeConfig):
     """A whole run: the episode store plus model, algorithm, optimizer, training and tracking."""
 
     name: str = "metapipe"
+    description: str | None = Field(
+        None, max_length=200, description="one line saying what the run is (``python -m pipeline configs`` lists it)"
+    )
     seed: int = Field(0, ge=0, lt=2**63, description="seeds parameters and the run (torch and numpy take it)")
     model: ModelConfig = Field(default_factory=MLPModel)
     algorithm: AlgorithmConfig = Field(default_factory=MAMLAlgorithm)
@@ -256,6 +266,13 @@ class RunConfig(EpisodeConfig):
         if "network" not in model and isinstance(FAMILIES.get(raw["task"].get("name")), ImageFamily):
             return {**raw, "model": {"network": "conv4", **model}}
         return raw
+
+    @field_validator("description")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\n" in value.strip()):
+            raise ValueError("must be one non-empty line")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -11,7 +11,7 @@ set, an episode's query set. As in the paper, the fine-tuning hyperparameters
 are picked on the store's val episodes from a small grid, and test accuracy is
 reported on the same test episodes as the meta-learners.
 
-``python -m pipeline finetune CONFIG`` runs it all and prints the table;
+``python -m pipeline baseline finetune CONFIG`` runs it all and prints the table;
 ``--mlflow-run RUN_ID`` adds it to a training run.
 """
 from __future__ import annotations
@@ -319,7 +319,7 @@ def log_to_run(run_id: str, report: Report, tracking: TrackingConfig) -> None:
 
 def main(argv: list[str] | None = None) -> Report:
     """CLI: open the config's store, pretrain, tune on val, evaluate on test, print (and log) the table."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline baseline finetune", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="run config YAML (an image task with a conv4 model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--pretrain-steps", type=int, default=5000)

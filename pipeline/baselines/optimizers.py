@@ -6,7 +6,7 @@ are the real thing), each with the learning rate that gives the lowest mean
 final loss on a separate set of tuning problems; the learned optimizer runs
 on the same held-out problems (same initializations and mini-batches).
 
-``python -m pipeline baselines --config configs/l2l_quadratic.yaml`` meta-trains
+``python -m pipeline baseline optimizers --config configs/l2l_quadratic.yaml`` meta-trains
 L2L in process (``--meta-steps``; or ``--export DIR`` to evaluate a trained one)
 and prints the table; ``--hidden``, ``--layers``, ``--activation`` change the
 evaluation MLP only (the paper's generalization checks).
@@ -124,8 +124,8 @@ def _table(results: dict[str, tuple[float | None, torch.Tensor]], steps: int) ->
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: meta-train (or load) L2L, tune the baselines, print the comparison table."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline baselines", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True)
+    parser = argparse.ArgumentParser(prog="python -m pipeline baseline optimizers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="l2l run config YAML (its task, store and algorithm sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--meta-steps", type=int, default=300,
                         help="in-process meta-training steps: train.steps of the run it makes (ignored with --export/--weights)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.cli.configs import config_file
 from pipeline.config import load_episode_config
 from tasks.errors import DatasetError
 from tasks.families import spec
@@ -21,7 +22,7 @@ def _precompute(args: argparse.Namespace) -> int:
 
 def _add_precompute(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("precompute", help="sample every split of a config into a Parquet episode store")
-    p.add_argument("config", help="run config YAML (its task and store sections are used)")
+    p.add_argument("config", type=config_file, help="task base (configs/tasks/) or run config YAML, or a shipped config's name")
     p.add_argument("--out", help="store location, a folder or s3://bucket/prefix (default: store.path)")
     p.add_argument("--episodes", type=int, help="training episodes (default: store.train_episodes)")
     p.add_argument("--seed", type=int, help="sampling seed (default: store.seed)")
@@ -78,6 +79,6 @@ def _download(args: argparse.Namespace) -> int:
 
 def _add_download(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("download", help="fetch a data set with torchvision (needs internet)")
-    p.add_argument("dataset", choices=["omniglot"])
+    p.add_argument("dataset", choices=["omniglot"], help="the data set to fetch (omniglot)")
     p.add_argument("--root", help="data root (default: $METAPIPE_DATA, else ../shared/data)")
     p.set_defaults(func=_download)

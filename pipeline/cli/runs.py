@@ -1,11 +1,16 @@
-"""Run commands: ``train`` a config, ``evaluate`` and ``export`` a tracked run."""
+"""Run commands: ``train`` a config, ``evaluate`` and ``export`` a tracked run, list the tracked ``runs``."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError, TrackingError, TrainingError
+from pipeline.cli.configs import CONFIG_HELP, config_file
+from pipeline.config import TrackingConfig, load_config
+from pipeline.errors import ConfigError, RunError, TrackingError, TrainingError
+
+RUN_ID_HELP = "MLflow run id, as train prints it (python -m pipeline runs lists them)"
 
 
 def at_least_one(text: str) -> int:
@@ -22,7 +27,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = [f"{key}={value}" for key, value in (("train.workers", args.workers), ("train.steps", args.steps), ("seed", args.seed)) if value is not None]
     config = load_config(args.config, overrides + args.set)
     try:
-        result = train(config, resume=args.resume, export_dir=args.export)
+        result = train(config, resume=args.resume, export_dir=args.export, progress=not args.quiet)
     except (TrainingError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -35,12 +40,13 @@ def _train(args: argparse.Namespace) -> int:
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="meta-train on Ray, track in MLflow, test and export")
-    p.add_argument("config", help="run config YAML")
+    p.add_argument("config", type=config_file, help=CONFIG_HELP)
     p.add_argument("--workers", type=int, help="episode workers (train.workers)")
     p.add_argument("--steps", type=int, help="meta-iterations (train.steps)")
     p.add_argument("--seed", type=int, help="run seed (seed)")
     p.add_argument("--resume", metavar="RUN_ID", help="continue this MLflow run from its last checkpoint")
     p.add_argument("--export", metavar="DIR", help="also write the export directory here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines (the run id and results still print)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. algorithm.inner_lr=0.4")
     p.set_defaults(func=_train)
 
@@ -59,7 +65,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("evaluate", help="meta-test a run's checkpoint: mean and 95%% interval")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help=RUN_ID_HELP)
     p.add_argument("--episodes", type=at_least_one, default=600, help="held-out test episodes (default 600)")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
@@ -77,7 +83,6 @@ def _export(args: argparse.Namespace) -> int:
         config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint)
         print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out)}")
     if args.register:
-        from pipeline.config import TrackingConfig
         from pipeline.tracking.mlflow_tracker import tracking_uri
         from pipeline.tracking.model_registry import register
 
@@ -88,9 +93,58 @@ def _export(args: argparse.Namespace) -> int:
 
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write a run's meta-learner to a directory and/or register it in MLflow")
-    p.add_argument("run_id")
+    p.add_argument("run_id", help=RUN_ID_HELP)
     p.add_argument("--out", metavar="DIR", help="export directory, loadable with pipeline.load(DIR)")
     p.add_argument("--register", metavar="NAME", help="register the run's MLflow model as a version of NAME")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     p.set_defaults(func=_export)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.mlflow_tracker import tracking_uri
+
+    uri = tracking_uri(TrackingConfig(uri=args.tracking_uri))
+    database = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(database).exists():  # MlflowClient would create an empty one
+        raise RunError(f"no MLflow store at {uri} ({Path(database).resolve()} does not exist): no run was tracked from here")
+    client = MlflowClient(uri)
+    try:
+        if args.experiment:
+            experiment = client.get_experiment_by_name(args.experiment)
+            if experiment is None:
+                raise RunError(f"--experiment {args.experiment!r}: no such experiment at {uri}")
+            ids = [experiment.experiment_id]
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=args.limit) if ids else []
+    except MlflowException as e:
+        raise RunError(f"cannot list the runs at {uri}: {e.message}") from None
+    print(f"{'run id':32s}  {'started (UTC)':16s}  {'status':8s}  {'test':24s}  name")
+    for run in runs:
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.info.start_time / 1000))
+        print(f"{run.info.run_id:32s}  {started:16s}  {run.info.status:8s}  {test_summary(run.data.metrics):24s}  {run.info.run_name}")
+    print(f"{len(runs)} most recent runs at {uri}" + (f", experiment {args.experiment}" if args.experiment else ""))
+    return 0
+
+
+def test_summary(metrics: dict[str, float]) -> str:
+    """A run's meta-test result from its ``test/*`` metrics (``accuracy 88.21% +- 0.60%``), or ``-`` without one."""
+    for metric in ("accuracy", "mse"):
+        if f"test/{metric}" in metrics:
+            mean, ci95 = metrics[f"test/{metric}"], metrics.get(f"test/{metric}_ci95", float("nan"))
+            if metric == "accuracy":
+                return f"accuracy {100 * mean:.2f}% +- {100 * ci95:.2f}%"
+            return f"mse {mean:.4f} +- {ci95:.4f}"
+    return "-"
+
+
+def _add_runs(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("runs", help="list the most recent tracked runs: id, start, status, test result, name")
+    p.add_argument("--experiment", help="only this MLflow experiment (default: all)")
+    p.add_argument("--limit", type=at_least_one, default=20, help="runs to list, newest first (default 20)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.set_defaults(func=_runs)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from pipeline.cli.configs import config_file
+
 
 def _submit(args: argparse.Namespace) -> int:
     from pipeline.runtime.submit import submit
@@ -15,7 +17,7 @@ def _add_submit(subparsers: argparse._SubParsersAction) -> None:
     from pipeline.runtime.submit import DEFAULT_ADDRESS
 
     p = subparsers.add_parser("submit", help="run `train CONFIG` as a job on a Ray cluster (Ray Jobs API)")
-    p.add_argument("config", help="run config YAML inside the project (the job sees the project folder)")
+    p.add_argument("config", type=config_file, help="run config YAML inside the project (the job sees the project folder), or a shipped config's name")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS,
                    help=f"Ray dashboard (jobs) address (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     p.add_argument("--follow", action="store_true", help="stream the job's logs and exit with its status")

@@ -156,3 +156,9 @@ def test_meta_lstm_bias_ranges_and_a_model_without_network_on_images():
     with pytest.raises(ConfigError, match=r"algorithm.forget_bias: low must not exceed high, got \[6.0, 4.0\]"):
         validate({**OMNIGLOT, "algorithm": {"name": "meta_lstm", "forget_bias": [6, 4]}})
     assert validate({**OMNIGLOT, "model": {"filters": 32}}).model.filters == 32
+
+
+@pytest.mark.parametrize("value", ["", "  ", "two\nlines", "x" * 201], ids=["empty", "blank", "two-lines", "too-long"])
+def test_description_is_one_line(value):
+    with pytest.raises(ConfigError, match="description"):
+        validate({**BASE, "description": value})

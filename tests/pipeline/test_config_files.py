@@ -170,3 +170,9 @@ def test_base_files_say_what_they_are_and_hold_task_and_store_only(base):
     users = [n for n, (b, _) in RUNS.items() if b == base.name]
     users += [b.name for b in BASES if yaml.safe_load(b.read_text()).get("base") == base.name]
     assert users, f"{base.name} is used by no config"
+
+
+@pytest.mark.parametrize("name", sorted(RUNS))
+def test_run_config_has_a_one_line_description(name):
+    description = load_config(CONFIGS / name).description
+    assert description and "\n" not in description and len(description) <= 200

@@ -131,8 +131,125 @@ def test_evaluate_refuses_fewer_than_one_episode_naming_the_flag(capsys):
 
 
 def test_the_baselines_take_their_own_flags_through_the_front_door(capsys):
-    assert main(["baselines", "--config", str(REPO / "configs" / "sinusoid_maml.yaml"), "--meta-steps", "1"]) == 2
+    assert main(["baseline", "optimizers", "--config", str(REPO / "configs" / "sinusoid_maml.yaml"), "--meta-steps", "1"]) == 2
     assert "baselines compare a learned l2l optimizer, got algorithm.name='maml'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
-        main(["finetune", "--help"])
-    assert exit_.value.code == 0 and "usage: python -m pipeline finetune" in capsys.readouterr().out
+        main(["baseline", "finetune", "--help"])
+    assert exit_.value.code == 0 and "usage: python -m pipeline baseline finetune" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["baseline", "nope"])
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    import pipeline
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"metapipe {pipeline.__version__}\n"
+
+
+def test_configs_lists_every_shipped_config_with_its_description(capsys):
+    from pipeline.config import load_config
+
+    assert main(["configs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shipped = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(shipped) > 10 and lines[len(shipped)] == ""
+    for path, line in zip(shipped, lines, strict=False):
+        name, description = line.split(maxsplit=1)
+        assert (name, description) == (path.stem, load_config(path).description)
+
+
+def test_config_prints_the_resolved_config_that_validates_to_the_same(tmp_path, capsys):
+    from pipeline.config import load_config, validate
+
+    assert main(["config", "sinusoid_maml", "--set", "train.steps=7"]) == 0  # a shipped name stands for its file
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["steps"] == 7 and resolved["optimizer"]["betas"] == [0.9, 0.999]  # a default, filled in
+    assert "base" not in resolved
+    assert validate(resolved) == load_config(REPO / "configs" / "sinusoid_maml.yaml", ["train.steps=7"])
+
+
+def test_config_schema_is_the_json_schema(capsys):
+    import json
+
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["title"] == "RunConfig" and {"task", "store", "train", "description"} <= set(schema["properties"])
+
+
+def test_config_errors_name_the_key_or_ask_for_config(capsys):
+    assert main(["config", "sinusoid_maml", "--set", "train.stepz=1"]) == 2
+    assert "train.stepz: Extra inputs are not permitted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["config"])
+    assert exit_.value.code == 2 and "give CONFIG, or --schema" in capsys.readouterr().err
+
+
+def test_every_positional_argument_has_help():
+    import argparse
+
+    from pipeline.cli import parser
+
+    seen = []
+
+    def walk(p: argparse.ArgumentParser) -> None:
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    seen.append(name)
+                    walk(sub)
+            elif not action.option_strings:
+                assert action.help, f"{p.prog}: positional {action.dest} has no help"
+
+    walk(parser())
+    assert {"train", "evaluate", "export", "runs", "config", "configs", "download", "finetune", "optimizers"} <= set(seen)
+
+
+def test_train_quiet_turns_progress_off(monkeypatch):
+    from pipeline.runtime import driver
+
+    seen = []
+
+    def train(config, progress, **kwargs):
+        seen.append(progress)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "train", train)
+    config = str(REPO / "configs" / "sinusoid_maml.yaml")
+    assert main(["train", config, "--quiet"]) == 130 and main(["train", config]) == 130
+    assert seen == [False, True]
+
+
+def test_runs_lists_recent_runs_with_their_test_result(tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["runs"]) == 2  # no store here yet: said, and none created
+    assert "no MLflow store at sqlite:///mlflow.db" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
+    uri = f"sqlite:///{tmp_path}/runs.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("metapipe")
+    ids = []
+    for name, metrics, status in [
+        ("omniglot", {"test/accuracy": 0.8821, "test/accuracy_ci95": 0.006}, "FINISHED"),
+        ("sinusoid", {"test/mse": 0.5214, "test/mse_ci95": 0.0461}, "FINISHED"),
+        ("stopped", {"train/loss": 1.0}, "KILLED"),
+    ]:
+        run = client.create_run(experiment, run_name=name, start_time=1_800_000_000_000 + 60_000 * len(ids))
+        for key, value in metrics.items():
+            client.log_metric(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id, status)
+        ids.append(run.info.run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the same resolution as every other command
+    assert main(["runs", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "id", "started", "(UTC)", "status", "test", "name"]
+    assert lines[1].split() == [ids[2], "2027-01-15", "08:02", "KILLED", "-", "stopped"]  # newest first
+    assert lines[2].split() == [ids[1], "2027-01-15", "08:01", "FINISHED", "mse", "0.5214", "+-", "0.0461", "sinusoid"]
+    assert lines[3] == f"2 most recent runs at {uri}"
+    assert main(["runs", "--experiment", "metapipe", "--tracking-uri", uri]) == 0
+    assert "accuracy 88.21% +- 0.60%" in capsys.readouterr().out
+    assert main(["runs", "--experiment", "nope", "--tracking-uri", uri]) == 2
+    assert "--experiment 'nope': no such experiment" in capsys.readouterr().err
