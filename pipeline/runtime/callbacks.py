@@ -1,5 +1,5 @@
-"""What happens around the step loop: validation and the best checkpoint, periodic checkpoints, metrics and
-progress after each step; the meta-test, the figures and the export at the run's end.
+"""What happens around the step loop: validation and the best checkpoint, periodic checkpoints and metrics after
+each step (progress: pipeline/runtime/progress.py); the meta-test, the figures and the export at the run's end.
 
 Each step callback gets the step's ``StepEnd`` and may add metrics to it; the loop
 calls them in the order given (validation first, so its metrics are logged with
@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.evaluation import EvalResult, evaluate
@@ -134,20 +133,6 @@ class PeriodicCheckpoint:
     def on_step(self, step: StepEnd) -> None:
         if step.version % self._every == 0 or step.last:
             self._checkpoints.save("latest")
-
-
-class Progress:
-    """Moves a progress bar to the step's version and shows its loss, accuracy and throughput."""
-
-    SHOWN = ("train/loss", "train/accuracy", "val/accuracy", "val/mse")
-
-    def __init__(self, bar: tqdm) -> None:
-        self._bar = bar
-
-    def on_step(self, step: StepEnd) -> None:
-        self._bar.update(step.version - self._bar.n)  # back after a server restore
-        shown = {k.split("/")[1]: round(v, 4) for k, v in step.metrics.items() if k in self.SHOWN}
-        self._bar.set_postfix(**shown, eps=round(step.metrics["throughput/episodes_per_s"], 1))
 
 
 def test_metrics(result: EvalResult) -> dict[str, float]:

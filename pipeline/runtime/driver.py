@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from pipeline.build import build_learner
 from pipeline.config import RunConfig
 from pipeline.errors import TrainingError
@@ -30,7 +28,6 @@ from pipeline.runtime.callbacks import (
     Checkpoints,
     MetricsLog,
     PeriodicCheckpoint,
-    Progress,
     RestorePoint,
     Validation,
     current_params,
@@ -42,6 +39,7 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.loop import StepLoop
 from pipeline.runtime.policy import FailurePolicy
 from pipeline.runtime.pool import Pool, Positions, RayPool
+from pipeline.runtime.progress import Progress
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.tracking.mlflow_tracker import MlflowTracker
@@ -75,7 +73,7 @@ def train(
     KeyboardInterrupt after writing a final checkpoint.
     """
     resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
-    store = precompute(config)  # when the store is missing; refuses one made for another config
+    store = precompute(config, progress=progress)  # when the store is missing; refuses one made for another config
     resources = start_ray(config)
     tracker = resumed or MlflowTracker(config.tracking, config.name)
 
@@ -116,19 +114,19 @@ def run(
     pool = start_pool(state, positions, policy)
     checkpoints = Checkpoints(pool, tracker, scratch, config, best_val, RestorePoint(state, list(positions)))
     print(f"run_id: {tracker.run_id}", flush=True)
-    bar = tqdm(total=t.steps, initial=state.version, disable=not progress, unit="step", file=sys.stderr)
+    shown = Progress(t.steps, state.version, t.log_every, enabled=progress)
     callbacks = [
         Validation(learner, layout, val_set, t.val_every, pool, checkpoints),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
-        Progress(bar),
+        shown,
     ]
     loop = StepLoop(pool, policy, checkpoints, callbacks, t, state.version)
     try:
         try:
             loop.run()
         finally:
-            bar.close()
+            shown.close()
     except KeyboardInterrupt:
         try:
             checkpoints.save("latest")
@@ -143,18 +141,20 @@ def run(
     try:
         best = checkpoints.best()
         params = layout.unflatten(best.server.params) if best else current_params(pool, layout)
-        test = _end_finished(config, store, learner, params, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
+        test = _end_finished(config, store, learner, params, tracker, loop.version, Path(export_dir or scratch / "export"), scratch, shown)
         return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
 
 
 def _end_finished(
-    config: RunConfig, store: Store, learner: MetaLearner, params: Params, tracker: Tracker, step: int, export_dir: Path, scratch: Path
+    config: RunConfig, store: Store, learner: MetaLearner, params: Params, tracker: Tracker, step: int, export_dir: Path, scratch: Path,
+    progress: Progress,
 ) -> tuple[EvalResult, Path]:
     """Meta-test ``params``, draw the figures, export, and mark the run FINISHED; the test and the export's folder."""
     test_set = store.read_split("test", limit=config.train.test_episodes)
-    result = log_test(tracker, learner, params, test_set, step, scratch)
+    with progress.evaluating("meta-test", len(test_set)):
+        result = log_test(tracker, learner, params, test_set, step, scratch)
     log_learning_curve(tracker, scratch)
     log_learner_figures(tracker, learner, params, test_set, scratch)
     out = log_export(tracker, params, config, result, export_dir, scratch)

@@ -1,11 +1,8 @@
 """Each step callback alone, on an in-process pool and a real MLflow run on SQLite."""
 from __future__ import annotations
 
-import io
-
 import pytest
 from mlflow.tracking import MlflowClient
-from tqdm import tqdm
 
 from pipeline.build import build_learner
 from pipeline.runtime import checkpoint
@@ -13,7 +10,6 @@ from pipeline.runtime.callbacks import (
     Checkpoints,
     MetricsLog,
     PeriodicCheckpoint,
-    Progress,
     RestorePoint,
     StepEnd,
     Validation,
@@ -84,13 +80,3 @@ def test_a_periodic_checkpoint_becomes_the_restore_point(run):
     tracker.finish()
     paths = {a.path for a in MlflowClient(config.tracking.uri).list_artifacts(tracker.run_id, "checkpoints")}
     assert paths == {"checkpoints/latest"}
-
-
-def test_progress_follows_the_version_back_after_a_restore(run):
-    *_, reports, _, _ = run
-    bar = tqdm(total=10, file=io.StringIO())
-    progress = Progress(bar)
-    progress.on_step(step(4, reports, **{"train/loss": 0.123456}))
-    assert bar.n == 4
-    progress.on_step(step(2, reports))
-    assert bar.n == 2

@@ -26,15 +26,19 @@ class FailsAt3(InterruptedAt3):
     error = RuntimeError("the store went away")
 
 
-def train_in_process(tmp_path, pool_class, **train):
+def train_in_process(tmp_path, pool_class, progress=False, **train):
     config = sinusoid_config(tmp_path, train_episodes=1000, **{"steps": 6, "val_every": 3, "checkpoint_every": 3, **train})
     tracker = MlflowTracker(config.tracking, config.name)
-    result = run(config, precompute(config), tracker, lambda s, p, _: pool_class(config, s, p), export_dir=tmp_path / "export", progress=False)
+    result = run(config, precompute(config), tracker, lambda s, p, _: pool_class(config, s, p), export_dir=tmp_path / "export", progress=progress)
     return result, MlflowClient(config.tracking.uri), tracker.run_id
 
 
-def test_a_finished_run_is_tested_exported_and_drawn(tmp_path):
-    result, client, run_id = train_in_process(tmp_path, LocalPool)
+def test_a_finished_run_is_tested_exported_and_drawn(tmp_path, capsys):
+    result, client, run_id = train_in_process(tmp_path, LocalPool, progress=True, log_every=3)
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: plain progress lines, as a job log shows them
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in steps] == ["step 3/6 (50%)", "step 6/6 (100%)"] and "val mse" in steps[0]
+    assert "meta-test: 40 episodes..." in lines and "\r" not in "".join(lines)
     run_info = client.get_run(run_id)
     assert run_info.info.status == "FINISHED" and result.steps == 6 and result.export_dir == tmp_path / "export"
     assert run_info.data.metrics["test/episodes"] == 40 and run_info.data.params["train.workers"] == "2"
