@@ -240,6 +240,9 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     experiment: str = "metapipe"
     outage_timeout_s: float = Field(3600.0, gt=0, description="how long the run's end waits for an unreachable MLflow to return")
+    system_metrics_s: float | None = Field(
+        10.0, gt=0, description="seconds between samples of each node's CPU, memory and GPU use (system/*); null: none"
+    )
 
 
 class RunConfig(EpisodeConfig):

@@ -42,6 +42,7 @@ from pipeline.runtime.pool import Pool, Positions, RayPool
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
+from pipeline.runtime.system_metrics import SystemMetrics
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
@@ -80,7 +81,13 @@ def train(
     def start_pool(state: ServerState, positions: Positions, policy: FailurePolicy) -> Pool:
         return RayPool(config, resources, state, positions, policy)
 
-    return run(config, store, tracker, start_pool, resumed=resume is not None, export_dir=export_dir, progress=progress)
+    interval = config.tracking.system_metrics_s
+    monitors = SystemMetrics(tracker.run_id, tracker.uri, interval, resume=resume is not None) if interval else None
+    try:
+        return run(config, store, tracker, start_pool, resumed=resume is not None, export_dir=export_dir, progress=progress)
+    finally:
+        if monitors:
+            monitors.stop()
 
 
 def run(
