@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ STORE = [
 ]
 TRAIN = [
     "name=it-sinusoid", "train.steps=20", "train.meta_batch=4", "train.val_every=10", "train.val_episodes=8",
-    "train.test_episodes=8", "train.checkpoint_every=10", "train.log_every=5",
+    "train.test_episodes=8", "train.checkpoint_every=10", "train.log_every=5", "tracking.system_metrics_s=1",
 ]
 MODEL = "it-sinusoid-maml"
 
@@ -59,6 +60,28 @@ class Job:
     run_id: str
     job_id: str
     output: str
+    status_at_first_progress: str | None
+    """The MLflow run's status when the followed log showed its first progress line."""
+
+
+def submit_and_follow(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str, str | None]:
+    """``python -m pipeline submit ... --follow``, its output read as it comes: the exit status, the output, and the
+    run's MLflow status when the first progress line (``step N/M ...``) arrived."""
+    command = [sys.executable, "-m", "pipeline", *args]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killer = threading.Timer(timeout, process.kill)
+    killer.start()
+    lines: list[str] = []
+    status = None
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            run_id = run_id_in("".join(lines)) if status is None and line.startswith("step ") else None
+            if run_id:
+                status = MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(run_id).info.status
+        return process.wait(), "".join(lines), status
+    finally:
+        killer.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +89,21 @@ def job(client_env: dict[str, str], ray_head: RayHead) -> Job:
     """Precompute the store to s3:// and train on the Ray head through ``pipeline submit --follow``."""
     made = cli(["precompute", CONFIG, *sets(STORE)], client_env, timeout=120)
     assert made.returncode == 0, made.stderr
-    submitted = cli(["submit", CONFIG, *sets(STORE + TRAIN), "--address", ray_head.address, "--follow"], client_env, timeout=420)
-    output = submitted.stdout + submitted.stderr
-    assert submitted.returncode == 0, output[-6000:]
-    run_id = run_id_in(submitted.stdout)
-    job_id = next(line.split(": ", 1)[1] for line in submitted.stdout.splitlines() if line.startswith("job_id: "))
+    args = ["submit", CONFIG, *sets(STORE + TRAIN), "--address", ray_head.address, "--follow"]
+    returncode, output, status_at_first_progress = submit_and_follow(args, client_env, timeout=420)
+    assert returncode == 0, output[-6000:]
+    run_id = run_id_in(output)
+    job_id = next(line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("job_id: "))
     assert run_id, output[-3000:]
-    return Job(run_id, job_id, output)
+    return Job(run_id, job_id, output, status_at_first_progress)
+
+
+def test_the_followed_log_shows_progress_lines_while_the_run_goes_on(job: Job) -> None:
+    steps = [line for line in job.output.splitlines() if line.startswith("step ")]
+    assert [line.split("  ")[0] for line in steps] == ["step 5/20 (25%)", "step 10/20 (50%)", "step 15/20 (75%)", "step 20/20 (100%)"]
+    assert "episodes/s" in steps[0] and "ETA" in steps[0] and "val mse" in steps[1]
+    assert job.status_at_first_progress == "RUNNING"  # shown while the job ran, not at its end
+    assert "meta-test: 8 episodes..." in job.output
 
 
 def test_run_metrics_are_in_the_tracking_server(job: Job, mlflow_server: str) -> None:
@@ -84,6 +115,7 @@ def test_run_metrics_are_in_the_tracking_server(job: Job, mlflow_server: str) ->
     losses = client.get_metric_history(job.run_id, "train/loss")
     assert max(m.step for m in losses) == 20 and all(math.isfinite(m.value) for m in losses)
     test = {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
+    assert 0 <= run.data.metrics["system/cpu_utilization_percentage"] <= 100  # the driver's node, by MLflow's monitor
     assert test["test/episodes"] == 8
     assert any(k.endswith("_ci95") for k in test) and all(math.isfinite(v) for v in test.values())
 
