@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -107,6 +108,7 @@ def _runs(args: argparse.Namespace) -> int:
 
     from pipeline.tracking.mlflow_tracker import tracking_uri
 
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # an unreachable server: said at once, not after minutes
     uri = tracking_uri(TrackingConfig(uri=args.tracking_uri))
     database = uri.removeprefix("sqlite:///")
     if uri.startswith("sqlite:///") and not Path(database).exists():  # MlflowClient would create an empty one

@@ -253,3 +253,12 @@ def test_runs_lists_recent_runs_with_their_test_result(tmp_path, capsys, monkeyp
     assert "accuracy 88.21% +- 0.60%" in capsys.readouterr().out
     assert main(["runs", "--experiment", "nope", "--tracking-uri", uri]) == 2
     assert "--experiment 'nope': no such experiment" in capsys.readouterr().err
+
+
+def test_runs_of_an_unreachable_server_is_a_clear_error(capsys, monkeypatch):
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert main(["runs", "--tracking-uri", uri]) == 2
+    assert f"cannot list the runs at {uri}: " in capsys.readouterr().err
