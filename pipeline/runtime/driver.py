@@ -172,12 +172,15 @@ def _end_finished(
 def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
     """The server state, reader positions and best validation of the run's checkpoints/latest.
 
-    Raises TrainingError when ``config`` differs from the checkpoint's (train.steps aside), naming the keys.
+    Raises TrainingError when ``config`` differs from the checkpoint's (train.steps, description and tracking aside),
+    naming the keys.
     """
     ckpt = checkpoint.load(tracker.download("checkpoints/latest", scratch / "resume"))
     mine, theirs = dict(config.model_dump(mode="json")), dict(ckpt.config)
     for c in (mine, theirs):
         c["train"] = {k: v for k, v in c["train"].items() if k != "steps"}
+        for key in ("description", "tracking"):  # how the run is described and tracked, not what it trains
+            c.pop(key, None)
     if mine != theirs:
         diff = sorted(k for k, v in flatten(mine).items() if flatten(theirs).get(k) != v)
         raise TrainingError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {diff}")

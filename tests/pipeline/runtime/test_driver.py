@@ -71,3 +71,25 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
     assert config.algorithm.eval_inner_steps == 3 and params
     with pytest.raises(RunError, match=f"run {run_id}: its checkpoint holds .* parameters, the learner of its config"):
         load_run(run_id, uri, "best", ["model.hidden=[8]"])
+
+
+def test_resuming_ignores_description_and_tracking_but_refuses_another_training_setting(tmp_path):
+    from pipeline.config import validate
+    from pipeline.errors import TrainingError
+    from pipeline.runtime.driver import _resume
+
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(tmp_path, InterruptedAt3)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (killed,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    raw = sinusoid_config(tmp_path, train_episodes=1000, steps=6, val_every=3, checkpoint_every=3).model_dump(mode="json")
+
+    def resume(**changes):
+        config = validate({**raw, **{k: {**raw[k], **v} if isinstance(v, dict) else v for k, v in changes.items()}})
+        tracker = MlflowTracker(config.tracking, config.name, run_id=killed.info.run_id)
+        return _resume(config, tracker, tmp_path / "resume")
+
+    with pytest.raises(TrainingError, match=r"config differs from the checkpoint's at \['algorithm.inner_lr'\]"):
+        resume(algorithm={"inner_lr": 0.02})
+    state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
+    assert state.version == 3
