@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm import tqdm
@@ -28,8 +28,10 @@ from pipeline.runtime.server import ServerState
 from pipeline.runtime.worker import StepReport
 from pipeline.tracking.plots import log_figure
 from pipeline.tracking.tracker import Tracker
-from pipeline.types import Illustrated, MetaLearner, Params
-from tasks.episodes import Episodes
+from pipeline.types import Params
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -160,11 +162,10 @@ def log_test(tracker: Tracker, result: EvalResult, step: int, scratch: Path) -> 
     tracker.log_artifact(table)
 
 
-def log_learner_figures(tracker: Tracker, learner: MetaLearner, params: Params, episodes: Episodes, scratch: Path) -> None:
-    """The learner's own figures (e.g. the Meta-LSTM's gates) under ``plots/``, when it draws any."""
-    if isinstance(learner, Illustrated):
-        for name, figure in learner.figures(params, episodes).items():
-            log_figure(tracker, name, figure, scratch)
+def log_learner_figures(tracker: Tracker, figures: dict[str, Figure], scratch: Path) -> None:
+    """The learner's own figures (e.g. the Meta-LSTM's gates, drawn by a worker: ``Pool.figures``) under ``plots/``."""
+    for name, figure in figures.items():
+        log_figure(tracker, name, figure, scratch)
 
 
 def log_export(tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, scratch: Path) -> Path:

@@ -20,7 +20,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from tqdm import tqdm
 
@@ -51,8 +51,11 @@ from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
-from pipeline.types import MetaLearner, Params
+from pipeline.types import Params
 from tasks.store.parquet import Store, precompute
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 StartPool = Callable[[ServerState, Positions, FailurePolicy], Pool]
 """Starts the server from a state and the workers at reader positions, under a failure policy."""
@@ -150,8 +153,9 @@ def run(
     try:
         best = checkpoints.best()
         params = layout.unflatten(best.server.params) if best else current_params(pool, layout)
-        test = pool.evaluate("test", _eval_count(store, "test", t.test_episodes), layout.flatten(params).numpy())
-        test = _end_finished(config, store, learner, params, test, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
+        flat = layout.flatten(params).numpy()
+        test, figures = pool.evaluate("test", _eval_count(store, "test", t.test_episodes), flat), pool.figures(flat)
+        test = _end_finished(config, params, test, figures, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
         return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
@@ -167,20 +171,19 @@ def _eval_count(store: Store, split: str, asked: int) -> int:
 
 def _end_finished(
     config: RunConfig,
-    store: Store,
-    learner: MetaLearner,
     params: Params,
     test: EvalResult,
+    figures: dict[str, Figure],
     tracker: Tracker,
     step: int,
     export_dir: Path,
     scratch: Path,
 ) -> tuple[EvalResult, Path]:
-    """Log the meta-test ``test`` of ``params``, draw the figures, export, and mark the run FINISHED; the test
-    and the export's folder."""
+    """Log the meta-test ``test`` of ``params`` and the learner's ``figures`` (both from the workers), the
+    learning curve, the export, and mark the run FINISHED; the test and the export's folder."""
     log_test(tracker, test, step, scratch)
     log_learning_curve(tracker, scratch)
-    log_learner_figures(tracker, learner, params, store.read_split("test", limit=1), scratch)  # one episode, for a figure
+    log_learner_figures(tracker, figures, scratch)
     out = log_export(tracker, params, config, test, export_dir, scratch)
     tracker.finish("FINISHED")
     return test, out

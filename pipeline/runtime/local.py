@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from pipeline.evaluation import EvalResult, aggregate
 from pipeline.runtime.pool import Positions, eval_slices, server_options, split_batch
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class LocalPool:
@@ -55,6 +58,9 @@ class LocalPool:
     def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
         slices = enumerate(eval_slices(episodes, self.size))
         return aggregate([self.workers[i].evaluate(split, start, stop, flat) for i, (start, stop) in slices if stop > start])
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        return self.workers[0].figures(flat)
 
     def stats(self) -> dict[str, float]:
         return self.server.stats()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 import ray
@@ -32,6 +32,9 @@ from pipeline.runtime.placement import Placement
 from pipeline.runtime.policy import FailurePolicy, GiveUp
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Positions = list[dict[str, Any] | None]
 """Every worker's reader position (None: the start of its share), as a checkpoint records them."""
@@ -95,6 +98,10 @@ class Pool(Protocol):
     def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
         """The first ``episodes`` of the store's ``split`` scored under the flat parameters ``flat`` by the workers
         (``eval_slices``), aggregated in worker order."""
+        ...
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        """The learner's own figures under ``flat``, drawn by worker 0 (EpisodeWorker.figures)."""
         ...
 
     def stats(self) -> dict[str, float]:
@@ -214,6 +221,12 @@ class RayPool:
         }
         handles = {i: call() for i, call in calls.items()}
         return aggregate([self._get(i, handles[i], calls[i]) for i in calls])
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        def again() -> ray.ObjectRef:
+            return self._call(self.workers[0].figures.remote(flat))
+
+        return self._get(0, again(), again)
 
     def _server_call(self, method: str) -> Any:
         try:

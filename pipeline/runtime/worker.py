@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,8 +23,12 @@ from pipeline.config import validate
 from pipeline.evaluation import EvalShare, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
+from pipeline.types import Illustrated
 from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,14 @@ class EpisodeWorker:
         with self._compute():
             values = scores(self.learner, self._params(flat), episodes)
         return EvalShare(self.worker_id, metric_name(episodes), values)
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        """The learner's own figures (pipeline.types.Illustrated) drawn under ``flat`` on the first test episode;
+        none when it draws none."""
+        if not isinstance(self.learner, Illustrated):
+            return {}
+        with self._compute():
+            return self.learner.figures(self._params(flat), self.store.read_split("test", limit=1).to(self.device, self.dtype))
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """The flat float32 parameters as the learner's named tensors on this worker's device and dtype."""
