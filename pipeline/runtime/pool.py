@@ -17,6 +17,7 @@ per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate
 """
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
@@ -226,7 +227,8 @@ class RayPool:
         def again() -> ray.ObjectRef:
             return self._call(self.workers[0].figures.remote(flat))
 
-        return self._get(0, again(), again)
+        # arrays out of Ray's object store are read-only, and matplotlib writes to its own when saving: copy
+        return {name: copy.deepcopy(figure) for name, figure in self._get(0, again(), again).items()}
 
     def _server_call(self, method: str) -> Any:
         try:
