@@ -102,6 +102,7 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
     from pipeline.build import build_learner
     from pipeline.config import load_config
     from pipeline.runtime.flat_buffer import Layout
+    from pipeline.runtime.placement import Placement
     from pipeline.runtime.policy import FailurePolicy
     from pipeline.runtime.pool import RayPool
     from pipeline.runtime.ray_env import start_ray
@@ -116,7 +117,8 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
         resources = start_ray(config)
         params = build_learner(config).init(config.seed)
         state = ParameterServer.fresh(Layout.of(params).flatten(params))
-        pool = RayPool(config, resources, state, [None] * n, FailurePolicy(config.train.max_bad_grads))
+        placement = Placement.reserve(config, resources)
+        pool = RayPool(config, placement, state, [None] * n, FailurePolicy(config.train.max_bad_grads))
         pool.step_all()
         walls, overheads = [], []
         for _ in range(args.repeats):
@@ -126,6 +128,7 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
             walls.append(wall)
             overheads.append(1 - max(r.timings["compute_s"] for r in reports) / wall)
         pool.stop()
+        placement.remove()
         overhead = statistics.median(overheads)
         rows.append(Row(f"Ray, {n} worker(s), PS overhead {overhead:.0%}", args.meta_batch / statistics.median(walls)))
     ray.shutdown()

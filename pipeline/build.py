@@ -61,7 +61,7 @@ def build_network(config: RunConfig) -> Network:
 
 
 def _dtype(config: RunConfig) -> torch.dtype:
-    return getattr(torch, config.train.dtype)
+    return getattr(torch, config.train.param_dtype)  # bfloat16 is the workers' autocast over float32 parameters
 
 
 def _maml(config: RunConfig) -> MAML:

@@ -231,7 +231,32 @@ class TrainConfig(Strict):
     test_episodes: int = Field(600, ge=1)
     log_every: int = Field(10, ge=1)
     max_bad_grads: int = Field(10, ge=1, description="stop after this many non-finite gradients in a row")
-    dtype: Literal["float32", "float64"] = "float32"
+    dtype: Literal["float32", "float64", "bfloat16"] = Field(
+        "float32", description="workers' compute; bfloat16: autocast over float32 parameters (the server's stay float32)"
+    )
+    cpus_per_worker: float | None = Field(None, gt=0, description="default: an equal share of the cluster's CPUs")
+    resources_per_worker: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict, description="custom Ray resources, e.g. {node_slot: 1}")
+    placement: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the server and the workers"
+    )
+    placement_timeout_s: float = Field(300.0, gt=0, description="how long to wait for the cluster to place every worker")
+    call_timeout_s: float = Field(
+        600.0, gt=0, description="a worker call (a step, an evaluation share) running longer is taken for hung: it is replaced"
+    )
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> TrainConfig:
+        if self.gpus_per_worker > 1:
+            raise ValueError(
+                f"train.gpus_per_worker: a worker computes on one GPU, so more than 1 would reserve GPUs it leaves idle"
+                f" (got {self.gpus_per_worker:g}); use more train.workers, or a fraction (0.25: four workers per GPU)"
+            )
+        return self
+
+    @property
+    def param_dtype(self) -> str:
+        """The workers' parameter and episode dtype: float64, else float32 (bfloat16 is autocast over float32)."""
+        return "float64" if self.dtype == "float64" else "float32"
 
 
 class TrackingConfig(Strict):

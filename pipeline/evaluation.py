@@ -68,8 +68,28 @@ def scores(learner: MetaLearner, params: Params, episodes: Episodes) -> list[flo
     return values
 
 
-def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
-    """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression)."""
-    values = scores(learner, params, episodes)
+def metric_name(episodes: Episodes) -> str:
+    """What ``scores`` gives for ``episodes``: ``accuracy`` (classification) or ``mse`` (regression)."""
+    return "accuracy" if is_classification(episodes) else "mse"
+
+
+@dataclass(frozen=True)
+class EvalShare:
+    """One worker's part of an evaluation: ``scores`` of its consecutive slice of the episodes, in order."""
+
+    worker_id: int
+    metric: str
+    scores: list[float]
+
+
+def aggregate(shares: list[EvalShare]) -> EvalResult:
+    """Mean and 95% interval over the shares' scores in worker order: the numbers ``evaluate`` gives when the
+    shares are consecutive slices of one set (the driver adapts nothing itself)."""
+    values = [v for share in shares for v in share.scores]
     mean, ci = mean_ci95(values)
-    return EvalResult("accuracy" if is_classification(episodes) else "mse", mean, ci, len(values))
+    return EvalResult(shares[0].metric, mean, ci, len(values))
+
+
+def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
+    """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression), in this process."""
+    return aggregate([EvalShare(0, metric_name(episodes), scores(learner, params, episodes))])

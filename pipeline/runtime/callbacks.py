@@ -12,12 +12,12 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.evaluation import EvalResult, evaluate
+from pipeline.evaluation import EvalResult
 from pipeline.export.directory import export
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
@@ -27,8 +27,10 @@ from pipeline.runtime.server import ServerState
 from pipeline.runtime.worker import StepReport
 from pipeline.tracking.plots import log_figure
 from pipeline.tracking.tracker import Tracker
-from pipeline.types import Illustrated, MetaLearner, Params
-from tasks.episodes import Episodes
+from pipeline.types import Params
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass
@@ -90,19 +92,16 @@ class Checkpoints:
 
 
 class Validation:
-    """Every ``every`` steps and at the last: evaluate on the fixed validation episodes (``val/*``); a better
-    result than any before is saved as checkpoints/best."""
+    """Every ``every`` steps and at the last: the workers evaluate the current parameters on the first
+    ``episodes`` validation episodes (``val/*``); a better result than any before is saved as checkpoints/best."""
 
-    def __init__(
-        self, learner: MetaLearner, layout: Layout, episodes: Episodes, every: int, pool: Pool, checkpoints: Checkpoints
-    ) -> None:
-        self._learner, self._layout, self._episodes = learner, layout, episodes
-        self._every, self._pool, self._checkpoints = every, pool, checkpoints
+    def __init__(self, episodes: int, every: int, pool: Pool, checkpoints: Checkpoints) -> None:
+        self._episodes, self._every, self._pool, self._checkpoints = episodes, every, pool, checkpoints
 
     def on_step(self, step: StepEnd) -> None:
         if step.version % self._every and not step.last:
             return
-        result = evaluate(self._learner, current_params(self._pool, self._layout), self._episodes)
+        result = self._pool.evaluate("val", self._episodes, self._pool.pull()[1])
         step.metrics[f"val/{result.metric}"] = result.mean
         step.metrics[f"val/{result.metric}_ci95"] = result.ci95
         best = self._checkpoints.best_val
@@ -140,21 +139,18 @@ def test_metrics(result: EvalResult) -> dict[str, float]:
     return {f"test/{result.metric}": result.mean, f"test/{result.metric}_ci95": result.ci95, "test/episodes": result.n}
 
 
-def log_test(tracker: Tracker, learner: MetaLearner, params: Params, episodes: Episodes, step: int, scratch: Path) -> EvalResult:
-    """Meta-test ``params`` on ``episodes``: ``test/*`` metrics at ``step`` and ``test_results.json``."""
-    result = evaluate(learner, params, episodes)
+def log_test(tracker: Tracker, result: EvalResult, step: int, scratch: Path) -> None:
+    """Log a meta-test's ``result``: ``test/*`` metrics at ``step`` and ``test_results.json``."""
     tracker.log_metrics(test_metrics(result), step=step)
     table = scratch / "test_results.json"
     table.write_text(json.dumps({"metric": result.metric, "mean": result.mean, "ci95": result.ci95, "episodes": result.n}, indent=1))
     tracker.log_artifact(table)
-    return result
 
 
-def log_learner_figures(tracker: Tracker, learner: MetaLearner, params: Params, episodes: Episodes, scratch: Path) -> None:
-    """The learner's own figures (e.g. the Meta-LSTM's gates) under ``plots/``, when it draws any."""
-    if isinstance(learner, Illustrated):
-        for name, figure in learner.figures(params, episodes).items():
-            log_figure(tracker, name, figure, scratch)
+def log_learner_figures(tracker: Tracker, figures: dict[str, Figure], scratch: Path) -> None:
+    """The learner's own figures (e.g. the Meta-LSTM's gates, drawn by a worker: ``Pool.figures``) under ``plots/``."""
+    for name, figure in figures.items():
+        log_figure(tracker, name, figure, scratch)
 
 
 def log_export(tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, scratch: Path) -> Path:

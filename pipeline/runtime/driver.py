@@ -1,8 +1,10 @@
 """The driver: ``train`` a config end to end.
 
-It precomputes the episode store when it is missing, starts (or joins) Ray, opens
-the MLflow run, starts the parameter server and workers (``RayPool``) and runs the
-step loop with its callbacks: validation on fixed validation episodes every
+It starts (or joins) Ray, precomputes the episode store when it is missing, reserves
+the server's and the workers' resources as one placement group (refused, naming
+what is missing, when the cluster cannot hold them), opens the MLflow run, starts
+the parameter server and workers (``RayPool``) and runs the step loop with its
+callbacks: validation on fixed validation episodes every
 ``train.val_every`` steps (the best parameters kept as checkpoints/best),
 metrics every ``train.log_every``, checkpoints/latest every
 ``train.checkpoint_every`` (a parameter server that dies is restored from the last
@@ -15,9 +17,10 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
 from pipeline.config import RunConfig
@@ -37,6 +40,7 @@ from pipeline.runtime.callbacks import (
 )
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.loop import StepLoop
+from pipeline.runtime.placement import Placement
 from pipeline.runtime.policy import FailurePolicy
 from pipeline.runtime.pool import Pool, Positions, RayPool
 from pipeline.runtime.progress import Progress
@@ -46,8 +50,11 @@ from pipeline.runtime.system_metrics import SystemMetrics
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
-from pipeline.types import MetaLearner, Params
+from pipeline.types import Params
 from tasks.store.parquet import Store, precompute
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 StartPool = Callable[[ServerState, Positions, FailurePolicy], Pool]
 """Starts the server from a state and the workers at reader positions, under a failure policy."""
@@ -74,20 +81,24 @@ def train(
     KeyboardInterrupt after writing a final checkpoint.
     """
     resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
+    resources = start_ray(config)  # refuses a local store.path on a cluster of several nodes
     store = precompute(config, progress=progress)  # when the store is missing; refuses one made for another config
-    resources = start_ray(config)
-    tracker = resumed or MlflowTracker(config.tracking, config.name)
-
-    def start_pool(state: ServerState, positions: Positions, policy: FailurePolicy) -> Pool:
-        return RayPool(config, resources, state, positions, policy)
-
-    interval = config.tracking.system_metrics_s
-    monitors = SystemMetrics(tracker.run_id, tracker.uri, interval, resume=resume is not None) if interval else None
+    placement = Placement.reserve(config, resources)
     try:
-        return run(config, store, tracker, start_pool, resumed=resume is not None, export_dir=export_dir, progress=progress)
+        tracker = resumed or MlflowTracker(config.tracking, config.name)
+
+        def start_pool(state: ServerState, positions: Positions, policy: FailurePolicy) -> Pool:
+            return RayPool(config, placement, state, positions, policy)
+
+        interval = config.tracking.system_metrics_s
+        monitors = SystemMetrics(tracker.run_id, tracker.uri, interval, resume=resume is not None) if interval else None
+        try:
+            return run(config, store, tracker, start_pool, resumed=resume is not None, export_dir=export_dir, progress=progress)
+        finally:
+            if monitors:
+                monitors.stop()
     finally:
-        if monitors:
-            monitors.stop()
+        placement.remove()
 
 
 def run(
@@ -116,14 +127,13 @@ def run(
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.set_tag("metapipe.algorithm", config.algorithm.name)
     t = config.train
-    val_set = store.read_split("val", limit=t.val_episodes)
     policy = FailurePolicy(t.max_bad_grads)
     pool = start_pool(state, positions, policy)
     checkpoints = Checkpoints(pool, tracker, scratch, config, best_val, RestorePoint(state, list(positions)))
     print(f"run_id: {tracker.run_id}", flush=True)
     shown = Progress(t.steps, state.version, t.log_every, enabled=progress)
     callbacks = [
-        Validation(learner, layout, val_set, t.val_every, pool, checkpoints),
+        Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         shown,
@@ -148,25 +158,43 @@ def run(
     try:
         best = checkpoints.best()
         params = layout.unflatten(best.server.params) if best else current_params(pool, layout)
-        test = _end_finished(config, store, learner, params, tracker, loop.version, Path(export_dir or scratch / "export"), scratch, shown)
+        flat = layout.flatten(params).numpy()
+        count = _eval_count(store, "test", t.test_episodes)
+        with shown.evaluating("meta-test", count):
+            test = pool.evaluate("test", count, flat)
+        figures = pool.figures(flat)
+        test = _end_finished(config, params, test, figures, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
         return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
 
 
+def _eval_count(store: Store, split: str, asked: int) -> int:
+    """How many of ``split``'s episodes an evaluation uses: ``asked``, or all the store holds (with a warning)."""
+    held = store.episodes(split)
+    if asked > held:
+        warnings.warn(f"asked for {asked} {split} episodes, {store.path} holds {held}: using {held}", stacklevel=2)
+    return min(asked, held)
+
+
 def _end_finished(
-    config: RunConfig, store: Store, learner: MetaLearner, params: Params, tracker: Tracker, step: int, export_dir: Path, scratch: Path,
-    progress: Progress,
+    config: RunConfig,
+    params: Params,
+    test: EvalResult,
+    figures: dict[str, Figure],
+    tracker: Tracker,
+    step: int,
+    export_dir: Path,
+    scratch: Path,
 ) -> tuple[EvalResult, Path]:
-    """Meta-test ``params``, draw the figures, export, and mark the run FINISHED; the test and the export's folder."""
-    test_set = store.read_split("test", limit=config.train.test_episodes)
-    with progress.evaluating("meta-test", len(test_set)):
-        result = log_test(tracker, learner, params, test_set, step, scratch)
+    """Log the meta-test ``test`` of ``params`` and the learner's ``figures`` (both from the workers), the
+    learning curve, the export, and mark the run FINISHED; the test and the export's folder."""
+    log_test(tracker, test, step, scratch)
     log_learning_curve(tracker, scratch)
-    log_learner_figures(tracker, learner, params, test_set, scratch)
-    out = log_export(tracker, params, config, result, export_dir, scratch)
+    log_learner_figures(tracker, figures, scratch)
+    out = log_export(tracker, params, config, test, export_dir, scratch)
     tracker.finish("FINISHED")
-    return result, out
+    return test, out
 
 
 def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:

@@ -4,20 +4,25 @@ A step runs when its result is asked for, one worker after another, so a sync
 step gives the same gradients, the same average and the same update as on Ray; in
 async mode each worker pulls the parameters its predecessor just updated
 (staleness 0), and every version is a step of its own.
-Nothing here dies on its own, so no failure is handled.
+Evaluation is split over the workers exactly as on Ray (``eval_slices``), so the
+numbers are the same. Nothing here dies or hangs on its own, so no failure is handled.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
 
 import numpy as np
 
 from pipeline.config import RunConfig
-from pipeline.runtime.pool import Positions, server_options, split_batch
+from pipeline.evaluation import EvalResult, aggregate
+from pipeline.runtime.pool import Positions, eval_slices, server_options, split_batch
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class LocalPool:
@@ -49,6 +54,13 @@ class LocalPool:
         report = self.workers[i].step(self.server)
         self.positions[i] = report.position
         return report
+
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
+        slices = enumerate(eval_slices(episodes, self.size))
+        return aggregate([self.workers[i].evaluate(split, start, stop, flat) for i, (start, stop) in slices if stop > start])
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        return self.workers[0].figures(flat)
 
     def stats(self) -> dict[str, float]:
         return self.server.stats()

@@ -1,4 +1,4 @@
-"""The failure policy: what a run does about a dead worker, a dead server or rejected gradients.
+"""The failure policy: what a run does about a dead or hung worker, a dead server or rejected gradients.
 
 It only decides; the pool replaces workers and the loop restores the server or
 stops the run. Decisions are small frozen values, so each case reads (and is
@@ -12,7 +12,7 @@ from typing import Sequence
 from pipeline.runtime.worker import StepReport
 
 MAX_WORKER_RESTARTS_PER_STEP = 3
-"""Replacements of one worker within one step before the run gives up."""
+"""Replacements of one worker within one step (or one evaluation) before the run gives up."""
 
 MAX_SERVER_RESTORES = 3
 """Server restores in a row with no new checkpoint between them before the run gives up."""
@@ -52,9 +52,10 @@ class FailurePolicy:
     max_server_restores: int = MAX_SERVER_RESTORES
 
     def worker_died(self, worker: int, deaths: int, error: BaseException) -> ReplaceWorker | GiveUp:
-        """Worker ``worker``'s process died for the ``deaths``-th time in the current step."""
+        """Worker ``worker``'s process died, or hung past train.call_timeout_s (``error`` says which), for the
+        ``deaths``-th time in the current call."""
         if deaths > self.max_worker_restarts_per_step:
-            return GiveUp(f"worker {worker} died {deaths} times in one step: {error}")
+            return GiveUp(f"worker {worker} died or hung {deaths} times in one call: {error}")
         return ReplaceWorker(worker)
 
     def server_died(self, restores_in_a_row: int, error: BaseException) -> RestoreServer | GiveUp:

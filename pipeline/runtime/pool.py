@@ -7,24 +7,35 @@ in this process. Every result is tagged with the worker that produced it
 (as the failure policy decides) by a new actor that starts at the reader position
 of its last finished step, so it recomputes exactly the gradient the dead one was
 computing; the server ignores a second push for the same version, so no gradient
-is applied twice. A call that fails because the *server* died raises ServerLost:
-the loop then restores the server with ``restore``.
+is applied twice. A worker that answers no call within ``train.call_timeout_s`` is
+taken for hung, named, killed and replaced the same way. A call that fails because
+the *server* died raises ServerLost: the loop then restores the server with ``restore``.
+
+Evaluation runs on the workers too (``evaluate``): each gets a consecutive slice of
+the validation or test episodes, scores it batched on its device and returns the
+per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
 """
 from __future__ import annotations
 
+import copy
 import sys
-from typing import Any, Hashable, Protocol, Sequence
+import time
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from pipeline.config import OptimizerConfig, RunConfig
 from pipeline.errors import TrainingError
+from pipeline.evaluation import EvalResult, aggregate
+from pipeline.runtime.placement import Placement
 from pipeline.runtime.policy import FailurePolicy, GiveUp
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 Positions = list[dict[str, Any] | None]
 """Every worker's reader position (None: the start of its share), as a checkpoint records them."""
@@ -34,9 +45,20 @@ class ServerLost(RuntimeError):
     """The parameter server's actor died (a worker's call to it, or the driver's, failed)."""
 
 
+class WorkerHung(RuntimeError):
+    """A worker answered no call within train.call_timeout_s (its process may still be alive)."""
+
+
 def split_batch(meta_batch: int, workers: int) -> list[int]:
     """Episodes per worker per step: the meta-batch spread as evenly as possible."""
     return [meta_batch // workers + (i < meta_batch % workers) for i in range(workers)]
+
+
+def eval_slices(episodes: int, workers: int) -> list[tuple[int, int]]:
+    """Each worker's consecutive ``(start, stop)`` of ``episodes`` evaluation episodes, in worker order, spread as
+    evenly as possible (``split_batch``); a worker left with none gets ``(n, n)``."""
+    stops = np.cumsum(split_batch(episodes, workers)).tolist()
+    return list(zip([0, *stops[:-1]], stops))
 
 
 def server_options(config: RunConfig) -> tuple[OptimizerConfig, int, int, str, int]:
@@ -74,6 +96,15 @@ class Pool(Protocol):
         """Worker ``i``'s report for ``handle``."""
         ...
 
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
+        """The first ``episodes`` of the store's ``split`` scored under the flat parameters ``flat`` by the workers
+        (``eval_slices``), aggregated in worker order."""
+        ...
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        """The learner's own figures under ``flat``, drawn by worker 0 (EpisodeWorker.figures)."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """The server's counters (ParameterServer.stats)."""
         ...
@@ -96,29 +127,27 @@ class Pool(Protocol):
 
 
 class RayPool:
-    """The server as a Ray actor (no CPU of its own) and N EpisodeWorker actors: a GPU each when the cluster has
-    GPUs (train.gpus_per_worker), else an equal share of the CPUs."""
+    """The server and N EpisodeWorker actors in one placement group (``Placement``): the server beside worker 0,
+    each worker in its own bundle (a GPU or a fraction of one when the cluster has GPUs, else a CPU share)."""
 
     def __init__(
         self,
         config: RunConfig,
-        resources: dict[str, float],
+        placement: Placement,
         state: ServerState,
         positions: Positions,
         policy: FailurePolicy,
     ) -> None:
         t = config.train
-        gpus = resources.get("GPU", 0.0)
-        share = max(resources.get("CPU", 1.0), 1.0) / t.workers
-        options: dict[str, Any] = {"num_cpus": min(share, 1.0) if gpus else share, "max_restarts": 0}
-        if gpus:
-            options["num_gpus"] = t.gpus_per_worker
-        self._worker_class = ray.remote(EpisodeWorker).options(**options)
-        self._server_class = ray.remote(ParameterServer).options(num_cpus=0)
+        self._placement = placement
+        self._worker_class = ray.remote(EpisodeWorker)
+        self._server_class = ray.remote(ParameterServer).options(**placement.server_options())
         self._server_args = server_options(config)
         self._raw = config.model_dump(mode="json")
         self._batches = split_batch(t.meta_batch, t.workers)
-        self._threads = max(1, int(share))
+        self._threads = max(1, int(placement.bundle["CPU"]))
+        self._timeout = t.call_timeout_s
+        self._deadlines: dict[Hashable, float] = {}
         self._policy = policy
         self.positions = list(positions)
         self.restarts = 0
@@ -130,42 +159,76 @@ class RayPool:
         return len(self._batches)
 
     def _start(self, i: int) -> Any:
-        return self._worker_class.remote(i, self.size, self._raw, self._batches[i], self.positions[i], self._threads)
+        actor = self._worker_class.options(max_restarts=0, **self._placement.worker_options(i))
+        return actor.remote(i, self.size, self._raw, self._batches[i], self.positions[i], self._threads)
+
+    def _call(self, ref: ray.ObjectRef) -> ray.ObjectRef:
+        """Track a worker call's deadline (train.call_timeout_s from now)."""
+        self._deadlines[ref] = time.monotonic() + self._timeout
+        return ref
 
     def submit(self, i: int) -> ray.ObjectRef:
-        return self.workers[i].step.remote(self.server)
+        return self._call(self.workers[i].step.remote(self.server))
 
     def wait_any(self, pending: Sequence[Hashable]) -> Hashable:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        return ready[0]
+        """The first of ``pending`` to finish, or, when none does before the earliest deadline, that overdue one
+        (``result`` then finds it hung)."""
+        pending = list(pending)
+        first = min(pending, key=lambda ref: self._deadlines[ref])
+        ready, _ = ray.wait(pending, num_returns=1, timeout=max(self._deadlines[first] - time.monotonic(), 0.0))
+        return ready[0] if ready else first
 
     def result(self, i: int, handle: Hashable) -> StepReport:
-        """Worker ``i``'s report; a dead worker is replaced and its step redone while the policy allows.
+        """Worker ``i``'s report; a dead or hung worker is replaced and its step redone while the policy allows.
 
         Raises ServerLost when the worker lost the server, TrainingError when the policy gives up.
         """
-        deaths = 0
+        report: StepReport = self._get(i, handle, lambda: self.submit(i))
+        self.positions[i] = report.position
+        return report
+
+    def _get(self, i: int, handle: Hashable, again: Callable[[], ray.ObjectRef]) -> Any:
+        """The value of worker ``i``'s call ``handle``; when the worker died or hung, replace it and ``again()``."""
+        failures = 0
         while True:
             try:
-                report: StepReport = ray.get(handle)
-                self.positions[i] = report.position
-                return report
+                return ray.get(handle, timeout=max(self._deadlines.pop(handle) - time.monotonic(), 0.0))
+            except GetTimeoutError:
+                error: BaseException = WorkerHung(f"worker {i} answered nothing in train.call_timeout_s={self._timeout:g}")
             except RayActorError as e:
                 if isinstance(e, RayTaskError):  # the worker is alive: the actor that died is the server
                     raise ServerLost(f"worker {i} lost the parameter server: {type(e.cause).__name__}") from e
-                deaths += 1
-                decision = self._policy.worker_died(i, deaths, e)
-                if isinstance(decision, GiveUp):
-                    raise TrainingError(decision.reason) from None
-                print(f"worker {i} died ({type(e).__name__}); replacing it", file=sys.stderr)
-                self.restarts += 1
-                ray.kill(self.workers[i])
-                self.workers[i] = self._start(i)
-                handle = self.submit(i)
+                error = e
+            failures += 1
+            decision = self._policy.worker_died(i, failures, error)
+            if isinstance(decision, GiveUp):
+                raise TrainingError(decision.reason) from None
+            print(f"worker {i} failed ({type(error).__name__}: {error}); replacing it", file=sys.stderr)
+            self.restarts += 1
+            ray.kill(self.workers[i])
+            self.workers[i] = self._start(i)
+            handle = again()
 
     def step_all(self) -> list[StepReport]:
         refs = [self.submit(i) for i in range(self.size)]
         return [self.result(i, ref) for i, ref in enumerate(refs)]
+
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
+        shared = ray.put(flat)  # one copy in the object store for every worker
+        calls = {
+            i: (lambda i=i, start=start, stop=stop: self._call(self.workers[i].evaluate.remote(split, start, stop, shared)))
+            for i, (start, stop) in enumerate(eval_slices(episodes, self.size))
+            if stop > start
+        }
+        handles = {i: call() for i, call in calls.items()}
+        return aggregate([self._get(i, handles[i], calls[i]) for i in calls])
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        def again() -> ray.ObjectRef:
+            return self._call(self.workers[0].figures.remote(flat))
+
+        # arrays out of Ray's object store are read-only, and matplotlib writes to its own when saving: copy
+        return {name: copy.deepcopy(figure) for name, figure in self._get(0, again(), again).items()}
 
     def _server_call(self, method: str) -> Any:
         try:
@@ -191,3 +254,4 @@ class RayPool:
     def stop(self) -> None:
         for actor in [self.server, *self.workers]:
             ray.kill(actor)
+        self._deadlines.clear()

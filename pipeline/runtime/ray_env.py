@@ -32,11 +32,23 @@ def check_gpus(config: RunConfig, gpus: float) -> None:
         )
 
 
+def check_store(config: RunConfig, nodes: int) -> None:
+    """Refuse a local ``store.path`` on a cluster of ``nodes`` > 1: workers on the other nodes cannot read it.
+
+    Raises TrainingError naming store.path and the node count.
+    """
+    if nodes > 1 and not config.store.path.startswith("s3://"):
+        raise TrainingError(
+            f"store.path={config.store.path!r} is local to one node, the Ray cluster has {nodes}: workers on the"
+            " others cannot read it; precompute to s3:// (python -m pipeline precompute CONFIG --out s3://BUCKET/PREFIX)"
+        )
+
+
 def start_ray(config: RunConfig) -> dict[str, float]:
     """Connect to $RAY_ADDRESS (a cluster) or start an embedded local Ray; return its resources (CPU, GPU counts).
 
     An already initialized Ray is used as it is. Raises TrainingError (``check_gpus``)
-    before a local Ray starts, or right after joining a cluster.
+    before a local Ray starts, or right after joining a cluster (``check_gpus``, ``check_store``).
     """
     if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
         check_gpus(config, torch.cuda.device_count())  # before Ray starts; a cluster is checked once joined
@@ -49,4 +61,5 @@ def start_ray(config: RunConfig) -> dict[str, float]:
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, runtime_env=env)
     resources = ray.cluster_resources()
     check_gpus(config, resources.get("GPU", 0.0))
+    check_store(config, sum(1 for node in ray.nodes() if node["Alive"]))
     return resources

@@ -1,22 +1,35 @@
 """The episode worker: pull parameters, read its own episodes, compute a meta-gradient, push it.
 
 A plain class, run in-process by unit tests and wrapped with ``ray.remote`` by the
-driver (one GPU each when the cluster has GPUs). It knows the MetaLearner contract
-and nothing of any one algorithm.
+driver (a GPU or a fraction of one each when the cluster has GPUs). It knows the
+MetaLearner contract and nothing of any one algorithm. It also evaluates its share
+of the validation and test episodes on its own device (``evaluate``), so the
+driver only aggregates scores. With ``train.dtype: bfloat16`` its forward and
+backward passes run under ``torch.autocast`` (bfloat16 matmuls and convolutions,
+float32 parameters and gradients; the server keeps float32 master parameters).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from pipeline.build import build_learner
 from pipeline.config import validate
+from pipeline.evaluation import EvalShare, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
+from pipeline.types import Illustrated
+from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 @dataclass(frozen=True)
 class StepReport:
@@ -60,10 +73,12 @@ class EpisodeWorker:
         self.learner = build_learner(self.config)
         self.layout = Layout.of(self.learner.init(self.config.seed))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = getattr(torch, self.config.train.dtype)
+        self.dtype = getattr(torch, self.config.train.param_dtype)
+        self.autocast = self.config.train.dtype == "bfloat16"
         self.episodes_per_step = episodes_per_step
-        store = open_store(self.config.store.path)
-        self.reader = store.reader(
+        self.store = open_store(self.config.store.path)
+        self._eval_sets: dict[tuple[str, int, int], Episodes] = {}
+        self.reader = self.store.reader(
             "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True
         )
 
@@ -78,13 +93,45 @@ class EpisodeWorker:
         t1 = time.perf_counter()
         episodes = next(self.reader).to(self.device, self.dtype)
         t2 = time.perf_counter()
-        params = {
-            k: v.to(self.device, self.dtype).requires_grad_() for k, v in self.layout.unflatten(torch.from_numpy(flat.copy())).items()
-        }
-        grads, metrics = self.learner.meta_grad(params, episodes)
+        params = {k: v.requires_grad_() for k, v in self._params(flat).items()}
+        with self._compute():
+            grads, metrics = self.learner.meta_grad(params, episodes)
         grad = self.layout.flatten(grads).numpy()
         t3 = time.perf_counter()
         result = call(server, "push", Push(self.worker_id, version, grad, len(episodes)))
         t4 = time.perf_counter()
         timings = {"pull_s": t1 - t0, "read_s": t2 - t1, "compute_s": t3 - t2, "push_s": t4 - t3}
         return StepReport(self.worker_id, version, len(episodes), metrics, timings, self.reader.position, result)
+
+    def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray) -> EvalShare:
+        """Scores (pipeline.evaluation.scores) of episodes ``start:stop`` of the store's ``split`` under the
+        flat parameters ``flat``, batched on this worker's device.
+
+        The slice is read once and kept for the worker's life (validation repeats it).
+        """
+        key = (split, start, stop)
+        if key not in self._eval_sets:
+            # the first ``stop`` episodes, as the driver's read_split would give them; this worker keeps its slice
+            self._eval_sets[key] = self.store.read_split(split, limit=stop)[start:stop].to(self.device, self.dtype)
+        episodes = self._eval_sets[key]
+        with self._compute():
+            values = scores(self.learner, self._params(flat), episodes)
+        return EvalShare(self.worker_id, metric_name(episodes), values)
+
+    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+        """The learner's own figures (pipeline.types.Illustrated) drawn under ``flat`` on the first test episode;
+        none when it draws none."""
+        if not isinstance(self.learner, Illustrated):
+            return {}
+        with self._compute():
+            return self.learner.figures(self._params(flat), self.store.read_split("test", limit=1).to(self.device, self.dtype))
+
+    def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
+        """The flat float32 parameters as the learner's named tensors on this worker's device and dtype."""
+        return {k: v.to(self.device, self.dtype) for k, v in self.layout.unflatten(torch.from_numpy(flat.copy())).items()}
+
+    def _compute(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on this worker's device type when train.dtype is bfloat16, else nothing."""
+        if self.autocast:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

@@ -2,6 +2,7 @@
 import math
 import os
 import signal
+import time
 from typing import Any, Callable
 
 import pytest
@@ -93,39 +94,41 @@ def kill_at_step(step: int, actor_of: Callable[[RayPool], Any], monkeypatch) -> 
     return killed
 
 
-def assert_same_losses(tmp_path, reference, faulty, steps: int) -> None:
-    """Every step of the faulty run logged, each with the undisturbed run's loss."""
-    a = history(MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db"), reference.run_id, "train/loss")
-    b = history(MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db"), faulty.run_id, "train/loss")
-    assert sorted(b) == list(range(1, steps + 1))
-    for step in range(1, steps + 1):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory) -> dict[int, float]:
+    """Step -> train loss of an undisturbed 10-step run (the fault tests' reference, run once per module)."""
+    path = tmp_path_factory.mktemp("undisturbed")
+    reference = driver.train(sinusoid_config(path, steps=10, val_every=10, checkpoint_every=10), progress=False)
+    return history(MlflowClient(f"sqlite:///{path}/mlflow.db"), reference.run_id, "train/loss")
 
 
-def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch):
+def assert_same_losses(tmp_path, reference: dict[int, float], faulty) -> None:
+    """Every step of the faulty run (tracked under ``tmp_path``) logged, each with the undisturbed run's loss."""
+    b = history(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), faulty.run_id, "train/loss")
+    assert sorted(b) == sorted(reference)
+    for step, loss in reference.items():
+        assert b[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch, undisturbed):
     """Kill a worker process mid-run: the run finishes with the same losses as an undisturbed run."""
-    train = dict(steps=10, val_every=10, checkpoint_every=10)
-    reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
     killed = kill_at_step(5, lambda pool: pool.workers[1], monkeypatch)
-    faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
+    faulty = driver.train(sinusoid_config(tmp_path, steps=10, val_every=10, checkpoint_every=10), progress=False)
     assert killed and faulty.steps == 10
-    metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
     assert metrics["faults/worker_restarts"] == 1 and metrics["faults/server_restores"] == 0
-    assert_same_losses(tmp_path, reference, faulty, 10)
+    assert_same_losses(tmp_path, undisturbed, faulty)
 
 
-def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypatch):
+def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypatch, undisturbed):
     """Kill the server's process at step 7: it comes back from the checkpoint of step 5; steps 6-7 are redone."""
-    train = dict(steps=10, val_every=10, checkpoint_every=5)
-    reference = driver.train(sinusoid_config(tmp_path / "a", **train), progress=False)
     killed = kill_at_step(7, lambda pool: pool.server, monkeypatch)
-    faulty = driver.train(sinusoid_config(tmp_path / "b", **train), progress=False)
+    faulty = driver.train(sinusoid_config(tmp_path, steps=10, val_every=10, checkpoint_every=5), progress=False)
     assert killed and faulty.steps == 10
-    metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
     assert metrics["faults/server_restores"] == 1 and metrics["faults/steps_redone"] == 2
     assert metrics["faults/worker_restarts"] == 0
-    assert_same_losses(tmp_path, reference, faulty, 10)
-    assert faulty.test.mean == pytest.approx(reference.test.mean, rel=1e-5)
+    assert_same_losses(tmp_path, undisturbed, faulty)
 
 
 def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_path):
@@ -190,3 +193,84 @@ def test_async_mode_applies_every_step_and_logs_staleness(tmp_path):
     # a push staler than train.max_staleness is reported with its staleness, rejected and counted
     rejected = history(client, result.run_id, "server/rejected_stale")
     assert all(0 <= s <= 1 or rejected.get(step, 0) > 0 for step, s in staleness.items()), (staleness, rejected)
+
+
+def hang_at_step(step: int, worker: int, monkeypatch) -> list[int]:
+    """Before the pool's step at server version ``step``, make worker ``worker`` hang once: its next read sleeps
+    for an hour (the process stays alive, it answers nothing)."""
+    hung: list[int] = []
+    original = RayPool.step_all
+
+    def hang(episode_worker):
+        class Asleep:
+            def __next__(self):
+                time.sleep(3600)
+
+        episode_worker.reader = Asleep()
+
+    def step_all_hanging_once(self):
+        if not hung and ray.get(self.server.version.remote()) == step:
+            ray.get(self.workers[worker].__ray_call__.remote(hang))
+            hung.append(step)
+        return original(self)
+
+    monkeypatch.setattr(RayPool, "step_all", step_all_hanging_once)
+    return hung
+
+
+def test_a_hung_worker_is_named_replaced_and_no_step_is_lost(tmp_path, monkeypatch, capfd, undisturbed):
+    """A worker that stops answering (alive, asleep) is taken for hung after train.call_timeout_s, named,
+    replaced like a dead one; the run has the undisturbed run's losses."""
+    hung = hang_at_step(5, 1, monkeypatch)
+    config = sinusoid_config(tmp_path, steps=10, val_every=10, checkpoint_every=10, call_timeout_s=30)
+    faulty = driver.train(config, progress=False)
+    assert hung and faulty.steps == 10
+    assert "worker 1 failed (WorkerHung: worker 1 answered nothing in train.call_timeout_s=30); replacing it" in capfd.readouterr().err
+    metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
+    assert metrics["faults/worker_restarts"] == 1
+    assert_same_losses(tmp_path, undisturbed, faulty)
+
+
+@pytest.mark.parametrize(
+    "train, missing",
+    [
+        ({"resources_per_worker": {"tpu_pod": 1}}, r"missing tpu_pod \(needs 2 x 1 = 2, the cluster has 0\)"),
+        ({"cpus_per_worker": 3}, r"missing CPU \(needs 2 x 3 = 6, the cluster has 2\)"),
+    ],
+    ids=["custom-resource", "more-cpus"],
+)
+def test_resources_that_never_appear_fail_within_the_timeout_naming_them(tmp_path, train, missing):
+    config = sinusoid_config(tmp_path, steps=2, placement_timeout_s=2, **train)
+    start = time.monotonic()
+    with pytest.raises(TrainingError, match=r"train.placement_timeout_s=2: Ray did not place train.workers=2 .*" + missing):
+        driver.train(config, progress=False)
+    assert time.monotonic() - start < 60  # the store's precompute, then 2 s of waiting
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any MLflow run
+    assert all(group["state"] == "REMOVED" for group in ray.util.placement_group_table().values())
+
+
+def test_workers_on_ray_evaluate_to_the_numbers_of_the_driver(tmp_path):
+    """Validation scored by two Ray workers equals evaluating every episode in this process."""
+    from pipeline.build import build_learner
+    from pipeline.evaluation import evaluate
+    from pipeline.runtime.flat_buffer import Layout
+    from pipeline.runtime.placement import Placement
+    from pipeline.runtime.policy import FailurePolicy
+    from pipeline.runtime.ray_env import start_ray
+    from pipeline.runtime.server import ParameterServer
+    from tasks.store.parquet import precompute
+
+    config = sinusoid_config(tmp_path, steps=5)
+    store = precompute(config, progress=False)
+    learner = build_learner(config)
+    layout = Layout.of(learner.init(config.seed))
+    placement = Placement.reserve(config, start_ray(config))
+    pool = RayPool(config, placement, ParameterServer.fresh(layout.flatten(learner.init(config.seed))), [None, None], FailurePolicy(3))
+    try:
+        pool.step_all()
+        _, flat = pool.pull()
+        expected = evaluate(learner, layout.unflatten(torch.from_numpy(flat.copy())), store.read_split("val"))
+        assert pool.evaluate("val", 20, flat) == expected and expected.n == 20
+    finally:
+        pool.stop()
+        placement.remove()

@@ -64,6 +64,26 @@ def test_meta_batch_below_workers():
         validate({**BASE, "train": {"meta_batch": 1, "workers": 2}})
 
 
+@pytest.mark.parametrize(
+    "train, message",
+    [
+        ({"gpus_per_worker": 2}, r"train.gpus_per_worker: a worker computes on one GPU.*got 2\)"),
+        ({"placement": "ANYWHERE"}, r"train.placement: Input should be 'PACK', 'SPREAD'"),
+        ({"resources_per_worker": {"node_slot": 0}}, r"train.resources_per_worker.node_slot: Input should be greater than 0"),
+        ({"dtype": "float16"}, r"train.dtype: Input should be 'float32', 'float64' or 'bfloat16'"),
+    ],
+    ids=["several-gpus-per-worker", "unknown-placement", "zero-custom-resource", "float16"],
+)
+def test_scale_out_settings_are_checked_before_ray_starts(train, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**BASE, "train": train})
+
+
+def test_a_fraction_of_a_gpu_per_worker_and_bfloat16_validate():
+    train = validate({**BASE, "train": {"gpus_per_worker": 0.25, "workers": 4, "meta_batch": 32, "dtype": "bfloat16"}}).train
+    assert train.gpus_per_worker == 0.25 and train.param_dtype == "float32"
+
+
 OMNIGLOT = {"task": {"name": "omniglot"}, "store": {"path": "episodes/omniglot"}, "model": {"network": "conv4"}}
 
 

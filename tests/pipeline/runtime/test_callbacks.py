@@ -43,8 +43,8 @@ def step(version, reports, last=False, **metrics):
 
 
 def test_validation_runs_every_n_steps_and_at_the_last_and_keeps_the_best(run):
-    config, store, learner, layout, pool, reports, tracker, checkpoints = run
-    validation = Validation(learner, layout, store.read_split("val", limit=20), 2, pool, checkpoints)
+    config, *_, pool, reports, tracker, checkpoints = run
+    validation = Validation(20, 2, pool, checkpoints)
     skipped = step(1, reports)
     validation.on_step(skipped)
     assert "val/best" not in skipped.metrics

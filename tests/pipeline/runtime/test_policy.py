@@ -21,7 +21,7 @@ def test_a_dead_worker_is_replaced(deaths, decision):
 
 def test_a_worker_dying_four_times_in_one_step_ends_the_run():
     decision = policy.worker_died(1, 4, RuntimeError("killed"))
-    assert decision == GiveUp("worker 1 died 4 times in one step: killed")
+    assert decision == GiveUp("worker 1 died or hung 4 times in one call: killed")
 
 
 @pytest.mark.parametrize("in_a_row", range(1, MAX_SERVER_RESTORES + 1), ids=lambda n: f"restore-{n}")
