@@ -149,6 +149,16 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     preprocess_p: float = Field(10.0, gt=0)
     forget_bias: tuple[float, float] = Field((4.0, 6.0), description="uniform range of the initial forget-gate bias")
     input_bias: tuple[float, float] = Field((-5.0, -4.0), description="uniform range of the initial input-gate bias")
+    gate_input: Literal["pre_sigmoid", "post_sigmoid"] = Field(
+        "pre_sigmoid", description="previous gate fed back: before the sigmoid (authors' code) or after (the paper)"
+    )
+    grad_over_batch: bool = Field(
+        True, description="divide the learner's mean-loss gradient by the support size again (authors' code)"
+    )
+    eval_norm: Literal["running", "batch"] = Field(
+        "running", description="meta-test queries: running BatchNorm statistics of the support passes, or their own batch"
+    )
+    norm_momentum: float = Field(0.9, gt=0, le=1, description="running-statistics momentum (weight of the new batch)")
 
     @model_validator(mode="after")
     def _ranges(self) -> MetaLSTMAlgorithm:
