@@ -150,6 +150,10 @@ def _metanet(config: RunConfig) -> MetaNet:
         preprocess_p=algo.preprocess_p,
         attention_scale=algo.attention_scale,
         contrastive_margin=algo.contrastive_margin,
+        fast_layers=algo.fast_layers,
+        norm=algo.norm,
+        shuffle_support=algo.shuffle_support,
+        seed=config.seed,
         dtype=_dtype(config),
     )
 
