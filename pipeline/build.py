@@ -126,6 +126,10 @@ def _meta_lstm(config: RunConfig) -> MetaLSTM:
         preprocess_p=algo.preprocess_p,
         forget_bias=tuple(algo.forget_bias),
         input_bias=tuple(algo.input_bias),
+        gate_input=algo.gate_input,
+        grad_over_batch=algo.grad_over_batch,
+        eval_norm=algo.eval_norm,
+        norm_momentum=algo.norm_momentum,
         dtype=_dtype(config),
     )
 
@@ -146,6 +150,10 @@ def _metanet(config: RunConfig) -> MetaNet:
         preprocess_p=algo.preprocess_p,
         attention_scale=algo.attention_scale,
         contrastive_margin=algo.contrastive_margin,
+        fast_layers=algo.fast_layers,
+        norm=algo.norm,
+        shuffle_support=algo.shuffle_support,
+        seed=config.seed,
         dtype=_dtype(config),
     )
 

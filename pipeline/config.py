@@ -156,6 +156,16 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     preprocess_p: float = Field(10.0, gt=0)
     forget_bias: tuple[float, float] = Field((4.0, 6.0), description="uniform range of the initial forget-gate bias")
     input_bias: tuple[float, float] = Field((-5.0, -4.0), description="uniform range of the initial input-gate bias")
+    gate_input: Literal["pre_sigmoid", "post_sigmoid"] = Field(
+        "pre_sigmoid", description="previous gate fed back: before the sigmoid (authors' code) or after (the paper)"
+    )
+    grad_over_batch: bool = Field(
+        True, description="divide the learner's mean-loss gradient by the support size again (authors' code)"
+    )
+    eval_norm: Literal["running", "batch"] = Field(
+        "running", description="meta-test queries: running BatchNorm statistics of the support passes, or their own batch"
+    )
+    norm_momentum: float = Field(0.9, gt=0, le=1, description="running-statistics momentum (weight of the new batch)")
 
     @model_validator(mode="after")
     def _ranges(self) -> MetaLSTMAlgorithm:
@@ -183,9 +193,14 @@ class MetaNetAlgorithm(AlgorithmSection):
     representation: int = Field(64, ge=1, description="width of the representation r (u's augmented layer)")
     generator_hidden: int = Field(20, ge=1, description="hidden units of the generators d (LSTM) and m (MLP)")
     rep_steps: int = Field(5, ge=1, description="T: support chunks whose representation-loss gradients d reads")
-    preprocess_p: float = Field(10.0, gt=0)
+    preprocess_p: float = Field(7.0, gt=0, description="gradient preprocessing p (the authors' logAndSign k=7)")
     attention_scale: float = Field(1.0, gt=0, description="multiplies the cosines before the attention softmax")
     contrastive_margin: float = Field(1.0, gt=0, description="margin of the several-shot representation loss")
+    fast_layers: Literal["all", "last"] = Field(
+        "all", description="fast weights on every conv and fc layer (authors' code) or on the last layers only"
+    )
+    norm: Literal["none", "group"] = Field("none", description="trunk normalization: none (authors' code) or GroupNorm")
+    shuffle_support: bool = Field(True, description="shuffle each support set in training (authors' episode generator)")
 
 
 ALGORITHMS = {

@@ -1,15 +1,33 @@
 """The Meta-learner LSTM of Ravi & Larochelle 2017 ("Optimization as a model for few-shot learning").
 
-The learner is the Conv4 of pipeline/nets/conv4.py (each episode's own BatchNorm
-statistics, at meta-training and meta-test alike). The meta-learner is
+The learner is the Conv4 of pipeline/nets/conv4.py. The meta-learner is
 coordinate-wise, shared by every learner parameter:
 
 1. a plain LSTM over the preprocessed, detached inputs of each coordinate,
    ``(log|L|/p, sgn L)`` of the task's loss and the same of its gradient;
 2. the meta-LSTM cell, whose cell state IS the learner's parameter:
    ``theta_t = f_t * theta_{t-1} + i_t * (-grad_t)``, with
-   ``f_t = sigmoid(W_F [h_t, theta_{t-1}, f_{t-1}] + b_F)`` and
-   ``i_t = sigmoid(W_I [h_t, theta_{t-1}, i_{t-1}] + b_I)``.
+   ``f_t = sigmoid(a_t)``, ``a_t = W_F [h_t, theta_{t-1}, f'_{t-1}] + b_F`` and
+   ``i_t = sigmoid(b_t)``, ``b_t = W_I [h_t, theta_{t-1}, i'_{t-1}] + b_I``.
+
+Three settings follow the authors' code (twitter/meta-learning-lstm,
+model/lstm/meta-learner-lstm.lua and lstm-helper.lua) by default:
+
+- ``gate_input``: the previous gate fed back, ``f'_{t-1}``, is the
+  pre-sigmoid ``a_{t-1}`` there (``fP = fS[s-1]``, stored before the sigmoid);
+  ``"post_sigmoid"`` feeds ``f_{t-1}`` as the paper writes it.
+- ``grad_over_batch``: the learner's gradient ``grad_t`` is that of the mean
+  support loss divided once more by the batch size (``feval``'s
+  ``gradParameters:div(inputs:size(1))`` after a size-averaged criterion);
+  here the batch is the whole support set. ``False`` uses the mean loss's gradient.
+- ``eval_norm``: meta-training normalizes with batch statistics, but at
+  meta-test (``adapt``) the queries are normalized with running statistics
+  (``learner.set('evaluate')``): reset to mean 0 and variance 1 for each
+  episode, then updated at each of the learner's support passes,
+  ``running = (1 - m) running + m batch`` with momentum ``m = 0.9``
+  (``BN_momentum``) and the unbiased batch variance, as torch7's BatchNorm.
+  A query's logits then depend on the support set only. ``"batch"``
+  normalizes the queries as one batch at meta-test too.
 
 Its initial cell state is the learner's learned initialization. The forget
 bias starts high and the input bias low, so training starts near gradient
@@ -24,13 +42,14 @@ first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
+from pipeline.nets.layers import Moments
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -59,11 +78,21 @@ class MetaLSTM:
     preprocess_p: float = 10.0
     forget_bias: tuple[float, float] = (4.0, 6.0)
     input_bias: tuple[float, float] = (-5.0, -4.0)
+    gate_input: Literal["pre_sigmoid", "post_sigmoid"] = "pre_sigmoid"
+    grad_over_batch: bool = True
+    eval_norm: Literal["running", "batch"] = "running"
+    norm_momentum: float = 0.9
     dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1:
             raise ValueError(f"MetaLSTM.inner_steps must be >= 1, got {self.inner_steps}")
+        if self.gate_input not in ("pre_sigmoid", "post_sigmoid"):
+            raise ValueError(f"MetaLSTM.gate_input must be 'pre_sigmoid' or 'post_sigmoid', got {self.gate_input!r}")
+        if self.eval_norm not in ("running", "batch"):
+            raise ValueError(f"MetaLSTM.eval_norm must be 'running' or 'batch', got {self.eval_norm!r}")
+        if not 0 < self.norm_momentum <= 1:
+            raise ValueError(f"MetaLSTM.norm_momentum must lie in (0, 1], got {self.norm_momentum}")
         for name in ("forget_bias", "input_bias"):
             low, high = getattr(self, name)
             if not low <= high:
@@ -89,11 +118,13 @@ class MetaLSTM:
 
     def learn(
         self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int, differentiable: bool = True
-    ) -> tuple[Params, GateTrace]:
+    ) -> tuple[Params, GateTrace, list[Moments]]:
         """Run ``steps`` meta-LSTM updates of the learner on B support sets ``x[B, N, C, H, W]``, ``y[B, N]``.
 
-        Returns the learner's parameters (with a leading task dimension B) and the
-        gate trace. ``differentiable=False`` (evaluation) drops the graph at every step.
+        Returns the learner's parameters (with a leading task dimension B), the
+        gate trace and each BatchNorm's running statistics after the support
+        passes (detached; see ``eval_norm``). ``differentiable=False``
+        (evaluation) drops the graph at every step.
         """
         tasks = support_x.shape[0]
         keys = [k[len(INIT) :] for k in params if k.startswith(INIT)]
@@ -105,26 +136,41 @@ class MetaLSTM:
         c = theta.new_zeros(coordinates, self.hidden)
         f_prev = theta.new_zeros(coordinates)
         i_prev = theta.new_zeros(coordinates)
+        scale = 1.0 / support_y.shape[1] if self.grad_over_batch else 1.0
+        running: list[Moments] | None = None
         forget, inputs = [], []
         for _ in range(steps):
             if not theta.requires_grad:
                 theta = theta.requires_grad_()
-            loss = self._loss(theta, keys, shapes, sizes, support_x, support_y)
+            loss, moments = self._loss(theta, keys, shapes, sizes, support_x, support_y)
+            running = self._running(running, moments)
             (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=differentiable)
-            grad = grad.detach().reshape(-1)
+            grad = grad.detach().reshape(-1) * scale
             loss_in = loss.detach()[:, None].expand(tasks, theta.shape[1]).reshape(-1)
             x = torch.cat([lstm.preprocess(loss_in, self.preprocess_p), lstm.preprocess(grad, self.preprocess_p)], dim=1)
             h, c = lstm.cell(x, h, c, params["lstm.weight_ih"], params["lstm.weight_hh"], params["lstm.bias"])
             flat = theta.reshape(-1)
-            f = torch.sigmoid(torch.cat([h, flat[:, None], f_prev[:, None]], 1) @ params["metalstm.WF"] + params["metalstm.bF"])
-            i = torch.sigmoid(torch.cat([h, flat[:, None], i_prev[:, None]], 1) @ params["metalstm.WI"] + params["metalstm.bI"])
+            f_logit = torch.cat([h, flat[:, None], f_prev[:, None]], 1) @ params["metalstm.WF"] + params["metalstm.bF"]
+            i_logit = torch.cat([h, flat[:, None], i_prev[:, None]], 1) @ params["metalstm.WI"] + params["metalstm.bI"]
+            f, i = torch.sigmoid(f_logit), torch.sigmoid(i_logit)
             theta = (f * flat - i * grad).reshape(tasks, -1)
             forget.append(f.detach())
             inputs.append(i.detach())
-            f_prev, i_prev = f, i
+            f_prev, i_prev = (f_logit, i_logit) if self.gate_input == "pre_sigmoid" else (f, i)
             if not differentiable:
                 theta, h, c, f_prev, i_prev = (t.detach() for t in (theta, h, c, f_prev, i_prev))
-        return self._unflatten(theta, keys, shapes, sizes), GateTrace(torch.stack(forget), torch.stack(inputs))
+        trace = GateTrace(torch.stack(forget), torch.stack(inputs))
+        return self._unflatten(theta, keys, shapes, sizes), trace, running or []
+
+    def _running(self, running: list[Moments] | None, batch: list[Moments]) -> list[Moments]:
+        """torch7 BatchNorm's running statistics after one more training pass (from mean 0, variance 1)."""
+        m = self.norm_momentum
+        updated = []
+        for i, b in enumerate(batch):
+            mean, var = (running[i].mean, running[i].var) if running else (torch.zeros_like(b.mean), torch.ones_like(b.var))
+            unbiased = b.var.detach() * (b.count / max(b.count - 1, 1))
+            updated.append(Moments((1 - m) * mean + m * b.mean.detach(), (1 - m) * var + m * unbiased, b.count))
+        return updated
 
     def _unflatten(self, theta: torch.Tensor, keys: list[str], shapes: list[torch.Size], sizes: list[int]) -> Params:
         parts = theta.split(sizes, dim=1)
@@ -132,14 +178,14 @@ class MetaLSTM:
 
     def _loss(
         self, theta: torch.Tensor, keys: list[str], shapes: list[torch.Size], sizes: list[int], x: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
-        logits = self.network.apply_tasks(self._unflatten(theta, keys, shapes, sizes), x)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1)
+    ) -> tuple[torch.Tensor, list[Moments]]:
+        logits, moments = self.network.apply_moments(self._unflatten(theta, keys, shapes, sizes), x)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1), moments
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean query cross-entropy after ``inner_steps`` updates on each support set."""
         with torch.enable_grad():
-            fast, trace = self.learn(params, episodes.support_x, episodes.support_y, self.inner_steps)
+            fast, trace, _ = self.learn(params, episodes.support_x, episodes.support_y, self.inner_steps)
         logits = self.network.apply_tasks(fast, episodes.query_x)
         loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
         accuracy = (logits.argmax(-1) == episodes.query_y).float().mean().item()
@@ -159,13 +205,20 @@ class MetaLSTM:
         return dict(zip(leaves, grads)), metrics
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
-        """Learn on one support set (``eval_inner_steps`` updates); the predictor maps queries to logits."""
+        """Learn on one support set (``eval_inner_steps`` updates); the predictor maps queries to logits.
+
+        The queries are normalized with the running statistics of the support
+        passes (``eval_norm="running"``) or as one batch (``"batch"``).
+        """
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            fast, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+            fast, _, running = self.learn(
+                fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
+            )
+        moments = running if self.eval_norm == "running" else None
 
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return self.network.apply_tasks(fast, x[None])[0]
+            return self.network.apply_moments(fast, x[None], moments)[0][0]
 
         return predict
 
@@ -173,7 +226,7 @@ class MetaLSTM:
         """Gate values over the updates on one support set (the paper's gate figure)."""
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            _, trace = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+            _, trace, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
         return trace
 
     def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:

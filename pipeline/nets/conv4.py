@@ -6,6 +6,7 @@ per-task parameters alike (pipeline/nets/layers.py).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.nets import init
-from pipeline.nets.layers import batch_norm_tasks, conv_tasks, linear_tasks
+from pipeline.nets.layers import (
+    Moments,
+    batch_moments,
+    batch_norm_tasks,
+    conv_tasks,
+    linear_tasks,
+)
 from pipeline.types import Params
 
 
@@ -72,12 +79,24 @@ class Conv4:
 
     def apply_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T."""
+        return self.apply_moments(params, x)[0]
+
+    def apply_moments(
+        self, params: Params, x: torch.Tensor, moments: Sequence[Moments] | None = None
+    ) -> tuple[torch.Tensor, list[Moments]]:
+        """``apply_tasks`` that also returns the statistics each BatchNorm normalized with (pipeline/nets/layers.py).
+
+        ``moments`` (one per block) normalizes with those statistics instead of the
+        batch's own (the returned list is then ``moments``).
+        """
         stride = 2 if self.downsample == "stride" else 1
+        used = []
         for i in range(4):
             x = conv_tasks(x, params[f"conv{i}.weight"], stride)
-            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps))
+            used.append(batch_moments(x) if moments is None else moments[i])
+            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps, used[-1]))
             if self.downsample == "maxpool":
                 t, n = x.shape[:2]
                 x = F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, (t, n))
         x = x.mean(dim=(3, 4)) if self.downsample == "stride" else x.flatten(2)
-        return linear_tasks(x, params["head.weight"], params["head.bias"])
+        return linear_tasks(x, params["head.weight"], params["head.bias"]), used

@@ -3,11 +3,14 @@
 Each takes a stack of tasks ``x[T, N, ...]`` and parameters either shared by all tasks
 (no task dimension: one big matmul/convolution over all T*N inputs) or per task (a
 leading task dimension of size T: batched matmuls and grouped convolutions).
-BatchNorm is written by hand and always normalizes with each task's own batch
-statistics (transductive, as in MAML; no running statistics), so a task's output
-never depends on the other tasks it is batched with.
+BatchNorm is written by hand and normalizes with each task's own batch
+statistics (transductive, as in MAML), or with statistics given per task (the
+Meta-LSTM's running statistics), so a task's output never depends on the other
+tasks it is batched with.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +33,36 @@ def conv_tasks(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tens
     return out.unflatten(1, (t, weight.shape[1])).transpose(0, 1)
 
 
-def batch_norm_tasks(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+def batch_norm_tasks(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    moments: Moments | None = None,
+) -> torch.Tensor:
     """Normalize ``x[T, N, F, H, W]`` with each task's mean and biased variance over (N, H, W).
 
+    ``moments``: given statistics in place of the batch's own (running statistics;
+    see pipeline/algorithms/meta_lstm.py).
     Written out rather than F.batch_norm: native batch_norm under torch.func.vmap
     gave second-order meta-gradients about 1% off (issue 4).
     """
-    var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)
+    mean, var, _ = batch_moments(x) if moments is None else moments
     shape = (-1, 1, x.shape[2], 1, 1)
     scale = torch.rsqrt(var + eps) * gamma.reshape(shape)
     # (x - mean) * scale + beta with one full-size pass; scale and shift are [T, 1, F, 1, 1]
     return torch.addcmul(beta.reshape(shape) - mean * scale, x, scale)
+
+
+class Moments(NamedTuple):
+    """BatchNorm statistics of a stack of tasks: ``mean`` and biased ``var`` ``[T, 1, F, 1, 1]`` over ``count`` values."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    count: int
+
+
+def batch_moments(x: torch.Tensor) -> Moments:
+    """Each task's mean and biased variance of ``x[T, N, F, H, W]`` over (N, H, W)."""
+    var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)
+    return Moments(mean, var, x.shape[1] * x.shape[3] * x.shape[4])

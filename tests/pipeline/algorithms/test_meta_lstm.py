@@ -1,4 +1,5 @@
-"""The Meta-learner LSTM: the gradient-descent identity, gates at initialization, per-episode BatchNorm."""
+"""The Meta-learner LSTM: the gradient-descent identity, gates at initialization, per-episode BatchNorm,
+and the authors' code's settings (gate fed back before the sigmoid, gradient over the batch, running statistics)."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from pipeline.algorithms.meta_lstm import INIT, MetaLSTM, plot_gates
 from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ConfigError
+from pipeline.nets import lstm
 from pipeline.nets.conv4 import Conv4
 from tasks.episodes import Episodes
 
@@ -38,20 +40,23 @@ def gradient_descent_gates(params: dict[str, torch.Tensor], lr: float) -> dict[s
     return params
 
 
-def test_forget_one_and_input_lr_is_exactly_gradient_descent() -> None:
-    learner = MetaLSTM(NET, inner_steps=3, dtype=torch.float64)
+@pytest.mark.parametrize("grad_over_batch", [True, False], ids=["over-batch", "mean-loss"])
+def test_forget_one_and_input_lr_is_exactly_gradient_descent(grad_over_batch: bool) -> None:
+    learner = MetaLSTM(NET, inner_steps=3, grad_over_batch=grad_over_batch, eval_norm="batch", dtype=torch.float64)
     lr = 0.1
     params = gradient_descent_gates(learner.init(0), lr)
     batch = episodes(1, seed=1)
-    fast, trace = learner.learn(params, batch.support_x, batch.support_y, 3)
+    fast, trace, _ = learner.learn(params, batch.support_x, batch.support_y, 3)
     assert torch.all(trace.forget == 1.0)
     torch.testing.assert_close(trace.input, torch.full_like(trace.input, lr), rtol=1e-15, atol=0)
 
+    # the authors' feval: gradient of the size-averaged loss, divided by the batch size (6 here) once more
+    step = lr / 6 if grad_over_batch else lr
     theta = {k[len(INIT) :]: v.clone().requires_grad_() for k, v in params.items() if k.startswith(INIT)}
     for _ in range(3):
         loss = F.cross_entropy(NET.apply(theta, batch.support_x[0]), batch.support_y[0])
         grads = torch.autograd.grad(loss, list(theta.values()))
-        theta = {k: (v - lr * g).detach().requires_grad_() for (k, v), g in zip(theta.items(), grads)}
+        theta = {k: (v - step * g).detach().requires_grad_() for (k, v), g in zip(theta.items(), grads)}
     for key, value in theta.items():
         torch.testing.assert_close(fast[key][0], value.detach(), rtol=1e-12, atol=1e-14)
 
@@ -86,23 +91,98 @@ def test_each_episode_uses_its_own_batch_statistics() -> None:
     learner = MetaLSTM(NET, inner_steps=2, dtype=torch.float64)
     params = learner.init(2)
     batch = episodes(3, seed=4)
-    together, _ = learner.learn(params, batch.support_x, batch.support_y, 2)
-    alone, _ = learner.learn(params, batch.support_x[1:2], batch.support_y[1:2], 2)
+    together, _, _ = learner.learn(params, batch.support_x, batch.support_y, 2)
+    alone, _, _ = learner.learn(params, batch.support_x[1:2], batch.support_y[1:2], 2)
     for key in alone:
         torch.testing.assert_close(together[key][1], alone[key][0])
 
 
 def test_adapt_predicts_with_the_learned_parameters() -> None:
-    learner = MetaLSTM(NET, inner_steps=2, eval_inner_steps=3, dtype=torch.float64)
+    learner = MetaLSTM(NET, inner_steps=2, eval_inner_steps=3, eval_norm="batch", dtype=torch.float64)
     params = learner.init(0)
     batch = episodes(1, seed=5)
     logits = learner.adapt(params, batch.support_x[0], batch.support_y[0])(batch.query_x[0])
-    fast, _ = learner.learn(params, batch.support_x, batch.support_y, 3)
+    fast, _, _ = learner.learn(params, batch.support_x, batch.support_y, 3)
     torch.testing.assert_close(logits, NET.apply({k: v[0] for k, v in fast.items()}, batch.query_x[0]))
     trace = learner.gate_trace(params, batch.support_x[0], batch.support_y[0])
     assert trace.forget.shape == trace.input.shape == (3, sum(v.numel() for k, v in params.items() if k.startswith(INIT)))
     figure = plot_gates(trace)
     assert [ax.get_title() for ax in figure.axes] == ["forget gate", "input gate"]
+
+
+def reference_gate_unroll(
+    params: dict[str, torch.Tensor], batch: Episodes, steps: int, pre_sigmoid: bool
+) -> dict[str, torch.Tensor]:
+    """twitter/meta-learning-lstm's loop written out for one episode: feval's gradient (mean loss, divided by the
+    batch size), preprocess, the first LSTM, then lstm-helper.lua's cell with fP = fS[s-1] (the pre-sigmoid value)."""
+    keys = [k[len(INIT) :] for k in params if k.startswith(INIT)]
+    theta = torch.cat([params[INIT + k].reshape(-1) for k in keys])
+    h = theta.new_zeros(theta.numel(), 20)
+    c = torch.zeros_like(h)
+    f_prev = i_prev = theta.new_zeros(theta.numel())
+    for _ in range(steps):
+        leaf = theta.detach().requires_grad_()
+        split = dict(zip(keys, (p.reshape(params[INIT + k].shape) for k, p in zip(keys, leaf.split([params[INIT + k].numel() for k in keys])))))
+        loss = F.cross_entropy(NET.apply(split, batch.support_x[0]), batch.support_y[0])
+        (grad,) = torch.autograd.grad(loss, leaf)
+        grad = grad / batch.support_y.shape[1]
+        x = torch.cat([lstm.preprocess(loss.detach().expand_as(grad), 10.0), lstm.preprocess(grad, 10.0)], dim=1)
+        h, c = lstm.cell(x, h, c, params["lstm.weight_ih"], params["lstm.weight_hh"], params["lstm.bias"])
+        a_f = h @ params["metalstm.WF"][:20] + theta * params["metalstm.WF"][20] + f_prev * params["metalstm.WF"][21] + params["metalstm.bF"]
+        a_i = h @ params["metalstm.WI"][:20] + theta * params["metalstm.WI"][20] + i_prev * params["metalstm.WI"][21] + params["metalstm.bI"]
+        theta = torch.sigmoid(a_f) * theta - torch.sigmoid(a_i) * grad
+        f_prev, i_prev = (a_f, a_i) if pre_sigmoid else (torch.sigmoid(a_f), torch.sigmoid(a_i))
+    return dict(zip(keys, theta.split([params[INIT + k].numel() for k in keys])))
+
+
+@pytest.mark.parametrize("gate_input", ["pre_sigmoid", "post_sigmoid"])
+def test_the_previous_gate_is_fed_back_as_the_setting_says(gate_input: str) -> None:
+    learner = MetaLSTM(NET, inner_steps=3, gate_input=gate_input, dtype=torch.float64)
+    params = learner.init(3)
+    # gate weights large enough for the fed-back gate to matter
+    params["metalstm.WF"] = params["metalstm.WF"] * 100
+    params["metalstm.WI"] = params["metalstm.WI"] * 100
+    batch = episodes(1, seed=7)
+    fast, _, _ = learner.learn(params, batch.support_x, batch.support_y, 3)
+    for pre_sigmoid in (True, False):
+        expected = reference_gate_unroll(params, batch, 3, pre_sigmoid)
+        matches = all(torch.allclose(fast[k][0].reshape(-1), v, rtol=1e-10, atol=1e-13) for k, v in expected.items())
+        assert matches == (pre_sigmoid == (gate_input == "pre_sigmoid"))
+
+
+def reference_running_logits(params: dict[str, torch.Tensor], fast_by_step: list[dict[str, torch.Tensor]],
+                             batch: Episodes, momentum: float) -> torch.Tensor:
+    """torch7's BatchNorm through torch's own F.batch_norm: buffers reset to 0 and 1, one training pass on the
+    support set per learner step (new = (1 - m) old + m batch, unbiased variance), then evaluate mode on the queries."""
+    buffers = [(torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)) for _ in range(4)]
+
+    def forward(theta: dict[str, torch.Tensor], x: torch.Tensor, training: bool) -> torch.Tensor:
+        for i in range(4):
+            x = F.conv2d(x, theta[f"conv{i}.weight"], stride=2, padding=1)
+            x = F.batch_norm(x, *buffers[i], theta[f"bn{i}.weight"], theta[f"bn{i}.bias"], training, momentum, NET.eps)
+            x = F.relu(x)
+        return F.linear(x.mean(dim=(2, 3)), theta["head.weight"], theta["head.bias"])
+
+    for theta in fast_by_step[:-1]:
+        forward(theta, batch.support_x[0], True)
+    return forward(fast_by_step[-1], batch.query_x[0], False)
+
+
+def test_meta_test_queries_use_the_running_statistics_of_the_support_passes() -> None:
+    learner = MetaLSTM(NET, inner_steps=3, dtype=torch.float64)
+    params = learner.init(4)
+    batch = episodes(1, seed=8)
+    logits = learner.adapt(params, batch.support_x[0], batch.support_y[0])(batch.query_x[0])
+    start = {k[len(INIT) :]: v for k, v in params.items() if k.startswith(INIT)}
+    by_step = [start] + [{k: v[0] for k, v in learner.learn(params, batch.support_x, batch.support_y, s)[0].items()}
+                         for s in (1, 2, 3)]
+    torch.testing.assert_close(logits, reference_running_logits(params, by_step, batch, 0.9), rtol=1e-10, atol=1e-12)
+    # each query alone gets the logits it gets in the batch; with eval_norm="batch" it does not
+    predict = learner.adapt(params, batch.support_x[0], batch.support_y[0])
+    torch.testing.assert_close(predict(batch.query_x[0, :1]), logits[:1])
+    transductive = MetaLSTM(NET, inner_steps=3, eval_norm="batch", dtype=torch.float64).adapt(
+        params, batch.support_x[0], batch.support_y[0])
+    assert not torch.allclose(transductive(batch.query_x[0, :1]), transductive(batch.query_x[0])[:1])
 
 
 def test_a_few_meta_steps_lower_the_meta_loss() -> None:
@@ -160,3 +240,13 @@ def test_shipped_configs_build_the_papers_learner(name: str, image_size: int, do
     learner = build_learner(load_config(Path(__file__).resolve().parents[3] / "configs" / name))
     assert isinstance(learner, MetaLSTM) and learner.inner_steps == steps and learner.hidden == 20
     assert (learner.network.image_size, learner.network.downsample, learner.network.filters) == (image_size, downsample, 32)
+
+
+def test_config_passes_the_reference_settings_and_names_a_bad_one() -> None:
+    learner = build_learner(validate(omniglot_config(gate_input="post_sigmoid", grad_over_batch=False, eval_norm="batch")))
+    assert (learner.gate_input, learner.grad_over_batch, learner.eval_norm) == ("post_sigmoid", False, "batch")
+    default = build_learner(validate(omniglot_config()))
+    assert (default.gate_input, default.grad_over_batch, default.eval_norm, default.norm_momentum) == (
+        "pre_sigmoid", True, "running", 0.9)
+    with pytest.raises(ConfigError, match="algorithm.eval_norm"):
+        validate(omniglot_config(eval_norm="support"))

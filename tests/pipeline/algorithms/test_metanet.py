@@ -1,4 +1,6 @@
-"""MetaNet: layer augmentation, memory write and read, hand-written references, learning, config."""
+"""MetaNet: layer augmentation, memory write and read, hand-written references, learning, config,
+and the authors' code's settings (fast weights on every layer, k=7, no normalization, shuffled support)."""
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
-from pipeline.algorithms.metanet import MetaNet
+from pipeline.algorithms.metanet import MetaNet, shuffle_support
 from pipeline.build import build_learner
 from pipeline.config import load_config, validate
 from pipeline.errors import ConfigError
@@ -23,8 +25,13 @@ CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def tiny(ways: int = 5, **kw) -> MetaNet:
-    """A MetaNet small enough for a CPU test: 2 blocks of 4 filters (features 4*7*7), widths 8."""
-    settings = dict(conv_layers=2, filters=4, hidden=8, representation=8, generator_hidden=6, rep_steps=3)
+    """A MetaNet small enough for a CPU test: 2 blocks of 4 filters (features 4*7*7), widths 8.
+
+    Fast weights on the last layers and GroupNorm unless ``kw`` says otherwise (the reference's
+    ``fast_layers="all"`` and ``norm="none"`` have tests of their own below).
+    """
+    settings = dict(conv_layers=2, filters=4, hidden=8, representation=8, generator_hidden=6, rep_steps=3,
+                    fast_layers="last", norm="group")
     return MetaNet(ways=ways, **{**settings, **kw})
 
 
@@ -83,7 +90,7 @@ def test_memory_sizes_follow_support_set(shots):
     support = 3 * shots
     assert memory.keys.shape == (1, support, net.representation)
     assert memory.values.shape == (1, support, net.hidden * net.features() + 3 * net.hidden)
-    assert memory.task_fast.shape == (1, net.representation, net.features())
+    assert memory.task_fast.shape == (1, net.representation * net.features())
     assert predictor(batch.query_x[0]).shape == (6, 3)
 
 
@@ -107,7 +114,7 @@ def test_memory_matches_hand_written_gradients_in_float64():
     x, y = batch.support_x[0], batch.support_y[0]
 
     # example-level: closed-form gradient of each support example's cross-entropy through b's two layers
-    hb = net.trunk(params, "b", x)
+    hb = net.trunk(params, "b", x[None])[0]
     w1, w2 = params["b.fc1"], params["b.fc2"]
     z = hb @ w1.T
     dlogits = torch.softmax(F.relu(z) @ w2.T, -1) - F.one_hot(y, 3)
@@ -117,7 +124,7 @@ def test_memory_matches_hand_written_gradients_in_float64():
     torch.testing.assert_close(memory.values[0], mlp_generate(params, "m", grads, net.preprocess_p))
 
     # task-level: contrastive loss (two shots), gradient of each chunk's mean by autograd, one chunk at a time
-    hu = net.trunk(params, "u", x).detach()
+    hu = net.trunk(params, "u", x[None])[0].detach()
     chunk_grads = []
     for chunk in (torch.arange(0, 3), torch.arange(3, 6)):
         w = params["u.fc1"].detach().requires_grad_(True)
@@ -128,14 +135,18 @@ def test_memory_matches_hand_written_gradients_in_float64():
         loss = (same * dist2 + (1 - same) * apart)[chunk].mean()
         chunk_grads.append(torch.autograd.grad(loss, w)[0])
     task_fast = lstm_generate(params, "d", torch.stack(chunk_grads)[None], net.preprocess_p)
-    torch.testing.assert_close(memory.task_fast, task_fast)
+    torch.testing.assert_close(memory.task_fast, task_fast.flatten(1))
     torch.testing.assert_close(memory.keys[0], hu @ params["u.fc1"].T + hu @ task_fast[0].T)
 
 
 @pytest.mark.parametrize("shots", [1, 2], ids=["one-shot", "two-shot"])
-def test_gradients_reach_every_meta_parameter(shots):
-    net = tiny()
-    params = net.init(1)
+@pytest.mark.parametrize("fast_layers,norm,seed", [("all", "none", 2), ("all", "group", 0), ("last", "none", 1),
+                                                    ("last", "group", 1)])
+def test_gradients_reach_every_meta_parameter(shots, fast_layers, norm, seed):
+    # seed: at this tiny size the generated conv fast weights start nearly constant, so a conv fast branch
+    # is dead (all negative) for some seeds; seed 2 starts with every branch alive
+    net = tiny(fast_layers=fast_layers, norm=norm)
+    params = net.init(seed)
     grads, metrics = net.meta_grad(params, episodes(5, shots, 2, 2, seed=1))
     assert grads.keys() == params.keys()
     for key, g in grads.items():
@@ -146,7 +157,7 @@ def test_gradients_reach_every_meta_parameter(shots):
 
 
 def test_meta_grad_is_autodiff_of_meta_loss():
-    net = tiny(dtype=torch.float64)
+    net = tiny(dtype=torch.float64, shuffle_support=False)  # meta_grad shuffles before it differentiates otherwise
     params = net.init(3)
     batch = episodes(5, 1, 2, 2, seed=3, dtype=torch.float64)
     grads, _ = net.meta_grad(params, batch)
@@ -181,7 +192,7 @@ def test_init_is_deterministic_in_seed():
 
 def test_meta_loss_decreases_with_adam_on_learnable_episodes():
     # narrower generators or layers than these learn too slowly to leave the uniform guess within the test's steps
-    net = MetaNet(ways=5, conv_layers=4, filters=16, rep_steps=3)
+    net = MetaNet(ways=5, conv_layers=4, filters=16, rep_steps=3, fast_layers="last", norm="group")
     params = {k: v.requires_grad_(True) for k, v in net.init(0).items()}
     held_out = episodes(5, 1, 3, 16, seed=10_000)
     before = net.meta_loss(params, held_out)[0].item()
@@ -218,8 +229,102 @@ def test_shipped_configs_build_a_metanet(name, ways):
 def test_config_rejects_unknown_metanet_key_and_non_image_task():
     base = {"task": {"name": "omniglot"}, "store": {"path": "x"}, "algorithm": {"name": "metanet"}}
     defaults = validate(base).algorithm
-    assert (defaults.conv_layers, defaults.filters, defaults.generator_hidden, defaults.preprocess_p) == (5, 64, 20, 10.0)
+    assert (defaults.conv_layers, defaults.filters, defaults.generator_hidden, defaults.preprocess_p) == (5, 64, 20, 7.0)
+    assert (defaults.fast_layers, defaults.norm, defaults.shuffle_support) == ("all", "none", True)
+    with pytest.raises(ConfigError, match="algorithm.fast_layers"):
+        validate({**base, "algorithm": {"name": "metanet", "fast_layers": "first"}})
     with pytest.raises(ValueError, match="algorithm.hiden"):
         validate({**base, "algorithm": {"name": "metanet", "hiden": 3}})
     with pytest.raises(ConfigError, match="algorithm.name: metanet meta-learns classification tasks; task.name='sinusoid' is regression"):
         validate({**base, "task": {"name": "sinusoid"}})
+
+
+def log_and_sign(x: torch.Tensor, k: float) -> torch.Tensor:
+    """utilsf.py's logAndSign of the authors' code, written out: (max(log(|x| + eps) / k, -1), clip(x e^k, -1, 1))."""
+    eps = torch.finfo(x.dtype).eps
+    return torch.stack(((torch.log(x.abs() + eps) / k).clamp(min=-1.0), (x * math.exp(k)).clamp(-1.0, 1.0)), -1)
+
+
+def test_preprocessing_with_p_7_is_the_authors_log_and_sign_with_k_7():
+    gen = torch.Generator().manual_seed(0)
+    g = torch.cat([torch.randn(50, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 2, (50,), generator=gen),
+                   torch.tensor([0.0, 1e-3, -1e-3, math.exp(-7) * 1.001], dtype=torch.float64)])
+    torch.testing.assert_close(preprocess(g, 7.0), log_and_sign(g, 7.0), rtol=0, atol=1e-12)
+    assert MetaNet(ways=5).preprocess_p == 7.0
+
+
+def test_all_layers_match_the_authors_forward_in_float64():
+    """MetaNetFull.py written out for one 1-shot episode: per-chunk gradients of u's convs and fc1 through the
+    conv and fc LSTMs, per-example gradients of b's convs and fcs through the conv and fc MLPs, every conv block
+    relu(conv(x, W)) + relu(conv(x, W*)), no normalization, and one query at a time."""
+    net = tiny(ways=3, fast_layers="all", norm="none", rep_steps=3, dtype=torch.float64)
+    params = net.init(2)
+    batch = episodes(3, 1, 2, 1, seed=4, dtype=torch.float64)
+    x, y, xq = batch.support_x[0], batch.support_y[0], batch.query_x[0]
+    head = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / math.sqrt(8)
+    convs = lambda net_: [f"{net_}.conv{i}.weight" for i in range(2)]  # noqa: E731
+
+    def trunk(weights, fast, images):
+        h = images
+        for i, key in enumerate(convs(weights["net"])):
+            out = F.relu(F.conv2d(h, weights[key], padding=1))
+            if fast is not None:
+                out = out + F.relu(F.conv2d(h, fast[i], padding=1))
+            h = F.max_pool2d(out, 2, ceil_mode=True)
+        return h.flatten(1)
+
+    u = {"net": "u", **{k: params[k] for k in convs("u") + ["u.fc1"]}}
+    b = {"net": "b", **{k: params[k] for k in convs("b") + ["b.fc1", "b.fc2"]}}
+    # u: one chunk (here one example) at a time, the LSTM state carried across chunks
+    chunk_grads = []
+    for i in range(3):
+        leaves = {k: v.detach().requires_grad_() for k, v in u.items() if k != "net"}
+        rep = trunk({"net": "u", **leaves}, None, x[i : i + 1]) @ leaves["u.fc1"].T
+        loss = F.cross_entropy(F.relu(rep) @ head.T, y[i : i + 1])
+        chunk_grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    fast_u = [lstm_generate(params, "d_conv" if j < 2 else "d", torch.stack([g[j] for g in chunk_grads])[None],
+                            7.0)[0] for j in range(3)]
+    represent = lambda images: trunk(u, fast_u[:2], images) @ (params["u.fc1"] + fast_u[2]).T  # noqa: E731
+    # b: one support example at a time
+    values = []
+    for i in range(3):
+        leaves = {k: v.detach().requires_grad_() for k, v in b.items() if k != "net"}
+        logits = F.relu(trunk({"net": "b", **leaves}, None, x[i : i + 1]) @ leaves["b.fc1"].T) @ leaves["b.fc2"].T
+        grads = torch.autograd.grad(F.cross_entropy(logits, y[i : i + 1]), list(leaves.values()))
+        values.append([mlp_generate(params, "m_conv" if j < 2 else "m", g, 7.0) for j, g in enumerate(grads)])
+    keys = represent(x)
+    expected = []
+    for q in range(xq.shape[0]):
+        r = represent(xq[q : q + 1])
+        attention = torch.softmax(F.cosine_similarity(keys, r, dim=-1, eps=1e-8), 0)
+        fast = [sum(attention[s] * values[s][j] for s in range(3)) for j in range(4)]
+        h = trunk(b, fast[:2], xq[q : q + 1])
+        h = F.relu(h @ params["b.fc1"].T) + F.relu(h @ fast[2].T)
+        expected.append(h @ params["b.fc2"].T + h @ fast[3].T)
+    memory = net.write_memory(params, batch.support_x, batch.support_y)
+    torch.testing.assert_close(memory.keys[0], keys)
+    torch.testing.assert_close(net.read(params, memory, batch.query_x)[0], torch.cat(expected))
+
+
+def test_support_shuffle_is_seeded_per_episode_and_used_in_training():
+    batch = episodes(5, 2, 1, 4, seed=6)
+    shuffled = shuffle_support(batch, seed=3)
+    again = shuffle_support(batch, seed=3)
+    assert torch.equal(shuffled.support_x, again.support_x) and torch.equal(shuffled.support_y, again.support_y)
+    assert not torch.equal(shuffle_support(batch, seed=4).support_y, shuffled.support_y)
+    assert not torch.equal(shuffled.support_y, batch.support_y)
+    for e in range(4):  # the same (image, label) pairs, in another order
+        order = [int((batch.support_x[e] == img).flatten(1).all(1).nonzero()) for img in shuffled.support_x[e]]
+        assert sorted(order) == list(range(10))
+        assert torch.equal(batch.support_y[e, order], shuffled.support_y[e])
+    assert torch.equal(shuffled.query_x, batch.query_x)
+    # episode 2 alone is shuffled as in the batch: its order depends on its own pixels only
+    assert torch.equal(shuffle_support(batch[2], seed=3).support_y[0], shuffled.support_y[2])
+
+    net = tiny(rep_steps=3, shuffle_support=True, seed=3)
+    grads, _ = net.meta_grad(net.init(0), batch)
+    expected, _ = tiny(rep_steps=3, shuffle_support=False).meta_grad(net.init(0), shuffled)
+    unshuffled, _ = tiny(rep_steps=3, shuffle_support=False).meta_grad(net.init(0), batch)
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[key])
+    assert any(not torch.allclose(grads[k], unshuffled[k]) for k in grads)
