@@ -21,6 +21,7 @@ from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic
 from pipeline.algorithms.maml import MAML
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
+from pipeline.algorithms.protonet import ProtoNet
 from pipeline.algorithms.reptile import Reptile
 from pipeline.config import (
     Conv4Model,
@@ -150,12 +151,17 @@ def _metanet(config: RunConfig) -> MetaNet:
     )
 
 
+def _protonet(config: RunConfig) -> ProtoNet:
+    return ProtoNet(network=build_network(config), ways=config.task_spec.outputs)
+
+
 ALGORITHMS: dict[str, Callable[[RunConfig], MetaLearner]] = {
     "maml": _maml,
     "reptile": _reptile,
     "l2l": _l2l,
     "meta_lstm": _meta_lstm,
     "metanet": _metanet,
+    "protonet": _protonet,
 }
 """``algorithm.name`` -> builder ``(run config) -> meta-learner``."""
 

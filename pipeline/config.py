@@ -181,12 +181,26 @@ class MetaNetAlgorithm(AlgorithmSection):
     contrastive_margin: float = Field(1.0, gt=0, description="margin of the several-shot representation loss")
 
 
+class ProtoNetAlgorithm(AlgorithmSection):
+    """Prototypical Networks (Snell et al. 2017; pipeline/algorithms/protonet.py): no inner loop, no hyperparameters.
+
+    The embedding is ``model``'s Conv4 without its head; the authors' Omniglot encoder is
+    ``downsample: maxpool`` with 64 filters (configs/omniglot_protonet_5w1s.yaml).
+    """
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
+
+    name: Literal["protonet"] = "protonet"
+
+
 ALGORITHMS = {
     "maml": MAMLAlgorithm,
     "reptile": ReptileAlgorithm,
     "l2l": L2LAlgorithm,
     "meta_lstm": MetaLSTMAlgorithm,
     "metanet": MetaNetAlgorithm,
+    "protonet": ProtoNetAlgorithm,
 }
 """``algorithm.name`` -> its section; the builders are in pipeline/build.py."""
 

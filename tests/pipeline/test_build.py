@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.algorithms.maml import MAML
+from pipeline.algorithms.protonet import ProtoNet
 from pipeline.algorithms.reptile import Reptile
 from pipeline.build import build_learner, build_network
 from pipeline.config import load_config, load_episode_config, validate
@@ -20,6 +21,7 @@ ALGORITHM_CONFIGS = {
     "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
     "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", MAML, Conv4),
     "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", MAML, Conv4),
+    "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", ProtoNet, Conv4),
 }
 
 
