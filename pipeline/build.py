@@ -77,7 +77,14 @@ def _maml(config: RunConfig) -> MAML:
         learn_inner_lr=algo.learn_inner_lr,
         batching=algo.batching,
         task_chunk=algo.task_chunk,
+        inner_loss_scale=inner_loss_scale(algo, config.task_spec),
     )
+
+
+def inner_loss_scale(algo: MAMLAlgorithm, task: TaskSpec) -> float:
+    """What ``algorithm.inner_loss`` multiplies the mean support loss by: ``ways`` for ``sum_over_shots`` on
+    N-way classification (cbfinn/maml's inner gradient), else 1 (its regression loss is the mean)."""
+    return float(task.outputs) if algo.inner_loss == "sum_over_shots" and task.loss == "cross_entropy" else 1.0
 
 
 def _reptile(config: RunConfig) -> Reptile:

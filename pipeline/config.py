@@ -108,6 +108,11 @@ class MAMLAlgorithm(GradientMetaLearner):
     task_chunk: int | None = Field(
         None, ge=1, description="tasks per stacked pass; default 8 for conv4 on a CPU, else the whole meta-batch"
     )
+    inner_loss: Literal["sum_over_shots", "mean"] = Field(
+        "sum_over_shots",
+        description="inner-loop loss: each support example's loss / shots, summed (cbfinn/maml's xent: N x the mean"
+        " for N-way classification; the mean for regression), or the mean",
+    )
 
 
 class ReptileAlgorithm(GradientMetaLearner):
