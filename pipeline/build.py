@@ -97,6 +97,8 @@ def _reptile(config: RunConfig) -> Reptile:
         eval_inner_steps=algo.eval_inner_steps,
         inner_optimizer=algo.inner_optimizer,
         batching=algo.batching,
+        train_shots=algo.train_shots,
+        inner_batch=algo.inner_batch,
     )
 
 
