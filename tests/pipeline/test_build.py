@@ -22,6 +22,7 @@ ALGORITHM_CONFIGS = {
     "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", MAML, Conv4),
     "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", MAML, Conv4),
     "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", ProtoNet, Conv4),
+    "omniglot_reptile_5w1s.yaml": ("omniglot-5w1s.yaml", Reptile, Conv4),
 }
 
 

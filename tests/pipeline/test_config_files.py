@@ -119,6 +119,7 @@ RUNS = {
     "omniglot_maml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "omniglot_reptile_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "quickstart.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "meta_lstm_omniglot_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "metanet_omniglot_5w1s.yaml": ("omniglot-5w1s-320k.yaml", "episodes/omniglot-5w1s-320k"),
