@@ -39,7 +39,7 @@ def test_config_validates_and_builds_its_learner(name):
 
 def test_paper_settings():
     omniglot = build_learner(load_config(CONFIGS / "omniglot_maml_5w1s.yaml"))
-    assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps) == (0.4, 1, 3)
+    assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps, omniglot.inner_loss_scale) == (0.4, 1, 10, 5.0)
     assert not omniglot.first_order and omniglot.network == Conv4(1, 28, 5, 64, "stride")
     assert build_learner(load_config(CONFIGS / "omniglot_fomaml_5w1s.yaml")).first_order
     mini = build_learner(load_config(CONFIGS / "miniimagenet_maml_5w1s.yaml"))
