@@ -21,6 +21,7 @@ from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic
 from pipeline.algorithms.maml import MAML
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
+from pipeline.algorithms.protonet import ProtoNet
 from pipeline.algorithms.reptile import Reptile
 from pipeline.config import (
     Conv4Model,
@@ -76,7 +77,14 @@ def _maml(config: RunConfig) -> MAML:
         learn_inner_lr=algo.learn_inner_lr,
         batching=algo.batching,
         task_chunk=algo.task_chunk,
+        inner_loss_scale=inner_loss_scale(algo, config.task_spec),
     )
+
+
+def inner_loss_scale(algo: MAMLAlgorithm, task: TaskSpec) -> float:
+    """What ``algorithm.inner_loss`` multiplies the mean support loss by: ``ways`` for ``sum_over_shots`` on
+    N-way classification (cbfinn/maml's inner gradient), else 1 (its regression loss is the mean)."""
+    return float(task.outputs) if algo.inner_loss == "sum_over_shots" and task.loss == "cross_entropy" else 1.0
 
 
 def _reptile(config: RunConfig) -> Reptile:
@@ -89,6 +97,8 @@ def _reptile(config: RunConfig) -> Reptile:
         eval_inner_steps=algo.eval_inner_steps,
         inner_optimizer=algo.inner_optimizer,
         batching=algo.batching,
+        train_shots=algo.train_shots,
+        inner_batch=algo.inner_batch,
     )
 
 
@@ -158,12 +168,17 @@ def _metanet(config: RunConfig) -> MetaNet:
     )
 
 
+def _protonet(config: RunConfig) -> ProtoNet:
+    return ProtoNet(network=build_network(config), ways=config.task_spec.outputs)
+
+
 ALGORITHMS: dict[str, Callable[[RunConfig], MetaLearner]] = {
     "maml": _maml,
     "reptile": _reptile,
     "l2l": _l2l,
     "meta_lstm": _meta_lstm,
     "metanet": _metanet,
+    "protonet": _protonet,
 }
 """``algorithm.name`` -> builder ``(run config) -> meta-learner``."""
 

@@ -115,6 +115,11 @@ class MAMLAlgorithm(GradientMetaLearner):
     task_chunk: int | None = Field(
         None, ge=1, description="tasks per stacked pass; default 8 for conv4 on a CPU, else the whole meta-batch"
     )
+    inner_loss: Literal["sum_over_shots", "mean"] = Field(
+        "sum_over_shots",
+        description="inner-loop loss: each support example's loss / shots, summed (cbfinn/maml's xent: N x the mean"
+        " for N-way classification; the mean for regression), or the mean",
+    )
 
 
 class ReptileAlgorithm(GradientMetaLearner):
@@ -122,6 +127,16 @@ class ReptileAlgorithm(GradientMetaLearner):
 
     name: Literal["reptile"] = "reptile"
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
+    train_shots: int | None = Field(
+        None, ge=1,
+        description="classification: meta-train each task on this many examples per class, taken from its support"
+        " then query examples (openai's --train-shots); default the support set",
+    )
+    inner_batch: int | None = Field(
+        None, ge=1,
+        description="examples per inner step in meta-training, drawn as openai's mini-batches (shuffled, without"
+        " replacement, reshuffled each pass); default all of them; evaluation adapts on the whole support set",
+    )
     batching: Literal["auto", "loop", "stacked"] = Field(
         "auto", description="how tasks of a meta-batch are batched (auto: stacked on a GPU, else loop)"
     )
@@ -203,12 +218,26 @@ class MetaNetAlgorithm(AlgorithmSection):
     shuffle_support: bool = Field(True, description="shuffle each support set in training (authors' episode generator)")
 
 
+class ProtoNetAlgorithm(AlgorithmSection):
+    """Prototypical Networks (Snell et al. 2017; pipeline/algorithms/protonet.py): no inner loop, no hyperparameters.
+
+    The embedding is ``model``'s Conv4 without its head; the authors' Omniglot encoder is
+    ``downsample: maxpool`` with 64 filters (configs/omniglot_protonet_5w1s.yaml).
+    """
+
+    task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
+
+    name: Literal["protonet"] = "protonet"
+
+
 ALGORITHMS = {
     "maml": MAMLAlgorithm,
     "reptile": ReptileAlgorithm,
     "l2l": L2LAlgorithm,
     "meta_lstm": MetaLSTMAlgorithm,
     "metanet": MetaNetAlgorithm,
+    "protonet": ProtoNetAlgorithm,
 }
 """``algorithm.name`` -> its section; the builders are in pipeline/build.py."""
 
@@ -216,13 +245,15 @@ AlgorithmConfig = Annotated[Union[tuple(Annotated[a, Tag(n)] for n, a in ALGORIT
 
 
 class OptimizerConfig(Strict):
-    """The parameter server's Adam on the meta-parameters."""
+    """The parameter server's optimizer on the meta-parameters: Adam, or SGD (Reptile's outer step, openai/supervised-reptile)."""
 
+    name: Literal["adam", "sgd"] = Field("adam", description="sgd: theta - lr * grad; with Reptile, theta + lr * (mean phi - theta)")
     lr: float = Field(0.001, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam only")
+    eps: float = Field(1e-8, gt=0, description="adam only")
     clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm")
-    schedule: Literal["constant", "cosine"] = "constant"
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_final: float = Field(0.0, ge=0, description="linear: the rate reached at train.steps (openai's meta_step_size_final)")
 
     @model_validator(mode="after")
     def _betas(self) -> OptimizerConfig:
@@ -358,6 +389,13 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
         return f"algorithm.name: {algorithm.name} meta-learns {kinds} tasks; task.name={task_name} is {task_spec.kind}"
     if algorithm.needs_images and not task_spec.is_image:
         return f"algorithm.name: {algorithm.name} needs an image task; task.name={task_name} has inputs of shape {shape}"
+    train_shots = getattr(algorithm, "train_shots", None)
+    if train_shots is not None:
+        if task_spec.kind != "classification":
+            return f"algorithm.train_shots: {algorithm.name} takes training shots per class from classification tasks; task.name={task_name} is {task_spec.kind}"
+        available = task.shots + task.queries
+        if train_shots > available:
+            return f"algorithm.train_shots: {train_shots} is more than the task's shots + queries = {available} examples per class"
     if algorithm.networks is None:
         return None
     if model.network not in algorithm.networks:

@@ -151,7 +151,12 @@ def query_metrics(
 
 @dataclass(frozen=True)
 class MAML:
-    """Second- or first-order MAML over ``network`` with an SGD inner loop."""
+    """Second- or first-order MAML over ``network`` with an SGD inner loop.
+
+    ``inner_loss_scale`` multiplies the inner loss (so the inner gradient) of the mean
+    support loss: ``ways`` reproduces cbfinn/maml's classification inner step (``utils.py``
+    ``xent`` divides each example's loss by K and ``tf.gradients`` sums over the N*K examples).
+    """
 
     network: MLP | Conv4
     loss: LossKind
@@ -162,8 +167,11 @@ class MAML:
     learn_inner_lr: bool = False
     batching: Batching = "auto"
     task_chunk: int | None = None
+    inner_loss_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if not self.inner_loss_scale > 0:
+            raise ValueError(f"MAML.inner_loss_scale must be positive, got {self.inner_loss_scale}")
         if self.task_chunk is not None and self.task_chunk < 1:
             raise ValueError(f"MAML.task_chunk must be at least 1, got {self.task_chunk}")
         if self.loss not in ("cross_entropy", "mse"):
@@ -185,12 +193,13 @@ class MAML:
     def _inner(self, params: Params) -> tuple[Params, GradientTransformation]:
         """The network's parameters and the inner SGD (with the Meta-SGD rates of ``params``)."""
         net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+        scale = self.inner_loss_scale  # SGD on scale * loss: the rates times scale
         if not self.learn_inner_lr:
-            return net, sgd(self.inner_lr)
+            return net, sgd(scale * self.inner_lr)
         missing = [LR_PREFIX + k for k in net if LR_PREFIX + k not in params]
         if missing:
             raise KeyError(f"learn_inner_lr: params lack the Meta-SGD rates {missing}; build them with init()")
-        return net, sgd({k: params[LR_PREFIX + k] for k in net})
+        return net, sgd({k: scale * params[LR_PREFIX + k] for k in net})
 
     def _query(self, fast: Params, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.network.apply_tasks(fast, episodes.query_x)

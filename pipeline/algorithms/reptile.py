@@ -2,9 +2,18 @@
 
 Each task takes ``inner_steps`` of SGD or Adam on its support set from the
 meta-parameters theta; the meta-"gradient" is ``theta - mean(adapted theta)``,
-which the parameter server feeds to its Adam like any gradient. Tasks run
-one at a time (``loop``) or stacked in one pass (``stacked``); both give the
+which the parameter server feeds to its optimizer like any gradient (with
+``optimizer.name: sgd`` and a linear schedule, the outer step of openai/supervised-reptile
+``reptile.py``/``train.py``: theta + eps * (mean phi - theta), eps annealed linearly).
+Tasks run one at a time (``loop``) or stacked in one pass (``stacked``); both give the
 same numbers.
+
+As in openai's ``train_step``, meta-training may use more examples per class than
+the test tasks have (``train_shots``, taken from the support then the query
+examples) in mini-batches of ``inner_batch`` examples (``_mini_batches``: shuffled,
+without replacement, reshuffled at each pass). The shuffles are drawn from a
+generator seeded with the episodes' content, so ``meta_grad`` stays a pure function.
+Evaluation and ``adapt`` take full-batch steps on the support set.
 """
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from pipeline.algorithms.l2l import episode_generator
 from pipeline.algorithms.maml import (
     LossKind,
     adapt_tasks,
@@ -26,6 +36,7 @@ from pipeline.nets.mlp import MLP
 from pipeline.optim.adam import adam
 from pipeline.optim.base import GradientTransformation
 from pipeline.optim.sgd import sgd
+from pipeline.optim.unroll import unroll
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -43,8 +54,13 @@ class Reptile:
     eval_inner_steps: int | None = None
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
     batching: ReptileBatching = "auto"
+    train_shots: int | None = None
+    inner_batch: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("train_shots", "inner_batch"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"Reptile.{key} must be at least 1, got {getattr(self, key)}")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"Reptile.inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
         if self.batching not in ("auto", "loop", "stacked"):
@@ -64,20 +80,60 @@ class Reptile:
             return adam(self.inner_lr, betas=(0.0, 0.999))
         return sgd(self.inner_lr)
 
+    def training_set(self, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a task meta-trains on: its support set, or ``train_shots`` examples per class taken from its
+        support then query examples (classification, every class with as many examples): ``x[T, N*train_shots, ...]``."""
+        if self.train_shots is None:
+            return episodes.support_x, episodes.support_y
+        x = torch.cat([episodes.support_x, episodes.query_x], dim=1)
+        y = torch.cat([episodes.support_y, episodes.query_y], dim=1)
+        tasks, ways = y.shape[0], int(y.max()) + 1
+        by_class = y.argsort(dim=1, stable=True).view(tasks, ways, -1)  # each class's examples, in order
+        if by_class.shape[2] < self.train_shots:
+            raise ValueError(f"Reptile.train_shots {self.train_shots}: the episodes have {by_class.shape[2]} examples per class")
+        index = by_class[:, :, : self.train_shots].flatten(1)
+        rows = torch.arange(tasks, device=y.device).unsqueeze(1)
+        return x[rows, index], y[rows, index]
+
+    def minibatches(self, episodes: Episodes, examples: int) -> torch.Tensor | None:
+        """Indices ``[inner_steps, T, inner_batch]`` into each task's training set, as openai's ``_mini_batches``
+        (shuffled, without replacement, reshuffled at each pass); None without ``inner_batch``."""
+        if self.inner_batch is None:
+            return None
+        needed = self.inner_steps * self.inner_batch
+        passes = -(-needed // examples)
+        shuffles = torch.rand(len(episodes), passes, examples, generator=episode_generator(episodes, salt=1))
+        order = shuffles.argsort(-1).flatten(1)[:, :needed].to(episodes.support_y.device)
+        return order.view(len(episodes), self.inner_steps, self.inner_batch).transpose(0, 1)
+
+    def _adapt(self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None) -> tuple[Params, torch.Tensor]:
+        """Stacked tasks adapted on ``x``/``y``, full batch or the mini-batches ``order`` names."""
+        if order is None:
+            return adapt_tasks(self.network, self.loss, self.optimizer(), params, x, y, self.inner_steps, False)
+        tasks = x.shape[0]
+        rows = torch.arange(tasks, device=x.device).unsqueeze(1)
+        batches = iter(order)
+
+        def losses(p: Params) -> torch.Tensor:
+            index = next(batches)  # the next step's mini-batch of every task
+            return task_losses(self.loss, self.network.apply_tasks(p, x[rows, index]), y[rows, index])
+
+        fast = {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+        return unroll(losses, fast, self.optimizer(), self.inner_steps, False)
+
     def adapt_tasks(self, params: Params, episodes: Episodes) -> tuple[Params, torch.Tensor]:
-        """Each task's adapted parameters (leading task dimension) and its support loss before adapting."""
+        """Each task's adapted parameters (leading task dimension) and its training loss before adapting
+        (on the first mini-batch with ``inner_batch``)."""
         batching = self.batching
         if batching == "auto":
             batching = "stacked" if episodes.support_x.device.type == "cuda" else "loop"
-        e = episodes
+        x, y = self.training_set(episodes)
+        order = self.minibatches(episodes, x.shape[1])
         if batching == "stacked":
-            return adapt_tasks(
-                self.network, self.loss, self.optimizer(), params, e.support_x, e.support_y, self.inner_steps, False
-            )
+            return self._adapt(params, x, y, order)
         parts = [
-            adapt_tasks(self.network, self.loss, self.optimizer(), params, e.support_x[i : i + 1],
-                        e.support_y[i : i + 1], self.inner_steps, False)
-            for i in range(len(e))
+            self._adapt(params, x[i : i + 1], y[i : i + 1], None if order is None else order[:, i : i + 1])
+            for i in range(len(episodes))
         ]
         fast = {k: torch.cat([p[0][k] for p in parts]) for k in params}
         return fast, torch.cat([p[1] for p in parts])

@@ -1,4 +1,4 @@
-"""The parameter server: meta-parameters as one flat buffer, Adam, a version counter.
+"""The parameter server: meta-parameters as one flat buffer, Adam or SGD, a version counter.
 
 A plain class so it runs in-process in unit tests; the driver wraps it with
 ``ray.remote``. Sync mode waits for every worker of a version and averages their
@@ -18,7 +18,8 @@ from pipeline.config import OptimizerConfig
 from pipeline.optim.adam import AdamState, adam
 from pipeline.optim.base import apply_updates
 from pipeline.optim.clip import clip_by_global_norm
-from pipeline.optim.schedule import cosine
+from pipeline.optim.schedule import Schedule, cosine, linear
+from pipeline.optim.sgd import sgd
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class ServerState:
 
     params: torch.Tensor
     adam: AdamState
+    """The optimizer's state: Adam's moments and step count (``optimizer.name: sgd`` advances only the step)."""
     version: int
     rejected_nonfinite: int = 0
     rejected_stale: int = 0
@@ -56,8 +58,17 @@ class ServerState:
     pending: dict[int, Push] = field(default_factory=dict)
 
 
+def learning_rate(optimizer: OptimizerConfig, total_steps: int) -> float | Schedule:
+    """``optimizer.lr`` under ``optimizer.schedule`` over ``total_steps`` server steps (a float when constant)."""
+    if optimizer.schedule == "cosine":
+        return cosine(optimizer.lr, total_steps)
+    if optimizer.schedule == "linear":
+        return linear(optimizer.lr, optimizer.lr_final, total_steps)
+    return optimizer.lr
+
+
 class ParameterServer:
-    """Holds the meta-parameters and applies Adam to the gradients workers push."""
+    """Holds the meta-parameters and applies its optimizer (Adam, or SGD) to the gradients workers push."""
 
     def __init__(
         self,
@@ -75,8 +86,8 @@ class ParameterServer:
         self._mode = mode
         self._max_staleness = max_staleness
         # the schedule runs on Adam's step count, which equals the version (both advance in _apply)
-        lr = cosine(optimizer.lr, total_steps) if optimizer.schedule == "cosine" else optimizer.lr
-        self._adam = adam(lr, tuple(optimizer.betas), optimizer.eps, eps_root=0.0)  # torch.optim's update, never differentiated
+        self._lr = learning_rate(optimizer, total_steps)
+        self._adam = adam(self._lr, tuple(optimizer.betas), optimizer.eps, eps_root=0.0)  # torch.optim's update, never differentiated
 
     @staticmethod
     def fresh(params: torch.Tensor) -> ServerState:
@@ -161,7 +172,12 @@ class ParameterServer:
     def _apply(self, grad: torch.Tensor) -> None:
         s = self._s
         grad, s.grad_norm = clip_by_global_norm(grad, self._opt.clip_norm)
-        updates, s.adam = self._adam.update(grad, s.adam)
+        if self._opt.name == "sgd":
+            rate = self._lr(s.adam.step) if callable(self._lr) else self._lr
+            updates, _ = sgd(rate).update(grad, ())
+            s.adam = s.adam._replace(step=s.adam.step + 1)
+        else:
+            updates, s.adam = self._adam.update(grad, s.adam)
         s.params = apply_updates(s.params, updates)
         s.version += 1
         s.bad_in_a_row = 0

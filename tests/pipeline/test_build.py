@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.algorithms.maml import MAML
+from pipeline.algorithms.protonet import ProtoNet
 from pipeline.algorithms.reptile import Reptile
 from pipeline.build import build_learner, build_network
 from pipeline.config import load_config, load_episode_config, validate
@@ -20,6 +21,8 @@ ALGORITHM_CONFIGS = {
     "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
     "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", MAML, Conv4),
     "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", MAML, Conv4),
+    "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", ProtoNet, Conv4),
+    "omniglot_reptile_5w1s.yaml": ("omniglot-5w1s.yaml", Reptile, Conv4),
 }
 
 
@@ -36,7 +39,7 @@ def test_config_validates_and_builds_its_learner(name):
 
 def test_paper_settings():
     omniglot = build_learner(load_config(CONFIGS / "omniglot_maml_5w1s.yaml"))
-    assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps) == (0.4, 1, 3)
+    assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps, omniglot.inner_loss_scale) == (0.4, 1, 10, 5.0)
     assert not omniglot.first_order and omniglot.network == Conv4(1, 28, 5, 64, "stride")
     assert build_learner(load_config(CONFIGS / "omniglot_fomaml_5w1s.yaml")).first_order
     mini = build_learner(load_config(CONFIGS / "miniimagenet_maml_5w1s.yaml"))

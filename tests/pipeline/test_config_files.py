@@ -118,6 +118,8 @@ def test_a_file_without_base_loads_as_before(tmp_path):
 RUNS = {
     "omniglot_maml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
+    "omniglot_reptile_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "quickstart.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "meta_lstm_omniglot_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "metanet_omniglot_5w1s.yaml": ("omniglot-5w1s-320k.yaml", "episodes/omniglot-5w1s-320k"),

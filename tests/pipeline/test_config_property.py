@@ -53,6 +53,7 @@ ALGORITHM_FIELDS = {
     ),
     "l2l": st.fixed_dictionaries({"hidden": st.integers(2, 3), "layers": st.integers(1, 2), "unroll": small, "truncation": small}),
     "meta_lstm": st.fixed_dictionaries({"inner_steps": small, "hidden": st.integers(2, 3)}),
+    "protonet": st.fixed_dictionaries({}),
     "metanet": st.fixed_dictionaries(
         {"conv_layers": st.integers(1, 2), "filters": st.integers(2, 3), "hidden": st.integers(2, 3),
          "representation": st.integers(2, 3), "generator_hidden": st.integers(2, 3), "rep_steps": st.integers(1, 2)}

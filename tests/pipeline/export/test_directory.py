@@ -1,5 +1,6 @@
 """Export directories: round trip, and load refuses anything missing, altered or of another format."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ExportError
 from pipeline.export.directory import META, WEIGHTS, export
+from pipeline.export.pyfunc import FewShotModel
 
 CONFIG = validate({"task": {"name": "sinusoid"}, "store": {"path": "unused"}, "algorithm": {"inner_lr": 0.05}})
 
@@ -56,3 +58,22 @@ def test_other_format_version_is_refused(exported):
     (exported[0] / META).write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="format_version 2"):
         pipeline.load(exported[0])
+
+
+def test_a_protonet_export_loads_adapts_and_serves_like_the_learner(tmp_path):
+    config = validate({
+        "task": {"name": "omniglot", "ways": 3, "image_size": 16}, "store": {"path": "unused"},
+        "model": {"network": "conv4", "filters": 4, "downsample": "maxpool"}, "algorithm": {"name": "protonet"},
+    })
+    params = build_learner(config).init(1)
+    path = export(params, config, tmp_path / "export")
+    gen = torch.Generator().manual_seed(0)
+    support_x, query_x = torch.rand(6, 1, 16, 16, generator=gen), torch.rand(9, 1, 16, 16, generator=gen)
+    support_y = torch.tensor([2, 0, 1, 1, 0, 2])
+    expected = build_learner(config).adapt(params, support_x, support_y)(query_x)
+    logits = pipeline.load(path).adapt(support_x, support_y)(query_x)
+    torch.testing.assert_close(logits, expected)
+    model = FewShotModel()
+    model.load_context(SimpleNamespace(artifacts={"export": str(path)}))
+    request = {"support_x": support_x.tolist(), "support_y": support_y.tolist(), "query_x": query_x.tolist()}
+    assert model.predict(None, request) == expected.argmax(-1).tolist()

@@ -82,3 +82,24 @@ def test_no_updates_past_the_last_step():
 def test_wrong_gradient_shape_is_named():
     with pytest.raises(ValueError, match="shape \\(2,\\)"):
         server().push(Push(0, 0, np.ones(2, np.float32), 1))
+
+
+def test_sgd_with_a_linear_schedule_is_the_reptile_interpolation_of_openai():
+    """openai/supervised-reptile: theta <- theta + eps_i * (mean phi - theta), eps_i = (i/n) final + (1 - i/n) initial."""
+    steps, initial, final = 4, 1.0, 0.2
+    opt = OptimizerConfig(name="sgd", lr=initial, schedule="linear", lr_final=final)
+    theta = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    s = ParameterServer(ParameterServer.fresh(theta), opt, steps, 1)
+    for i in range(steps):
+        phi_mean = theta * 0.5 + i  # any adapted weights
+        s.push(Push(0, i, (theta - phi_mean).numpy().astype(np.float32), 1))  # Reptile's meta_grad
+        eps = (i / steps) * final + (1 - i / steps) * initial
+        theta = theta + eps * (phi_mean - theta)
+        torch.testing.assert_close(torch.from_numpy(s.pull()[1]).double(), theta, atol=1e-5, rtol=1e-6)
+    assert s.state().adam.step == steps and s.version() == steps
+
+
+def test_constant_sgd_is_theta_minus_lr_grad():
+    s = ParameterServer(ParameterServer.fresh(torch.ones(3)), OptimizerConfig(name="sgd", lr=0.5), 10, 1)
+    s.push(Push(0, 0, np.array([1.0, 2.0, -4.0], np.float32), 1))
+    assert np.allclose(s.pull()[1], [0.5, 0.0, 3.0])
