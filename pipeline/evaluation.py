@@ -18,6 +18,8 @@ class EvalResult:
     mean: float
     ci95: float
     n: int
+    scores: tuple[float, ...] = ()
+    """Each episode's value, in episode order (the run's per-episode test table)."""
 
     def __str__(self) -> str:
         if self.n < 2:  # one value has no spread: say so rather than print nan
@@ -72,4 +74,4 @@ def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalRe
     """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression)."""
     values = scores(learner, params, episodes)
     mean, ci = mean_ci95(values)
-    return EvalResult("accuracy" if is_classification(episodes) else "mse", mean, ci, len(values))
+    return EvalResult("accuracy" if is_classification(episodes) else "mse", mean, ci, len(values), tuple(values))

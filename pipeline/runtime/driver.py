@@ -28,6 +28,7 @@ from pipeline.evaluation import EvalResult
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
     Checkpoints,
+    LearningCurve,
     MetricsLog,
     PeriodicCheckpoint,
     Progress,
@@ -36,6 +37,7 @@ from pipeline.runtime.callbacks import (
     current_params,
     log_export,
     log_learner_figures,
+    log_run_start,
     log_test,
 )
 from pipeline.runtime.flat_buffer import Layout
@@ -45,7 +47,7 @@ from pipeline.runtime.pool import Pool, Positions, RayPool
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.tracking.mlflow_tracker import MlflowTracker
-from pipeline.tracking.plots import log_learning_curve
+from pipeline.tracking.plots import CURVE_KEYS, log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
 from pipeline.types import MetaLearner, Params
 from tasks.store.parquet import Store, precompute
@@ -110,6 +112,7 @@ def run(
         positions, best_val = [None] * config.train.workers, None
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.set_tag("metapipe.algorithm", config.algorithm.name)
+        log_run_start(tracker, config, store, scratch)
     t = config.train
     val_set = store.read_split("val", limit=t.val_episodes)
     policy = FailurePolicy(t.max_bad_grads)
@@ -119,6 +122,7 @@ def run(
     bar = tqdm(total=t.steps, initial=state.version, disable=not progress, unit="step", file=sys.stderr)
     callbacks = [
         Validation(learner, layout, val_set, t.val_every, pool, checkpoints),
+        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resumed else {}),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         Progress(bar),
@@ -155,9 +159,8 @@ def _end_finished(
     """Meta-test ``params``, draw the figures, export, and mark the run FINISHED; the test and the export's folder."""
     test_set = store.read_split("test", limit=config.train.test_episodes)
     result = log_test(tracker, learner, params, test_set, step, scratch)
-    log_learning_curve(tracker, scratch)
     log_learner_figures(tracker, learner, params, test_set, scratch)
-    out = log_export(tracker, params, config, result, export_dir, scratch)
+    out = log_export(tracker, params, config, result, export_dir, test_set)
     tracker.finish("FINISHED")
     return result, out
 
