@@ -66,9 +66,11 @@ def episodes_figure(splits: dict[str, Episodes]) -> Figure | None:
     support and query points. None for other tasks (optimizees, feature vectors)."""
     first = next(iter(splits.values()))
     if _is_image(first):
-        fig, axes = plt.subplots(len(splits), 1, figsize=(8, 1.2 * sum(len(e) for e in splits.values()) + 0.5), squeeze=False)
-        for ax, (split, episodes) in zip(axes[:, 0], splits.items()):
-            ax.imshow(episode_grid(episodes), cmap="gray", vmin=0, vmax=255)
+        grids = {split: episode_grid(episodes) for split, episodes in splits.items()}
+        height = sum(8 * grid.height / grid.width + 0.4 for grid in grids.values())
+        fig, axes = plt.subplots(len(splits), 1, figsize=(8, height), squeeze=False)
+        for ax, (split, grid) in zip(axes[:, 0], grids.items()):
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=255)
             ax.set_title(f"{split} episodes: support (label order) | queries", fontsize=9)
             ax.axis("off")
         fig.tight_layout()
