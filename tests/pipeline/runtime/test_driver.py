@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.runtime.driver import run
@@ -37,7 +38,7 @@ def train_in_process(tmp_path, pool_class, **train):
     return result, MlflowClient(config.tracking.uri), tracker.run_id
 
 
-def test_a_finished_run_is_tested_exported_and_drawn(tmp_path):
+def test_a_finished_run_is_tested_exported_drawn_and_described(tmp_path):
     result, client, run_id = train_in_process(tmp_path, LocalPool)
     run_info = client.get_run(run_id)
     assert run_info.info.status == "FINISHED" and result.steps == 6 and result.export_dir == tmp_path / "export"
@@ -48,11 +49,7 @@ def test_a_finished_run_is_tested_exported_and_drawn(tmp_path):
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {"plots/learning_curve.png", "plots/episodes.png", "plots/regression_fits.png"}
 
-
-def test_the_run_page_shows_model_data_set_description_and_table(tmp_path):
-    """What the MLflow UI shows of a run: its logged model, data set, description, source, per-episode table."""
-    _, client, run_id = train_in_process(tmp_path, LocalPool)
-    run_info = client.get_run(run_id)
+    # What the MLflow UI shows of the run: its logged model, data set, description, source, per-episode table.
     experiment = client.get_experiment(run_info.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run_info.data.tags["mlflow.note.content"].startswith("maml on sinusoid (regression), network mlp: 6 steps")
@@ -62,7 +59,8 @@ def test_the_run_page_shows_model_data_set_description_and_table(tmp_path):
     assert not [key for key in run_info.data.metrics if key.startswith("faults/")]  # no fault: no fault charts
 
     (logged,) = client.search_logged_models([experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert logged.name == "model" and logged.status.to_string() == "READY" and [o.model_id for o in run_info.outputs.model_outputs] == [logged.model_id]
+    assert logged.name == "model" and logged.status == LoggedModelStatus.READY
+    assert [o.model_id for o in run_info.outputs.model_outputs] == [logged.model_id]
     mlflow.set_tracking_uri(client.tracking_uri)
     model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
     assert model.metadata.get_input_schema().input_names() == ["support_x", "support_y", "query_x"]
@@ -80,7 +78,7 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
     run_id = run_info.info.run_id
     assert run_info.info.status == status
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
-    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/episodes.png", "plots/learning_curve.png"}
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
 
 
