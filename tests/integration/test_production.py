@@ -18,6 +18,7 @@ import pytest
 from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from pipeline.runtime.submit import run_id_in
 from tests.helpers import (
     BUCKET,
@@ -151,7 +152,8 @@ def test_no_credential_in_params_tags_artifacts_or_logs(
     assert f"run_id: {job.run_id}" in logs
     texts |= {"job logs (Jobs API)": logs, "submit output": job.output}
     artifacts = Path(client.download_artifacts(job.run_id, "", str(scratch / "scan")))
-    model = Path(download_artifacts(f"runs:/{job.run_id}/model", dst_path=str(artifacts / "logged-model"), tracking_uri=mlflow_server))
+    mlflow.set_tracking_uri(mlflow_server)  # runs:/RUN/model finds the run's logged model through the global URI
+    model = Path(download_artifacts(f"runs:/{job.run_id}/model", dst_path=str(artifacts / "logged-model")))
     files = [p for p in artifacts.rglob("*") if p.is_file()]
     assert any(p.name == "MLmodel" for p in model.rglob("*")) and any(p.suffix == ".json" for p in files)
     blobs = {f"artifact {p.relative_to(artifacts)}": p.read_bytes() for p in files}
