@@ -18,6 +18,8 @@ class EvalResult:
     mean: float
     ci95: float
     n: int
+    scores: tuple[float, ...] = ()
+    """Each episode's value, in episode order (the run's per-episode test table)."""
 
     def __str__(self) -> str:
         if self.n < 2:  # one value has no spread: say so rather than print nan
@@ -87,7 +89,7 @@ def aggregate(shares: list[EvalShare]) -> EvalResult:
     shares are consecutive slices of one set (the driver adapts nothing itself)."""
     values = [v for share in shares for v in share.scores]
     mean, ci = mean_ci95(values)
-    return EvalResult(shares[0].metric, mean, ci, len(values))
+    return EvalResult(shares[0].metric, mean, ci, len(values), tuple(values))
 
 
 def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:

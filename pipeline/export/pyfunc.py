@@ -1,54 +1,23 @@
 """The MLflow pyfunc model of an export (logged as "models from code": nothing is pickled).
 
-A request carries one few-shot task and returns a prediction per query:
-
-    {"inputs": {"support_images": [<base64 PNG>, ...], "support_labels": [0, 1, ...],
-                "query_images": [<base64 PNG>, ...]}}
-
-or, with tensors instead of image files (regression tasks too):
-
-    {"inputs": {"support_x": [...], "support_y": [...], "query_x": [...]}}
-
-Classification returns predicted labels; regression returns the outputs.
+The request format and its checks are in ``pipeline/export/requests.py``: one few-shot task per
+request, in any form MLflow's scoring server accepts; a malformed one is answered with a 400
+naming the field. The model is logged with a signature and an input example made of a stored episode.
 """
 from __future__ import annotations
 
-import base64
-import io
+from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
-import numpy as np
 import torch
 from mlflow.models import set_model
 
+from pipeline.export.requests import predict_task
+from tasks.episodes import Episodes
 
-def _field(model_input: Any, name: str) -> Any:
-    if hasattr(model_input, "iloc"):  # a pandas DataFrame: one row per task
-        return model_input[name].iloc[0]
-    return model_input.get(name)
-
-
-def _images(encoded: Any) -> list[Any]:
-    from PIL import Image
-
-    return [Image.open(io.BytesIO(base64.b64decode(str(item)))) for item in np.asarray(encoded).reshape(-1)]
-
-
-def task_tensors(learner: Any, model_input: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Support inputs, support targets and query inputs of one request."""
-    if _field(model_input, "support_images") is not None:
-        support_x = learner.preprocess(_images(_field(model_input, "support_images")))
-        query_x = learner.preprocess(_images(_field(model_input, "query_images")))
-        support_y = torch.as_tensor(np.asarray(_field(model_input, "support_labels"), dtype=np.int64))
-        return support_x, support_y, query_x
-    support_y = np.asarray(_field(model_input, "support_y"))
-    dtype = np.int64 if np.issubdtype(support_y.dtype, np.integer) else np.float32
-    return (
-        torch.as_tensor(np.asarray(_field(model_input, "support_x"), dtype=np.float32)),
-        torch.as_tensor(support_y.astype(dtype)),
-        torch.as_tensor(np.asarray(_field(model_input, "query_x"), dtype=np.float32)),
-    )
+ROOT = Path(__file__).resolve().parents[2]
+"""The project folder, whose ``pipeline`` and ``tasks`` packages the model's code is."""
 
 
 class FewShotModel(mlflow.pyfunc.PythonModel):
@@ -59,12 +28,30 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
 
         self.learner = load(context.artifacts["export"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
-        support_x, support_y, query_x = task_tensors(self.learner, model_input)
-        outputs = self.learner.adapt(support_x, support_y)(query_x)
-        if support_y.is_floating_point():
-            return outputs.tolist()
-        return outputs.argmax(-1).tolist()
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as the model's schema
+        """One request (a dict, or the one-row DataFrame the scoring server makes of it) -> a prediction per query."""
+        return predict_task(self.learner, model_input)
+
+
+def model_arguments(export_dir: Path, example: Episodes) -> dict[str, Any]:
+    """The keyword arguments of ``mlflow.pyfunc.log_model`` / ``save_model`` for the export in ``export_dir``
+    (which goes in as the artifact ``export``): this file as the model's code, the project's packages, pinned
+    requirements, and a signature and input example made of ``example``'s first episode and its predictions."""
+    from mlflow.models import infer_signature
+
+    from pipeline.export.directory import load
+    from pipeline.export.requests import example_request
+
+    learner = load(export_dir)
+    request = example_request(learner, example[:1])
+    return {
+        "python_model": str(Path(__file__).resolve()),
+        "artifacts": {"export": str(export_dir)},
+        "code_paths": [str(ROOT / "pipeline"), str(ROOT / "tasks")],
+        "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml", "pyarrow", "pillow"],
+        "signature": infer_signature(request, predict_task(learner, request)),
+        "input_example": request,
+    }
 
 
 set_model(FewShotModel())

@@ -8,8 +8,8 @@ tracking only through the ``Tracker`` protocol.
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,12 +22,21 @@ from pipeline.export.directory import export
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.pool import Pool, Positions
-from pipeline.runtime.ray_env import REPO_ROOT
 from pipeline.runtime.server import ServerState
 from pipeline.runtime.worker import StepReport
-from pipeline.tracking.plots import log_figure
+from pipeline.tracking.model_registry import MODEL_PATH
+from pipeline.tracking.plots import (
+    CURVE_KEYS,
+    Series,
+    episodes_figure,
+    learning_curve,
+    log_figure,
+)
 from pipeline.tracking.tracker import Tracker
 from pipeline.types import Params
+from tasks.episodes import Episodes
+from tasks.family import ImageTask
+from tasks.store.parquet import Store
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,7 +129,30 @@ class MetricsLog:
     def on_step(self, step: StepEnd) -> None:
         step.metrics["faults/tracking_outages"] = self._tracker.outages
         if step.version % self._every == 0 or step.last or "val/best" in step.metrics:
-            self._tracker.log_metrics(step.metrics, step=step.version)
+            # A fault counter is logged from its first fault on: a clean run's charts open with its curves.
+            logged = {k: v for k, v in step.metrics.items() if v or not k.startswith("faults/")}
+            self._tracker.log_metrics(logged, step=step.version)
+
+
+class LearningCurve:
+    """Redraws ``plots/learning_curve.png`` at every validation, from the curves' values of every step so far
+    (``history``: what earlier processes of the run logged), so a run that stops early has its curve."""
+
+    def __init__(self, tracker: Tracker, scratch: Path, history: Series) -> None:
+        self._tracker, self._scratch = tracker, scratch
+        self._series = {key: list(history.get(key, [])) for key in CURVE_KEYS}
+
+    def on_step(self, step: StepEnd) -> None:
+        for key in CURVE_KEYS:
+            points = self._series[key]
+            while points and points[-1][0] >= step.version:  # steps redone after a server restore
+                points.pop()
+            if key in step.metrics:
+                points.append((step.version, step.metrics[key]))
+        if "val/best" in step.metrics:
+            figure = learning_curve(self._series)
+            if figure is not None:
+                log_figure(self._tracker, "learning_curve", figure, self._scratch)
 
 
 class PeriodicCheckpoint:
@@ -140,38 +172,63 @@ def test_metrics(result: EvalResult) -> dict[str, float]:
 
 
 def log_test(tracker: Tracker, result: EvalResult, step: int, scratch: Path) -> None:
-    """Log a meta-test's ``result``: ``test/*`` metrics at ``step`` and ``test_results.json``."""
+    """Log a meta-test's ``result``: ``test/*`` metrics at ``step``, ``test_results.json`` and the per-episode
+    scores as the table ``test_episodes.json``."""
     tracker.log_metrics(test_metrics(result), step=step)
     table = scratch / "test_results.json"
     table.write_text(json.dumps({"metric": result.metric, "mean": result.mean, "ci95": result.ci95, "episodes": result.n}, indent=1))
     tracker.log_artifact(table)
+    if result.scores:
+        tracker.log_table({"episode": list(range(len(result.scores))), result.metric: list(result.scores)}, "test_episodes.json")
 
 
 def log_learner_figures(tracker: Tracker, figures: dict[str, Figure], scratch: Path) -> None:
-    """The learner's own figures (e.g. the Meta-LSTM's gates, drawn by a worker: ``Pool.figures``) under ``plots/``."""
+    """The figures a worker drew of the learner (``Pool.figures``: e.g. the Meta-LSTM's gates, the sinusoid fits)
+    under ``plots/``."""
     for name, figure in figures.items():
         log_figure(tracker, name, figure, scratch)
 
 
-def log_export(tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, scratch: Path) -> Path:
-    """Write the export directory to ``out`` (artifact ``export/``) and log it as an MLflow pyfunc model (``model/``)."""
+def log_run_start(tracker: Tracker, config: RunConfig, store: Store, scratch: Path) -> None:
+    """What a new run's page shows before its first step: a description, the episode store as the run's data set
+    input, and a few training and test episodes as the learner is fed them (``plots/episodes.png``)."""
+    tracker.set_tag("mlflow.note.content", describe(config, store))
+    digest = hashlib.sha256(json.dumps(store.manifest, sort_keys=True).encode()).hexdigest()[:12]
+    tracker.log_input(Path(store.path.rstrip("/")).name, store.path, digest, "training, validation and test episodes")
+    figure = episodes_figure({split: store.read_split(split, limit=EPISODES_SHOWN) for split in ("train", "test")})
+    if figure is not None:
+        log_figure(tracker, "episodes", figure, scratch)
+
+
+EPISODES_SHOWN = 4
+"""Episodes per split drawn in ``plots/episodes.png``."""
+
+
+def describe(config: RunConfig, store: Store) -> str:
+    """The run's description: algorithm, task, network, training length and store, in one paragraph."""
+    spec, t = config.task_spec, config.train
+    shots = f" {config.task.ways}-way {config.task.shots}-shot" if isinstance(config.task, ImageTask) else ""
+    return (
+        f"{config.algorithm.name} on {spec.family}{shots} ({spec.kind}), network {config.model.network}: "
+        f"{t.steps} steps of meta-batch {t.meta_batch} over {t.workers} worker(s), {t.mode} updates; validation every "
+        f"{t.val_every} steps on {t.val_episodes} episodes, meta-test on {t.test_episodes}. Episodes: {store.path}."
+    )
+
+
+def log_export(
+    tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, example: Episodes
+) -> Path:
+    """Write the export directory to ``out`` (artifact ``export/``) and log it as the run's MLflow pyfunc model
+    ``model``, whose input example is a request made of ``example``'s first episode."""
     out = export(params, config, out, test_metrics(test))
     tracker.log_artifacts(out, "export")
-    log_pyfunc(tracker, out, scratch / "model")
+    log_pyfunc(tracker, out, example)
     return out
 
 
-def log_pyfunc(tracker: Tracker, export_dir: Path, scratch: Path) -> None:
-    """Save the export as an MLflow pyfunc model (models from code: nothing is pickled) and log it under ``model``."""
-    import mlflow.pyfunc
+def log_pyfunc(tracker: Tracker, export_dir: Path, example: Episodes) -> None:
+    """Log the export as the run's pyfunc model ``model`` (models from code: nothing is pickled), with a signature
+    and an input example made of ``example``'s first episode."""
+    from pipeline.export.pyfunc import model_arguments
 
-    if scratch.exists():
-        shutil.rmtree(scratch)
-    mlflow.pyfunc.save_model(
-        path=str(scratch),
-        python_model=str(REPO_ROOT / "pipeline" / "export" / "pyfunc.py"),
-        artifacts={"export": str(export_dir)},
-        code_paths=[str(REPO_ROOT / "pipeline"), str(REPO_ROOT / "tasks")],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml", "pyarrow", "pillow"],
-    )
-    tracker.log_artifacts(scratch, "model")
+    tracker.log_model(MODEL_PATH, **model_arguments(export_dir, example))

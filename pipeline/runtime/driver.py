@@ -29,6 +29,7 @@ from pipeline.evaluation import EvalResult
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
     Checkpoints,
+    LearningCurve,
     MetricsLog,
     PeriodicCheckpoint,
     RestorePoint,
@@ -36,6 +37,7 @@ from pipeline.runtime.callbacks import (
     current_params,
     log_export,
     log_learner_figures,
+    log_run_start,
     log_test,
 )
 from pipeline.runtime.flat_buffer import Layout
@@ -48,7 +50,7 @@ from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.system_metrics import SystemMetrics
 from pipeline.tracking.mlflow_tracker import MlflowTracker
-from pipeline.tracking.plots import log_learning_curve
+from pipeline.tracking.plots import CURVE_KEYS, log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
 from pipeline.types import Params
 from tasks.store.parquet import Store, precompute
@@ -126,6 +128,7 @@ def run(
         positions, best_val = [None] * config.train.workers, None
         tracker.log_params(flatten(config.model_dump(mode="json")))
         tracker.set_tag("metapipe.algorithm", config.algorithm.name)
+        log_run_start(tracker, config, store, scratch)
     t = config.train
     policy = FailurePolicy(t.max_bad_grads)
     pool = start_pool(state, positions, policy)
@@ -134,6 +137,7 @@ def run(
     shown = Progress(t.steps, state.version, t.log_every, enabled=progress)
     callbacks = [
         Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints),
+        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resumed else {}),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         shown,
@@ -163,7 +167,7 @@ def run(
         with shown.evaluating("meta-test", count):
             test = pool.evaluate("test", count, flat)
         figures = pool.figures(flat)
-        test = _end_finished(config, params, test, figures, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
+        test = _end_finished(config, store, params, test, figures, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
         return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
@@ -179,6 +183,7 @@ def _eval_count(store: Store, split: str, asked: int) -> int:
 
 def _end_finished(
     config: RunConfig,
+    store: Store,
     params: Params,
     test: EvalResult,
     figures: dict[str, Figure],
@@ -188,11 +193,11 @@ def _end_finished(
     scratch: Path,
 ) -> tuple[EvalResult, Path]:
     """Log the meta-test ``test`` of ``params`` and the learner's ``figures`` (both from the workers), the
-    learning curve, the export, and mark the run FINISHED; the test and the export's folder."""
+    export (its input example from the store's first test episode), and mark the run FINISHED; the test and the
+    export's folder."""
     log_test(tracker, test, step, scratch)
-    log_learning_curve(tracker, scratch)
     log_learner_figures(tracker, figures, scratch)
-    out = log_export(tracker, params, config, test, export_dir, scratch)
+    out = log_export(tracker, params, config, test, export_dir, store.read_split("test", limit=1))
     tracker.finish("FINISHED")
     return test, out
 

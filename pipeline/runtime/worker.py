@@ -23,12 +23,17 @@ from pipeline.config import validate
 from pipeline.evaluation import EvalShare, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
+from pipeline.tracking.plots import regression_fits
 from pipeline.types import Illustrated
 from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+
+FITS_SHOWN = 4
+"""Test episodes drawn in the regression fits."""
 
 
 @dataclass(frozen=True)
@@ -119,12 +124,14 @@ class EpisodeWorker:
         return EvalShare(self.worker_id, metric_name(episodes), values)
 
     def figures(self, flat: np.ndarray) -> dict[str, Figure]:
-        """The learner's own figures (pipeline.types.Illustrated) drawn under ``flat`` on the first test episode;
-        none when it draws none."""
-        if not isinstance(self.learner, Illustrated):
-            return {}
+        """The figures of the learner under ``flat`` on the first test episodes: its own (pipeline.types.Illustrated,
+        on the first) and, for one-dimensional regression, its fits (``regression_fits``, MAML paper figure 2)."""
+        params = self._params(flat)
+        episodes = self.store.read_split("test", limit=FITS_SHOWN).to(self.device, self.dtype)
         with self._compute():
-            return self.learner.figures(self._params(flat), self.store.read_split("test", limit=1).to(self.device, self.dtype))
+            figures = self.learner.figures(params, episodes[0]) if isinstance(self.learner, Illustrated) else {}
+            fits = regression_fits(episodes, lambda support_x, support_y: self.learner.adapt(params, support_x, support_y))
+        return figures | ({"regression_fits": fits} if fits is not None else {})
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """The flat float32 parameters as the learner's named tensors on this worker's device and dtype."""

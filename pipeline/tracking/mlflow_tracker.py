@@ -12,6 +12,7 @@ delivered, at most ``tracking.outage_timeout_s``.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import sys
@@ -21,17 +22,20 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.tracking.context.registry import resolve_tags
 
 from pipeline.config import TrackingConfig
 from pipeline.errors import RunError, TrackingError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 MAX_RETRY_WAIT_S = 10.0
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The experiment tag that makes MLflow's UI open an experiment as model training (not GenAI evaluations)."""
 MAX_BATCH_METRICS = 1000
 """MLflow's limit on metrics per log_batch; queued metric writes are merged up to it."""
 
@@ -50,7 +54,10 @@ def artifact_location(uri: str) -> str | None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Worth retrying: anything but a request the server refused as a client error (4xx, not 429)."""
+    """Worth retrying: anything but a request the server refused as a client error (4xx, not 429) or a call
+    that cannot succeed (TypeError, AttributeError: a bug, not an outage)."""
+    if isinstance(error, (TypeError, AttributeError)):
+        return False
     if isinstance(error, MlflowException):
         status = error.get_http_status_code()
         return not (400 <= status < 500 and status != 429)
@@ -84,7 +91,10 @@ class MlflowTracker:
                 experiment.experiment_id if experiment
                 else self._client.create_experiment(config.experiment, artifact_location=artifact_location(self.uri))
             )
-            self.run_id = self._client.create_run(experiment_id, run_name=run_name).info.run_id
+            if experiment is None or EXPERIMENT_KIND[0] not in experiment.tags:
+                self._client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+            # The tags MLflow's own start_run sets: source name and type, user, git commit.
+            self.run_id = self._client.create_run(experiment_id, run_name=run_name, tags=resolve_tags()).info.run_id
         else:
             try:
                 self._client.get_run(run_id)
@@ -132,6 +142,36 @@ class MlflowTracker:
     def set_tag(self, key: str, value: str) -> None:
         """Set one run tag."""
         self._put(f"tag {key}", lambda c: c.set_tag(self.run_id, key, value))
+
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        """Log columns ``data`` as the table ``artifact_file`` (a .json), shown as a table in the UI."""
+        self._put(f"table {artifact_file}", lambda c: c.log_table(self.run_id, data, artifact_file))
+
+    def log_input(self, name: str, uri: str, digest: str, context: str) -> None:
+        """Record the data set at ``uri`` (a local folder or s3://...) as an input of the run, used for ``context``."""
+        source_type = uri.split("://", 1)[0] if "://" in uri else "local"
+        dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps({"uri": uri}))
+        inputs = [DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])]
+        self._put(f"input {name}", lambda c: c.log_inputs(self.run_id, datasets=inputs))
+
+    def log_model(self, name: str, artifacts: dict[str, str], **pyfunc: Any) -> None:
+        """Log an MLflow pyfunc model of the run, ``name`` in the UI's "Logged models"; ``artifacts`` (name -> local
+        folder) as they are now, ``pyfunc`` the other keyword arguments of ``mlflow.pyfunc.log_model``."""
+        snapshots = {key: str(self._snapshot(Path(path))) for key, path in artifacts.items()}
+
+        created: list[str] = []  # the model's id once created, so that a retry after an outage fills the same model
+
+        def send(client: MlflowClient) -> None:
+            import mlflow.pyfunc
+            from mlflow.models import Model
+
+            if not created:  # in the run's experiment (Model.log alone would pick the process's current one)
+                experiment_id = client.get_run(self.run_id).info.experiment_id
+                created.append(client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id).model_id)
+            mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the process-wide URI
+            Model.log(None, mlflow.pyfunc, name=name, run_id=self.run_id, model_id=created[0], artifacts=snapshots, **pyfunc)
+
+        self._put(f"model {name}", send)
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run ended and wait until every queued write is delivered."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlflow.entities import Run
+from mlflow.entities import LoggedModel, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.errors import RegistryError
 
 MODEL_PATH = "model"
-"""Where the driver logs the pyfunc model inside a run's artifacts."""
+"""The name of the pyfunc model the driver logs as a model of the run (``runs:/RUN_ID/model``)."""
 AWAIT_CREATION_S = 60
 """How long ``register`` waits for a new model version to be ready, in seconds."""
 
@@ -73,20 +73,32 @@ def register(run_id: str, name: str, tracking_uri: str) -> ModelVersion:
         raise RegistryError(f"run {run_id} not found at {tracking_uri}: {e.message}") from None
     if run.info.status != "FINISHED":
         raise RegistryError(f"run {run_id} is {run.info.status}: only a FINISHED run's model can be registered")
-    files = {a.path for a in client.list_artifacts(run_id, MODEL_PATH)}
-    if f"{MODEL_PATH}/MLmodel" not in files:
-        raise RegistryError(f"run {run_id} has no logged model: artifact {MODEL_PATH}/MLmodel is missing")
+    model = logged_model(client, run)
     _ensure_registered_model(client, name)
     link = run_link(tracking_uri, run)
     return client.create_model_version(
         name=name,
-        source=f"{run.info.artifact_uri.rstrip('/')}/{MODEL_PATH}",
+        source=model.artifact_location,  # not models:/ID, which a SQLite registry resolves through the global URI
         run_id=run_id,
         tags=version_tags(run),
         run_link=link,
         description=description(run, link),
+        model_id=model.model_id,
         await_creation_for=AWAIT_CREATION_S,
     )
+
+
+def logged_model(client: MlflowClient, run: Run) -> LoggedModel:
+    """The run's pyfunc model ``MODEL_PATH`` (the last one logged); RegistryError naming the run when it has none."""
+    models = client.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{MODEL_PATH}'",
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}],
+        max_results=1,
+    )
+    if not models:
+        raise RegistryError(f"run {run.info.run_id} has no logged model {MODEL_PATH!r}")
+    return models[0]
 
 
 def _ensure_registered_model(client: Any, name: str) -> None:

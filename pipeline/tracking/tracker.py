@@ -30,6 +30,19 @@ class Tracker(Protocol):
 
     def set_tag(self, key: str, value: str) -> None: ...
 
+    def log_table(self, data: dict[str, list[Any]], artifact_file: str) -> None:
+        """Log columns ``data`` (equal lengths) as the table ``artifact_file`` (a .json)."""
+        ...
+
+    def log_input(self, name: str, uri: str, digest: str, context: str) -> None:
+        """Record the data set at ``uri`` (a folder or s3://...) with ``digest`` as an input of the run for ``context``."""
+        ...
+
+    def log_model(self, name: str, artifacts: dict[str, str], **pyfunc: Any) -> None:
+        """Log an MLflow pyfunc model of the run under ``name``; ``artifacts`` (name -> local folder) as they are now,
+        ``pyfunc`` the other keyword arguments of ``mlflow.pyfunc.log_model``."""
+        ...
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log ``metrics`` (``scope/name`` keys) at ``step`` (the server version)."""
         ...

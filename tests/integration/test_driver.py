@@ -40,7 +40,7 @@ def test_train_two_workers_tracks_exports_and_serves(tmp_path):
     assert run.data.params["algorithm.inner_lr"] == "0.01"
     assert math.isfinite(run.data.metrics["test/mse"]) and run.data.metrics["test/episodes"] == 40
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"checkpoints", "export", "model", "plots", "test_results.json"} <= artifacts
+    assert {"checkpoints", "export", "plots", "test_results.json", "test_episodes.json"} <= artifacts
     assert {a.path for a in client.list_artifacts(result.run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
 
     learner = load(tmp_path / "export")
@@ -116,7 +116,7 @@ def test_a_killed_worker_is_replaced_and_no_step_is_lost(tmp_path, monkeypatch, 
     faulty = driver.train(sinusoid_config(tmp_path, steps=10, val_every=10, checkpoint_every=10), progress=False)
     assert killed and faulty.steps == 10
     metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
-    assert metrics["faults/worker_restarts"] == 1 and metrics["faults/server_restores"] == 0
+    assert metrics["faults/worker_restarts"] == 1 and "faults/server_restores" not in metrics  # logged from the first fault on
     assert_same_losses(tmp_path, undisturbed, faulty)
 
 
@@ -127,7 +127,7 @@ def test_a_killed_server_is_restored_from_the_last_checkpoint(tmp_path, monkeypa
     assert killed and faulty.steps == 10
     metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
     assert metrics["faults/server_restores"] == 1 and metrics["faults/steps_redone"] == 2
-    assert metrics["faults/worker_restarts"] == 0
+    assert "faults/worker_restarts" not in metrics
     assert_same_losses(tmp_path, undisturbed, faulty)
 
 

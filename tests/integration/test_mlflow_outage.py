@@ -111,6 +111,8 @@ def test_a_run_survives_an_mlflow_outage_and_loses_nothing(folder: Path) -> None
         assert "test/mse" in run.data.metrics
         saved = checkpoint.load(client.download_artifacts(run_id, "checkpoints/latest", str(tmp_path / "dl")))
         assert saved.server.version == STEPS
-        assert {a.path for a in client.list_artifacts(run_id)} >= {"checkpoints", "export", "model", "plots", "test_results.json"}
+        assert {a.path for a in client.list_artifacts(run_id)} >= {"checkpoints", "export", "plots", "test_results.json"}
+        (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        assert model.name == "model"  # logged once, through the outage
     finally:
         server.stop()

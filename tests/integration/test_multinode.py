@@ -108,7 +108,7 @@ def test_a_killed_node_has_its_worker_replaced_on_the_node_left(cluster, tmp_pat
     assert killed and faulty.steps == STEPS
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
     # Ray may place the first replacement on the dying node before it is declared dead: then a second one
-    assert metrics["faults/worker_restarts"] in (1, 2) and metrics["faults/server_restores"] == 0
+    assert metrics["faults/worker_restarts"] in (1, 2) and "faults/server_restores" not in metrics
     a, b = losses(tmp_path / "a", reference.run_id), losses(tmp_path / "b", faulty.run_id)
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):

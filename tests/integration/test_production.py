@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.artifacts import download_artifacts
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from pipeline.runtime.submit import run_id_in
 from tests.helpers import (
     BUCKET,
@@ -120,16 +122,20 @@ def test_run_metrics_are_in_the_tracking_server(job: Job, mlflow_server: str) ->
     assert any(k.endswith("_ci95") for k in test) and all(math.isfinite(v) for v in test.values())
 
 
-def test_store_checkpoints_and_model_are_objects_in_the_bucket(job: Job, s3: S3, creds: Credentials) -> None:
+def test_store_checkpoints_and_model_are_objects_in_the_bucket(job: Job, s3: S3, creds: Credentials, mlflow_server: str) -> None:
     client = s3.client(creds)
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET) for o in page.get("Contents", [])]
     run_keys = [k for k in keys if f"/{job.run_id}/artifacts/" in k]
     assert all(k.startswith("mlflow/") for k in run_keys)
     artifacts = {k.split("/artifacts/", 1)[1] for k in run_keys}
-    for expected in ("model/MLmodel", "test_results.json"):
-        assert expected in artifacts, sorted(artifacts)
-    for folder in ("checkpoints/latest/", "checkpoints/best/", "export/", "model/"):
+    assert "test_results.json" in artifacts, sorted(artifacts)
+    for folder in ("checkpoints/latest/", "checkpoints/best/", "export/", "plots/"):
         assert any(a.startswith(folder) for a in artifacts), f"no {folder} in {sorted(artifacts)}"
+    client_run = MlflowClient(mlflow_server).get_run(job.run_id)
+    (model,) = MlflowClient(mlflow_server).search_logged_models(
+        [client_run.info.experiment_id], filter_string=f"source_run_id = '{job.run_id}'"
+    )
+    assert any(k.startswith("mlflow/") and k.endswith(f"/models/{model.model_id}/artifacts/MLmodel") for k in keys)
     assert any(k.startswith("episodes/sinusoid/") and k.endswith(".parquet") for k in keys)
 
 
@@ -178,8 +184,10 @@ def test_no_credential_in_params_tags_artifacts_or_logs(
     assert f"run_id: {job.run_id}" in logs
     texts |= {"job logs (Jobs API)": logs, "submit output": job.output}
     artifacts = Path(client.download_artifacts(job.run_id, "", str(scratch / "scan")))
+    mlflow.set_tracking_uri(mlflow_server)  # runs:/RUN/model finds the run's logged model through the global URI
+    model = Path(download_artifacts(f"runs:/{job.run_id}/model", dst_path=str(artifacts / "logged-model")))
     files = [p for p in artifacts.rglob("*") if p.is_file()]
-    assert any(p.name == "MLmodel" for p in files) and any(p.suffix == ".json" for p in files)
+    assert any(p.name == "MLmodel" for p in model.rglob("*")) and any(p.suffix == ".json" for p in files)
     blobs = {f"artifact {p.relative_to(artifacts)}": p.read_bytes() for p in files}
     ray_logs = [p for p in ray_head.logs.rglob("*") if p.is_file()]
     assert any(p.name == f"job-driver-{job.job_id}.log" for p in ray_logs)

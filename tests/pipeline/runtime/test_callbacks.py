@@ -8,6 +8,7 @@ from pipeline.build import build_learner
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
     Checkpoints,
+    LearningCurve,
     MetricsLog,
     PeriodicCheckpoint,
     RestorePoint,
@@ -67,7 +68,20 @@ def test_metrics_are_logged_every_n_steps_at_the_last_and_with_validation(run):
     for version, last, extra in [(1, False, {}), (2, False, {"val/best": 0.5}), (3, False, {}), (4, True, {})]:
         log.on_step(step(version, reports, last, **{"train/loss": float(version), **extra}))
     assert tracker.metric_history("train/loss") == [(2, 2.0), (3, 3.0), (4, 4.0)]
-    assert tracker.metric_history("faults/tracking_outages") == [(2, 0.0), (3, 0.0), (4, 0.0)]
+    assert tracker.metric_history("faults/tracking_outages") == []  # a counter is logged from its first fault on
+    tracker.outages = 1
+    log.on_step(step(6, reports, **{"train/loss": 6.0}))
+    assert tracker.metric_history("faults/tracking_outages") == [(6, 1.0)]
+
+
+def test_the_learning_curve_is_drawn_at_every_validation(run, tmp_path):
+    *_, reports, tracker, _ = run
+    curve = LearningCurve(tracker, tmp_path, {"train/loss": [(1, 2.0)]})
+    curve.on_step(step(2, reports, **{"train/loss": 1.0}))
+    assert not MlflowClient(tracker.uri).list_artifacts(tracker.run_id, "plots")
+    curve.on_step(step(3, reports, **{"train/loss": 0.5, "val/mse": 0.7, "val/best": 0.7}))
+    tracker.flush()
+    assert [a.path for a in MlflowClient(tracker.uri).list_artifacts(tracker.run_id, "plots")] == ["plots/learning_curve.png"]
 
 
 def test_a_periodic_checkpoint_becomes_the_restore_point(run):

@@ -1,7 +1,12 @@
 """The driver's run in process (LocalPool, MLflow on SQLite): every ending gets its learning curve and status."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import mlflow.pyfunc
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipeline.runtime.driver import run
@@ -33,7 +38,7 @@ def train_in_process(tmp_path, pool_class, progress=False, **train):
     return result, MlflowClient(config.tracking.uri), tracker.run_id
 
 
-def test_a_finished_run_is_tested_exported_and_drawn(tmp_path, capsys):
+def test_a_finished_run_is_tested_exported_drawn_and_described(tmp_path, capsys):
     result, client, run_id = train_in_process(tmp_path, LocalPool, progress=True, log_every=3)
     lines = capsys.readouterr().err.splitlines()  # not a terminal: plain progress lines, as a job log shows them
     steps = [line for line in lines if line.startswith("step ")]
@@ -44,8 +49,28 @@ def test_a_finished_run_is_tested_exported_and_drawn(tmp_path, capsys):
     assert run_info.data.metrics["test/episodes"] == 40 and run_info.data.params["train.workers"] == "2"
     assert [m.step for m in client.get_metric_history(run_id, "val/mse")] == [3, 6]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert {"checkpoints", "export", "model", "plots", "test_results.json"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
+    assert {"checkpoints", "export", "plots", "test_results.json", "test_episodes.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/learning_curve.png", "plots/episodes.png", "plots/regression_fits.png"}
+
+    # What the MLflow UI shows of the run: its logged model, data set, description, source, per-episode table.
+    experiment = client.get_experiment(run_info.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert run_info.data.tags["mlflow.note.content"].startswith("maml on sinusoid (regression), network mlp: 6 steps")
+    assert run_info.data.tags["mlflow.source.type"] == "LOCAL" and run_info.data.tags["mlflow.source.name"]
+    (data_set,) = run_info.inputs.dataset_inputs
+    assert json.loads(data_set.dataset.source) == {"uri": str(tmp_path / "episodes")} and data_set.dataset.name == "episodes"
+    assert not [key for key in run_info.data.metrics if key.startswith("faults/")]  # no fault: no fault charts
+
+    (logged,) = client.search_logged_models([experiment.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert logged.name == "model" and logged.status == LoggedModelStatus.READY
+    assert [o.model_id for o in run_info.outputs.model_outputs] == [logged.model_id]
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.get_input_schema().input_names() == ["support_x", "support_y", "query_x"]
+    table = json.loads(Path(client.download_artifacts(run_id, "test_episodes.json", str(tmp_path / "dl"))).read_text())
+    assert table["columns"] == ["episode", "mse"] and len(table["data"]) == 40
+    assert sum(row[1] for row in table["data"]) / 40 == pytest.approx(run_info.data.metrics["test/mse"])
 
 
 @pytest.mark.parametrize("pool_class, error, status", [(InterruptedAt3, KeyboardInterrupt, "KILLED"), (FailsAt3, RuntimeError, "FAILED")], ids=["killed", "failed"])
@@ -57,7 +82,7 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
     run_id = run_info.info.run_id
     assert run_info.info.status == status
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
-    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/learning_curve.png"]
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/episodes.png", "plots/learning_curve.png"}
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
 
 

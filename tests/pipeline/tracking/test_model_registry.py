@@ -33,9 +33,12 @@ def make_run(store: tuple[str, str], tmp_path: Path, model: bool = True, status:
     for key, value in METRICS.items():
         client.log_metric(run.info.run_id, key, value, step=20)
     client.log_metric(run.info.run_id, "train/loss", 0.5, step=20)
-    if model:
-        (tmp_path / "model").mkdir(parents=True)
-        (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    (tmp_path / "model").mkdir(parents=True)
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}\n")
+    if model:  # a logged model of the run, as Model.log makes it
+        logged = client.create_logged_model(experiment, name="model", source_run_id=run.info.run_id)
+        client.log_model_artifacts(logged.model_id, str(tmp_path / "model"))
+    else:  # only a plain artifact folder, which the UI does not show as a model
         client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
     if status != "RUNNING":
         client.set_terminated(run.info.run_id, status)
@@ -43,11 +46,12 @@ def make_run(store: tuple[str, str], tmp_path: Path, model: bool = True, status:
 
 
 def test_version_carries_test_metrics_run_and_source(store: tuple[str, str], tmp_path: Path) -> None:
-    uri, _ = store
+    uri, experiment = store
     run_id = make_run(store, tmp_path)
     version = register(run_id, "tiny-maml", uri)
     assert version.run_id == run_id
-    assert version.source.endswith(f"{run_id}/artifacts/model")
+    (logged,) = MlflowClient(uri).search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
+    assert version.source == logged.artifact_location
     assert version.tags["test/accuracy"] == "0.875"
     assert version.tags["test/accuracy_ci95"] == "0.0123"
     assert version.tags["metapipe.run_id"] == run_id
