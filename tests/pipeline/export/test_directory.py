@@ -11,6 +11,8 @@ from pipeline.config import validate
 from pipeline.errors import ExportError
 from pipeline.export.directory import META, WEIGHTS, export
 from pipeline.export.pyfunc import FewShotModel
+from pipeline.export.requests import example_request
+from tasks.episodes import Episodes
 
 CONFIG = validate({"task": {"name": "sinusoid"}, "store": {"path": "unused"}, "algorithm": {"inner_lr": 0.05}})
 
@@ -68,12 +70,14 @@ def test_a_protonet_export_loads_adapts_and_serves_like_the_learner(tmp_path):
     params = build_learner(config).init(1)
     path = export(params, config, tmp_path / "export")
     gen = torch.Generator().manual_seed(0)
-    support_x, query_x = torch.rand(6, 1, 16, 16, generator=gen), torch.rand(9, 1, 16, 16, generator=gen)
+    support_x = (torch.rand(6, 1, 16, 16, generator=gen) > 0.8).float()  # strokes: exact as PNG files
+    query_x = (torch.rand(9, 1, 16, 16, generator=gen) > 0.8).float()
     support_y = torch.tensor([2, 0, 1, 1, 0, 2])
     expected = build_learner(config).adapt(params, support_x, support_y)(query_x)
     logits = pipeline.load(path).adapt(support_x, support_y)(query_x)
     torch.testing.assert_close(logits, expected)
     model = FewShotModel()
     model.load_context(SimpleNamespace(artifacts={"export": str(path)}))
-    request = {"support_x": support_x.tolist(), "support_y": support_y.tolist(), "query_x": query_x.tolist()}
+    episode = Episodes(support_x[None], support_y[None], query_x[None], torch.zeros(1, 9, dtype=torch.long))
+    request = example_request(pipeline.load(path), episode, max_queries=9)
     assert model.predict(None, request) == expected.argmax(-1).tolist()
