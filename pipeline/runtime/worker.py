@@ -18,6 +18,7 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
 from tasks.store.parquet import open_store
 
+
 @dataclass(frozen=True)
 class StepReport:
     """What one worker did in one step, tagged with the worker that did it."""
@@ -64,7 +65,8 @@ class EpisodeWorker:
         self.episodes_per_step = episodes_per_step
         store = open_store(self.config.store.path)
         self.reader = store.reader(
-            "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True
+            "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True,
+            augment=getattr(self.config.task, "augment", None),
         )
 
     def close(self) -> None:
