@@ -36,7 +36,7 @@ class Strict(BaseModel):
 
 
 class RandomCrop(Strict):
-    """torchvision's RandomResizedCrop back to the table's image size: area fraction and aspect ratio ranges."""
+    """RandomResizedCrop back to the table's image size: ranges of the area fraction and the aspect ratio."""
 
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -49,12 +49,12 @@ class RandomCrop(Strict):
 
 
 class ColorJitter(Strict):
-    """torchvision's ColorJitter: brightness, contrast and saturation factors drawn from [1 - x, 1 + x], hue from [-x, x]."""
+    """torchvision's ColorJitter: brightness, contrast and saturation factors drawn from [1 - x, 1 + x]
+    (saturation only changes RGB images)."""
 
     brightness: float = Field(0.4, ge=0)
     contrast: float = Field(0.4, ge=0)
     saturation: float = Field(0.4, ge=0)
-    hue: float = Field(0.0, ge=0, le=0.5)
 
 
 class Augment(Strict):

@@ -309,11 +309,9 @@ class EpisodeReader(Iterator[Episodes]):
     ) -> None:
         if batch_size < 1 or num_workers < 1 or not 0 <= worker < num_workers:
             raise ValueError(f"need batch_size >= 1 and 0 <= worker < num_workers, got {batch_size}, {worker}, {num_workers}")
-        self._augment = None
-        if augment is not None:
-            if split != "train" or not store.distribution.is_image:
-                raise ValueError(f"augmentation applies to the training episodes of image sets, not {split} of {store.path}")
-            self._augment = augmentation.transform(augment, store.distribution.pixels.shape[-1])
+        if augment is not None and (split != "train" or not store.distribution.is_image):
+            raise ValueError(f"augmentation applies to the training episodes of image sets, not {split} of {store.path}")
+        self._augment = augment
         self._store, self._split, self._batch, self._loop = store, split, batch_size, loop
         info = store._split(split)
         self._fields, self._layout = info["fields"], info["layout"]
