@@ -120,28 +120,32 @@ def open_image(file: ImageFile, missing: str = "missing") -> Image.Image:
     return image
 
 
-def build_table(splits: dict[str, Classes], to_row: Callable[[ImageFile], np.ndarray]) -> ImageTable:
-    """Decode every image into one table; classes named ``<split>/<class>`` in the order given.
+def build_table(classes: list[tuple[str, list[ImageFile]]], to_row: Callable[[ImageFile], np.ndarray]) -> ImageTable:
+    """Decode every image into one table, classes in the order given (their names as given).
 
     ``to_row`` maps one file to a uint8 ``[C, H, W]`` row (raising DatasetError naming it). The table is
     allocated once and filled row by row, so decoding needs one copy of the pixels, not two.
     """
-    flat = [(f"{split}/{name}", files) for split, classes in splits.items() for name, files in classes.items()]
-    total = sum(len(files) for _, files in flat)
+    total = sum(len(files) for _, files in classes)
     pixels: np.ndarray | None = None
-    classes = np.empty(total, dtype=np.int32)
+    ids = np.empty(total, dtype=np.int32)
     row = 0
-    for cls, (_, files) in enumerate(flat):
+    for cls, (_, files) in enumerate(classes):
         for file in files:
             image = to_row(file)
             if pixels is None:
                 pixels = np.empty((total, *image.shape), dtype=np.uint8)
             pixels[row] = image
-            classes[row] = cls
+            ids[row] = cls
             row += 1
     if pixels is None:
         raise DatasetError("no images found")
-    return ImageTable(pixels, classes, tuple(name for name, _ in flat))
+    return ImageTable(pixels, ids, tuple(name for name, _ in classes))
+
+
+def by_split(splits: dict[str, Classes]) -> list[tuple[str, list[ImageFile]]]:
+    """The classes of every split in order, named ``<split>/<class>`` (what ``split_classes`` reads back)."""
+    return [(f"{split}/{name}", files) for split, classes in splits.items() for name, files in classes.items()]
 
 
 def split_classes(task: Any, table: ImageTable) -> dict[str, np.ndarray]:
@@ -307,7 +311,7 @@ def decode(file: ImageFile, task: ImageFolderTask) -> np.ndarray:
 
 def load(task: ImageFolderTask) -> ImageTable:
     """Every image of every split's classes, decoded once (errors name the file or class)."""
-    return build_table(find_classes(task), lambda file: decode(file, task))
+    return build_table(by_split(find_classes(task)), lambda file: decode(file, task))
 
 
 def normalization(task: ImageFolderTask) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

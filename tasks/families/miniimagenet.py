@@ -36,7 +36,7 @@ def load(task: MiniImageNetTask) -> ImageTable:
     splits = {split: image_folder.csv_classes(path, base / "images") for split, path in files.items()}
     image_folder.check_disjoint(splits, files)
     return image_folder.build_table(
-        splits, lambda file: to_array(image_folder.open_image(file, "image listed in the CSV is missing"), task)
+        image_folder.by_split(splits), lambda file: to_array(image_folder.open_image(file, "image listed in the CSV is missing"), task)
     )
 
 
