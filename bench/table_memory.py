@@ -35,7 +35,7 @@ def smaps(pid: int) -> dict[str, int]:
     return {"rss": fields["Rss"], "pss": fields["Pss"], "uss": fields["Private_Clean"] + fields["Private_Dirty"]}
 
 
-def task_config(size: int):  # noqa: ANN201 - an ImageFolderTask
+def task_config(size: int):  # an ImageFolderTask
     from tasks.families.image_folder import ImageFolderTask
 
     return ImageFolderTask(root="synthetic", ways=5, shots=1, queries=15, image_size=size)
