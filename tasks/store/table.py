@@ -83,25 +83,37 @@ def mapped_table(key: str, open_verified: Callable[[], pa.NativeFile], where: st
     """The table ``key`` mapped read-only; the first caller on the node writes it from the Parquet
     file ``open_verified()`` returns (already checked against the manifest)."""
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / f"{key}.json").exists():
-        with _locked(folder / f"{key}.lock"):
-            if not (folder / f"{key}.json").exists():
-                with open_verified() as source:
-                    _write(folder, key, lambda allocate: from_parquet(source, where, allocate))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{key}.json").exists():
+            with _locked(folder / f"{key}.lock"):
+                if not (folder / f"{key}.json").exists():
+                    with open_verified() as source:
+                        _write(folder, key, lambda allocate: from_parquet(source, where, allocate))
+    except OSError as e:
+        raise _unwritable(folder, e) from None
     return _open(folder, key)
+
+
+def _unwritable(folder: Path, error: OSError) -> StoreError:
+    return StoreError(
+        f"{folder}: cannot write the node's copy of the image table ({error});"
+        f" set {CACHE_ENV} to a local folder with room for it"
+    )
 
 
 def publish(key: str, table: ImageTable) -> None:
     """Write the node's copy of a table just decoded (precompute), so readers here need not decode it again."""
+    def fill(allocate: Callable[[tuple[int, ...]], np.ndarray]) -> ImageTable:
+        pixels = allocate(table.pixels.shape)
+        pixels[:] = table.pixels
+        return ImageTable(pixels, table.classes, table.class_names)
+
     folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder / f"{key}.lock"):
-        if not (folder / f"{key}.json").exists():
-
-            def fill(allocate: Callable[[tuple[int, ...]], np.ndarray]) -> ImageTable:
-                pixels = allocate(table.pixels.shape)
-                pixels[:] = table.pixels
-                return ImageTable(pixels, table.classes, table.class_names)
-
-            _write(folder, key, fill)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / f"{key}.lock"):
+            if not (folder / f"{key}.json").exists():
+                _write(folder, key, fill)
+    except OSError as e:
+        raise _unwritable(folder, e) from None

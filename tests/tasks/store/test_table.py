@@ -82,3 +82,10 @@ def test_a_damaged_copy_is_a_store_error_naming_it(store, tmp_path, monkeypatch)
     copy.write_bytes(copy.read_bytes()[:-5000])
     with pytest.raises(StoreError, match=f"{copy}: the node's copy of the image table cannot be mapped .*delete it"):
         open_store(store.path).distribution  # noqa: B018
+
+
+def test_a_cache_folder_that_cannot_be_written_is_a_store_error_naming_it_and_the_variable(store, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv(node_table.CACHE_ENV, str(tmp_path / "file" / "cache"))
+    with pytest.raises(StoreError, match=f"{tmp_path}/file/cache: cannot write the node's copy .* set METAPIPE_TABLE_CACHE"):
+        open_store(store.path).distribution  # noqa: B018
