@@ -76,6 +76,10 @@ def main() -> None:
         augment = Augment.model_validate({"crop": {}, "flip": True, "color_jitter": {}})
         with store.reader("train", BATCH, augment=augment) as reader:
             augmented = rate(reader, args.seconds)
+        on_device = None
+        if torch.cuda.is_available():  # store.device_table: auto: the table on the GPU, episodes gathered there
+            with open_store(path).reader("train", BATCH, device=torch.device("cuda")) as reader:
+                on_device = rate(reader, args.seconds)
         rng = np.random.default_rng(0)
         fly = rate(lambda: distribution.episodes("train", rng, BATCH), args.seconds)
 
@@ -85,6 +89,7 @@ def main() -> None:
         ("store, with pixels (test split)", f"{pixels:,.0f} ep/s", f"{pixels / WORKER_RATE:,.0f}x a worker"),
         ("store, indexed + augment (crop, flip, jitter)", f"{augmented:,.0f} ep/s", f"{augmented / WORKER_RATE:,.0f}x a worker"),
         ("on the fly (sample + decode)", f"{fly:,.0f} ep/s", f"{fly / WORKER_RATE:,.0f}x a worker"),
+        *([("store, indexed, table on cuda", f"{on_device:,.0f} ep/s", "store.device_table: auto")] if on_device else []),
         ("store size, indexed", f"{train_bytes / args.episodes * 1e6 / 2**20:,.1f} MiB", "per million episodes"),
         ("store size, with pixels", f"{pixel_bytes / args.pixel_episodes * 1e6 / 2**30:,.1f} GiB", "per million episodes"),
         ("precompute", f"{precompute_s:,.1f} s", f"{args.episodes + args.pixel_episodes:,} episodes, PNG decode included"),

@@ -44,7 +44,7 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     """float [N, C, H, W] -> [N, 1, H, W]: the luminance (C = 3) or the image itself (C = 1)."""
     if x.shape[1] == 1:
         return x
-    return (x * torch.tensor(GRAY, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return (x * torch.tensor(GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def apply(augment: Augment, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -54,7 +54,7 @@ def apply(augment: Augment, images: torch.Tensor, seeds: list[int]) -> torch.Ten
     adding an operation to the config does not change the draws of the others).
     """
     b, m, c, h, w = images.shape
-    u = _draws(seeds, m, 9)
+    u = _draws(seeds, m, 9).to(images.device)
     x = images.reshape(b * m, c, h, w).float()
     if augment.crop is not None:
         (s0, s1), (r0, r1) = augment.crop.scale, augment.crop.ratio
@@ -63,7 +63,7 @@ def apply(augment: Augment, images: torch.Tensor, seeds: list[int]) -> torch.Ten
         cw = torch.sqrt(area * ratio).clamp(1, w)
         ch = torch.sqrt(area / ratio).clamp(1, h)
         x0, y0 = (w - cw) * u[:, 2], (h - ch) * u[:, 3]
-        boxes = torch.stack([torch.arange(b * m, dtype=torch.float64), x0, y0, x0 + cw, y0 + ch], 1)
+        boxes = torch.stack([torch.arange(b * m, dtype=torch.float64, device=x.device), x0, y0, x0 + cw, y0 + ch], 1)
         x = roi_align(x, boxes.float(), (h, w), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
     if augment.flip:
         x = torch.where((u[:, 4] < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)

@@ -48,6 +48,13 @@ class TaskDistribution:
             self._sizes = table.sizes
             self._normalization = self.family.normalization(task)
 
+    def to(self, device: torch.device | str) -> None:
+        """Hold the image table on ``device`` (a GPU worker's, ``store.device_table: auto``): decoding then
+        gathers there and returns episodes there. Image sets only."""
+        if not self.is_image:
+            raise ValueError(f"task {self.task.name} has no image table to move")
+        self.pixels, self.starts = self.pixels.to(device), self.starts.to(device)
+
     @classmethod
     def load(cls, task: TaskConfig) -> TaskDistribution:
         """Read the data set the task needs (image sets decode every image once)."""
@@ -95,6 +102,7 @@ class TaskDistribution:
         if layout == "pixels":
             support, query = fields["support_x"], fields["query_x"]
         else:
+            fields = {k: v.to(self.pixels.device) for k, v in fields.items()}
             support, query = fewshot.gather(fields, self.pixels, self.starts, self.task.shots)
         if augment is not None:
             support, query = augment(torch.cat([support, query], dim=1)).split([support.shape[1], query.shape[1]], dim=1)

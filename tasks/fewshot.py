@@ -104,7 +104,7 @@ def to_episodes(support: torch.Tensor, query: torch.Tensor, ways: int) -> Episod
     b = support.shape[0]
     return Episodes(
         support.to(torch.float32).mul_(1.0 / 255.0),
-        labels(b, ways, support.shape[1] // ways),
+        labels(b, ways, support.shape[1] // ways).to(support.device),
         query.to(torch.float32).mul_(1.0 / 255.0),
-        labels(b, ways, query.shape[1] // ways),
+        labels(b, ways, query.shape[1] // ways).to(query.device),
     )

@@ -67,6 +67,7 @@ class EpisodeWorker:
         self.reader = store.reader(
             "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True,
             augment=getattr(self.config.task, "augment", None),
+            device=self.device if self.config.store.device_table == "auto" and self.device.type == "cuda" else None,
         )
 
     def close(self) -> None:

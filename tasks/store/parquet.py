@@ -58,11 +58,11 @@ TABLE = "images.parquet"
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two stores the same: the whole config except where it is kept and the training
-    augmentation (applied when episodes are read, not stored)."""
+    """What makes two stores the same: the whole config except where it is kept, the training
+    augmentation and where readers keep the image table (read-time choices, not stored)."""
     return {
         "task": {k: v for k, v in config["task"].items() if k != "augment"},
-        "store": {k: v for k, v in config["store"].items() if k != "path"},
+        "store": {k: v for k, v in config["store"].items() if k not in ("path", "device_table")},
     }
 
 
@@ -260,12 +260,16 @@ class Store:
         start: dict[str, Any] | None = None,
         loop: bool = True,
         augment: Augment | None = None,
+        device: torch.device | None = None,
     ) -> EpisodeReader:
         """Batches of ``split`` for worker ``worker`` of ``num_workers`` (disjoint, together the whole split).
 
         ``augment`` (image sets, train split only): the run's ``task.augment``, applied to each episode
         with a seed from the store seed and the episode's epoch, shard and row (tasks/augment.py).
+        ``device`` (image sets): hold the image table there (once per store) and gather episodes there.
         """
+        if device is not None:
+            self.distribution.to(device)
         return EpisodeReader(self, split, batch_size, worker, num_workers, start, loop, augment)
 
     def read_split(self, split: str, limit: int | None = None) -> Episodes:
@@ -523,6 +527,7 @@ def _stored(config: EpisodeConfig) -> dict[str, Any]:
     """The config as the manifest keeps it: without the training augmentation, which the store does not hold."""
     dumped = config.model_dump(mode="json")
     dumped["task"].pop("augment", None)
+    dumped["store"].pop("device_table", None)
     return dumped
 
 

@@ -89,3 +89,19 @@ def test_a_cache_folder_that_cannot_be_written_is_a_store_error_naming_it_and_th
     monkeypatch.setenv(node_table.CACHE_ENV, str(tmp_path / "file" / "cache"))
     with pytest.raises(StoreError, match=f"{tmp_path}/file/cache: cannot write the node's copy .* set METAPIPE_TABLE_CACHE"):
         open_store(store.path).distribution  # noqa: B018
+
+
+def test_a_reader_holding_the_table_on_a_device_reads_the_same_episodes(store, tmp_path):
+    """store.device_table: auto on a GPU worker; here the device is the CPU (the GPU path: bench.episodes)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with open_store(store.path).reader("train", 16) as plain:
+        expected = [next(plain) for _ in range(2)]
+    moved = open_store(store.path)
+    with moved.reader("train", 16, device=torch.device(device)) as reader:
+        for a in expected:
+            b = next(reader)
+            assert b.support_x.device.type == device and torch.equal(a.support_x, b.support_x.cpu())
+            assert torch.equal(a.query_y, b.query_y.cpu())
+    raw = store.config.model_dump(mode="json")
+    raw["store"]["device_table"] = "auto"
+    assert open_store(store.path, type(store.config).model_validate(raw)).episodes("train") == 1500
