@@ -21,6 +21,7 @@ import torch
 
 from tasks.config import EpisodeConfig
 from tasks.episodes import Episodes
+from tasks.family import Augment
 from tasks.store.parquet import open_store, precompute
 
 BATCH = 32
@@ -72,6 +73,13 @@ def main() -> None:
             indexed = rate(reader, args.seconds)
         with store.reader("test", BATCH) as reader:
             pixels = rate(reader, args.seconds)
+        augment = Augment.model_validate({"crop": {}, "flip": True, "color_jitter": {}})
+        with store.reader("train", BATCH, augment=augment) as reader:
+            augmented = rate(reader, args.seconds)
+        on_device = None
+        if torch.cuda.is_available():  # store.device_table: auto: the table on the GPU, episodes gathered there
+            with open_store(path).reader("train", BATCH, device=torch.device("cuda")) as reader:
+                on_device = rate(reader, args.seconds)
         rng = np.random.default_rng(0)
         fly = rate(lambda: distribution.episodes("train", rng, BATCH), args.seconds)
 
@@ -79,11 +87,13 @@ def main() -> None:
     rows = [
         ("store, indexed (train split)", f"{indexed:,.0f} ep/s", f"{indexed / WORKER_RATE:,.0f}x a worker"),
         ("store, with pixels (test split)", f"{pixels:,.0f} ep/s", f"{pixels / WORKER_RATE:,.0f}x a worker"),
+        ("store, indexed + augment (crop, flip, jitter)", f"{augmented:,.0f} ep/s", f"{augmented / WORKER_RATE:,.0f}x a worker"),
         ("on the fly (sample + decode)", f"{fly:,.0f} ep/s", f"{fly / WORKER_RATE:,.0f}x a worker"),
+        *([("store, indexed, table on cuda", f"{on_device:,.0f} ep/s", "store.device_table: auto")] if on_device else []),
         ("store size, indexed", f"{train_bytes / args.episodes * 1e6 / 2**20:,.1f} MiB", "per million episodes"),
         ("store size, with pixels", f"{pixel_bytes / args.pixel_episodes * 1e6 / 2**30:,.1f} GiB", "per million episodes"),
         ("precompute", f"{precompute_s:,.1f} s", f"{args.episodes + args.pixel_episodes:,} episodes, PNG decode included"),
-        ("open store + load image table", f"{table_s:,.2f} s", "once per worker"),
+        ("open store + map image table", f"{table_s:,.2f} s", "once per worker (the node's copy written by precompute)"),
     ]
     print(f"Omniglot 5-way 1-shot, 15 queries, batches of {BATCH}, {args.threads} torch thread(s);"
           f" target >= {target:.0f} ep/s (20 x {WORKER_RATE:.0f})")

@@ -6,6 +6,7 @@ the key and the bad value. Each family's own section lives in its module (tasks/
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import Field
 
@@ -26,6 +27,9 @@ class StoreConfig(Strict):
     test_episodes: int = Field(600, ge=0)
     shard_episodes: int = Field(10_000, ge=1, description="episodes per Parquet shard")
     eval_pixels: bool = Field(True, description="store val/test episodes with pixels rather than indices")
+    device_table: Literal["auto", "cpu"] = Field(
+        "cpu", description="auto: a GPU worker holds the image table on its device and gathers episodes there"
+    )
 
     def train_row_groups(self) -> int:
         """Row groups of the train split (each shard of ``shard_episodes`` rounds up): at most one worker each."""

@@ -9,13 +9,16 @@ evaluation sets).
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from tasks import fewshot
 from tasks.episodes import Episodes
 from tasks.families import TaskConfig, family
-from tasks.family import ArrayFamily, ImageFamily
+from tasks.family import ArrayFamily, ImageFamily, normalize
 from tasks.images import ImageTable
 
 SPLITS = ("train", "val", "test")
@@ -24,8 +27,9 @@ SPLITS = ("train", "val", "test")
 class TaskDistribution:
     """The episodes of one task config.
 
-    Image sets hold their table in memory as a torch uint8 tensor, with rotations
-    as four turned copies (Omniglot: 4 x 25 MB) so that decoding a batch is one gather.
+    Image sets hold their table as a torch uint8 tensor over the table's array (a read-only
+    memory map when it comes from a store, shared by every process of the node); decoding a
+    batch gathers its rows, then turns the classes drawn with a rotation.
     """
 
     def __init__(self, task: TaskConfig, table: ImageTable | None = None) -> None:
@@ -36,10 +40,20 @@ class TaskDistribution:
             if table is None:
                 raise ValueError(f"task {task.name} needs its image table")
             self.splits = self.family.split_classes(task, table)
-            pixels = torch.from_numpy(table.pixels)
-            self.pixels = fewshot.turned(pixels) if getattr(task, "rotations", False) else pixels.unsqueeze(0)
+            self.turns = 4 if getattr(task, "rotations", False) else 1
+            with warnings.catch_warnings():  # a read-only map: nothing here writes to the table
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                self.pixels = torch.from_numpy(table.pixels)
             self.starts = torch.from_numpy(table.starts)
             self._sizes = table.sizes
+            self._normalization = self.family.normalization(task)
+
+    def to(self, device: torch.device | str) -> None:
+        """Hold the image table on ``device`` (a GPU worker's, ``store.device_table: auto``): decoding then
+        gathers there and returns episodes there. Image sets only."""
+        if not self.is_image:
+            raise ValueError(f"task {self.task.name} has no image table to move")
+        self.pixels, self.starts = self.pixels.to(device), self.starts.to(device)
 
     @classmethod
     def load(cls, task: TaskConfig) -> TaskDistribution:
@@ -66,7 +80,7 @@ class TaskDistribution:
         classes = self.splits[split]
         fields = fewshot.sample(
             rng, classes, self._sizes[classes], count, task.ways, task.shots, task.queries,
-            rotations=getattr(task, "rotations", False),
+            rotations=self.turns == 4,
         )
         if layout == "pixels":
             tensors = {k: torch.from_numpy(v) for k, v in fields.items()}
@@ -74,15 +88,28 @@ class TaskDistribution:
             fields |= {"support_x": support.numpy(), "query_x": query.numpy()}
         return fields
 
-    def decode(self, fields: dict[str, torch.Tensor], layout: str) -> Episodes:
-        """Stacked episodes from stored fields (a batch dimension first)."""
+    def decode(
+        self, fields: dict[str, torch.Tensor], layout: str, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Episodes:
+        """Stacked episodes from stored fields (a batch dimension first).
+
+        ``augment`` (image sets): maps the uint8 images of each episode ``[B, N*(K+Q), C, H, W]`` to
+        augmented ones of the same shape, before scaling and normalization (the reader's training
+        augmentation, seeded by episode).
+        """
         if isinstance(self.family, ArrayFamily):
             return self.family.decode(self.task, fields)
         if layout == "pixels":
             support, query = fields["support_x"], fields["query_x"]
         else:
+            fields = {k: v.to(self.pixels.device) for k, v in fields.items()}
             support, query = fewshot.gather(fields, self.pixels, self.starts, self.task.shots)
-        return fewshot.to_episodes(support, query, self.task.ways)
+        if augment is not None:
+            support, query = augment(torch.cat([support, query], dim=1)).split([support.shape[1], query.shape[1]], dim=1)
+        episodes = fewshot.to_episodes(support, query, self.task.ways)
+        normalize(episodes.support_x, self._normalization)
+        normalize(episodes.query_x, self._normalization)
+        return episodes
 
     def episodes(self, split: str, rng: np.random.Generator, count: int) -> Episodes:
         """``count`` fresh episodes, sampled and decoded in process (no store)."""

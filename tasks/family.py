@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.episodes import Episodes
 
@@ -35,6 +35,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class RandomCrop(Strict):
+    """RandomResizedCrop back to the table's image size: ranges of the area fraction and the aspect ratio."""
+
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> RandomCrop:
+        if not (0 < self.scale[0] <= self.scale[1] <= 1 and 0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"crop: need 0 < scale low <= high <= 1 and 0 < ratio low <= high, got {self.scale}, {self.ratio}")
+        return self
+
+
+class ColorJitter(Strict):
+    """torchvision's ColorJitter: brightness, contrast and saturation factors drawn from [1 - x, 1 + x]
+    (saturation only changes RGB images)."""
+
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    saturation: float = Field(0.4, ge=0)
+
+
+class Augment(Strict):
+    """Augmentation of training episodes at read time (never validation or test), seeded by episode."""
+
+    crop: RandomCrop | None = None
+    flip: bool = Field(False, description="horizontal flip with probability 1/2")
+    color_jitter: ColorJitter | None = None
+
+
 class ImageTask(Strict):
     """Fields every N-way K-shot image family shares."""
 
@@ -42,6 +72,7 @@ class ImageTask(Strict):
     shots: int = Field(1, ge=1)
     queries: int = Field(15, ge=1)
     data_root: str | None = Field(None, description="folder holding the data set; default $METAPIPE_DATA or ../shared/data")
+    augment: Augment | None = Field(None, description="training-time augmentation; not part of the episode store")
 
 
 Kind = Literal["regression", "classification", "optimizee"]
@@ -101,15 +132,31 @@ class ImageFamily:
     """``split_classes(task, table)``: class ids of the train, val and test splits."""
     to_array: Callable[[Image.Image, Any], np.ndarray]
     """``to_array(image, task)``: one PIL image as a uint8 ``[C, H, W]`` table row."""
+    normalization: Callable[[Any], Normalization | None] = lambda task: None
+    """``normalization(task)``: per-channel (mean, std) applied to pixels in [0, 1] when decoding, or None."""
 
     def preprocess(self, images: list[Image.Image], task: Any) -> torch.Tensor:
-        """A user's images as model inputs: float32 ``[N, C, H, W]`` in [0, 1], the transform of the table.
+        """A user's images as model inputs: float32 ``[N, C, H, W]``, the transform of the table scaled to
+        [0, 1] (then normalized, when the task normalizes).
 
         Raises ValueError on an empty list.
         """
         if not images:
             raise ValueError("preprocess needs at least one image")
-        return torch.from_numpy(np.stack([self.to_array(im, task) for im in images])).float().div_(255.0)
+        pixels = torch.from_numpy(np.stack([self.to_array(im, task) for im in images])).float().div_(255.0)
+        return normalize(pixels, self.normalization(task))
+
+
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+"""Per-channel (mean, std) of pixels in [0, 1]."""
+
+
+def normalize(images: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
+    """``(images - mean) / std`` per channel, in place, for float ``[..., C, H, W]``; unchanged without one."""
+    if normalization is None:
+        return images
+    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in normalization)
+    return images.sub_(mean).div_(std)
 
 
 Family = ArrayFamily | ImageFamily

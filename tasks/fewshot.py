@@ -70,7 +70,7 @@ def sample(
 
 
 def turned(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [4, n, C, H, W]: the table turned by 0, 1, 2 and 3 quarter turns, so decoding is one gather."""
+    """uint8 [4, n, C, H, W]: the table turned by 0, 1, 2 and 3 quarter turns (a pool of every rotation)."""
     return torch.stack([torch.rot90(pixels, k, dims=(-2, -1)) for k in range(4)])
 
 
@@ -80,17 +80,18 @@ def gather(
     """uint8 support [B, N*K, C, H, W] and query [B, N*Q, C, H, W]: the images the index fields name,
     each class turned by its rotation.
 
-    ``pixels`` is [turns, n, C, H, W] (``turned`` of the table with rotations, else the table unsqueezed).
+    ``pixels`` is the table [n, C, H, W] (a read-only map is fine: only the gathered rows are copied);
+    a class with ``rotation`` k is turned by k quarter turns after the gather.
     """
-    turns, n = pixels.shape[:2]
     rows = starts[fields["classes"].long()].unsqueeze(-1) + fields["images"].long()
-    rows = rows + (fields["rotation"].long() * n).unsqueeze(-1)
-    table = pixels.reshape(turns * n, -1)
-    b = rows.shape[0]
-    return tuple(
-        table.index_select(0, part.reshape(-1)).reshape(b, -1, *pixels.shape[2:])
-        for part in (rows[:, :, :shots], rows[:, :, shots:])
-    )
+    b, ways, per = rows.shape
+    images = pixels.reshape(len(pixels), -1).index_select(0, rows.reshape(-1)).reshape(b, ways, per, *pixels.shape[1:])
+    rotation = fields["rotation"]
+    for k in (1, 2, 3):
+        turn = rotation == k
+        if turn.any():
+            images[turn] = torch.rot90(images[turn], k, dims=(-2, -1))
+    return images[:, :, :shots].reshape(b, -1, *pixels.shape[1:]), images[:, :, shots:].reshape(b, -1, *pixels.shape[1:])
 
 
 def labels(batch: int, ways: int, per_class: int) -> torch.Tensor:
@@ -103,7 +104,7 @@ def to_episodes(support: torch.Tensor, query: torch.Tensor, ways: int) -> Episod
     b = support.shape[0]
     return Episodes(
         support.to(torch.float32).mul_(1.0 / 255.0),
-        labels(b, ways, support.shape[1] // ways),
+        labels(b, ways, support.shape[1] // ways).to(support.device),
         query.to(torch.float32).mul_(1.0 / 255.0),
-        labels(b, ways, query.shape[1] // ways),
+        labels(b, ways, query.shape[1] // ways).to(query.device),
     )

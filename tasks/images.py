@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,10 @@ def resized(image: Image.Image, size: int, mode: str) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+ROW_GROUP_BYTES = 64 << 20
+"""Pixels per row group of the table's Parquet file (about 64 MiB), so it can be read a group at a time."""
+
+
 def to_parquet(table: ImageTable) -> bytes:
     """The table as Parquet bytes (deterministic: same table, same bytes); one binary cell per image."""
     n, c, h, w = table.pixels.shape
@@ -64,23 +69,38 @@ def to_parquet(table: ImageTable) -> bytes:
         metadata={"shape": json.dumps([c, h, w]), "class_names": json.dumps(list(table.class_names))},
     )
     sink = pa.BufferOutputStream()
-    pq.write_table(arrow, sink, compression="zstd", use_dictionary=False, write_statistics=False)
+    rows = max(1, ROW_GROUP_BYTES // (c * h * w))
+    pq.write_table(arrow, sink, compression="zstd", use_dictionary=False, write_statistics=False, row_group_size=rows)
     return sink.getvalue().to_pybytes()
 
 
-def from_parquet(data: bytes, source: str) -> ImageTable:
-    """Read a table written by ``to_parquet``; ``source`` names the file in errors."""
+def from_parquet(
+    source: bytes | pa.NativeFile, where: str, allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None
+) -> ImageTable:
+    """Read a table written by ``to_parquet`` (its bytes or an open file), one row group at a time, into
+    the array ``allocate(shape)`` returns (default in memory; a memory map writes it to disk).
+
+    Raises StoreError naming ``where`` when it is not a valid image table.
+    """
     try:
-        arrow = pq.read_table(pa.BufferReader(data))
-        meta = arrow.schema.metadata or {}
+        parquet = pq.ParquetFile(pa.BufferReader(source) if isinstance(source, bytes) else source)
+        meta = parquet.schema_arrow.metadata or {}
         shape = json.loads(meta[b"shape"])
         names = tuple(json.loads(meta[b"class_names"]))
-        column = arrow.column("pixels").combine_chunks()
-        if column.type != pa.binary(math.prod(shape)):
-            raise ValueError(f"pixels column is {column.type}, expected {pa.binary(math.prod(shape))}")
-        data = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * math.prod(shape), offset=column.offset * math.prod(shape))
-        pixels = data.reshape(-1, *shape).copy()
-        classes = arrow.column("class").to_numpy().astype(np.int32)
+        width = math.prod(shape)
+        rows = (parquet.metadata.num_rows, *shape)
+        pixels = np.empty(rows, np.uint8) if allocate is None else allocate(rows)
+        classes = np.empty(parquet.metadata.num_rows, np.int32)
+        row = 0
+        for group in range(parquet.num_row_groups):
+            part = parquet.read_row_group(group)
+            column = part.column("pixels").combine_chunks()
+            if column.type != pa.binary(width):
+                raise ValueError(f"pixels column is {column.type}, expected {pa.binary(width)}")
+            data = np.frombuffer(column.buffers()[1], np.uint8, count=len(column) * width, offset=column.offset * width)
+            pixels[row : row + len(column)] = data.reshape(-1, *shape)
+            classes[row : row + len(column)] = part.column("class").to_numpy()
+            row += len(column)
         return ImageTable(pixels, classes, names)
     except (pa.ArrowException, KeyError, ValueError) as e:
-        raise StoreError(f"{source}: not a valid image table ({e})") from None
+        raise StoreError(f"{where}: not a valid image table ({e})") from None

@@ -1,7 +1,15 @@
 """Fixtures shared by the test packages."""
+import os
+
 import pytest
 import ray
 import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def table_cache(tmp_path_factory):
+    """Mapped image tables (tasks/store/table.py) go to a folder of this session, not the machine's temp dir."""
+    os.environ["METAPIPE_TABLE_CACHE"] = str(tmp_path_factory.mktemp("tables"))
 
 
 @pytest.fixture(autouse=True)

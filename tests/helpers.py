@@ -279,3 +279,15 @@ def assert_steps_match_torch_optim(opt, torch_class: type, steps: int = 5, **kwa
         for k in params:
             assert torch.allclose(params[k], reference[k].detach(), atol=1e-14, rtol=0), (step, k)
     return state
+
+
+def write_class_folders(folder: Path, classes: dict[str, int], mode: str = "RGB", size: int = 10, suffix: str = ".png") -> Path:
+    """``classes`` (a class path -> its image count) as class folders of random images under ``folder``;
+    image ``i`` of a class is ``<class>/img<i>.<suffix>``, its pixels fixed by the class name and ``i``."""
+    for name, count in classes.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            rng = np.random.default_rng([i, *name.encode()])
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(folder / name / f"img{i}{suffix}")
+    return folder

@@ -36,6 +36,7 @@ from pipeline.optim.adam import adam
 from pipeline.optim.base import apply_updates
 from pipeline.optim.unroll import unroll
 from pipeline.types import Params
+from tasks import fewshot
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes
 
@@ -115,14 +116,15 @@ def training_set(distribution: TaskDistribution) -> TrainingSet:
     """Every image of the train split with its (character, rotation) class."""
     if not distribution.is_image:
         raise ValueError("the fine-tuning baseline needs an image task (its store has no image table)")
-    turns, n = distribution.pixels.shape[:2]
+    turns, n = distribution.turns, len(distribution.pixels)
+    pool = fewshot.turned(distribution.pixels) if turns == 4 else distribution.pixels.unsqueeze(0)
     train = distribution.splits["train"]
     table_classes = distribution.table.classes
     members = np.flatnonzero(np.isin(table_classes, train))
     position = np.searchsorted(train, table_classes[members])
     rows = torch.from_numpy(members).repeat(turns) + torch.arange(turns).repeat_interleave(len(members)) * n
     labels = torch.from_numpy(position).repeat(turns) * turns + torch.arange(turns).repeat_interleave(len(members))
-    return TrainingSet(distribution.pixels.flatten(0, 1), rows, labels, len(train) * turns)
+    return TrainingSet(pool.flatten(0, 1), rows, labels, len(train) * turns)
 
 
 def networks(config: RunConfig, classes: int) -> tuple[Conv4, Conv4]:

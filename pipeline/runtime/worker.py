@@ -84,7 +84,9 @@ class EpisodeWorker:
         self.store = open_store(self.config.store.path)
         self._eval_sets: dict[tuple[str, int, int], Episodes] = {}
         self.reader = self.store.reader(
-            "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True
+            "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True,
+            augment=getattr(self.config.task, "augment", None),
+            device=self.device if self.config.store.device_table == "auto" and self.device.type == "cuda" else None,
         )
 
     def close(self) -> None:

@@ -11,7 +11,14 @@ from typing import Annotated, Any, Union
 
 from pydantic import Discriminator, Tag
 
-from tasks.families import digits, miniimagenet, omniglot, quadratic, sinusoid
+from tasks.families import (
+    digits,
+    image_folder,
+    miniimagenet,
+    omniglot,
+    quadratic,
+    sinusoid,
+)
 from tasks.family import Family, Strict, TaskSpec
 
 FAMILIES: dict[str, Family] = {
@@ -20,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     "omniglot": omniglot.FAMILY,
     "miniimagenet": miniimagenet.FAMILY,
     "digits": digits.FAMILY,
+    "image_folder": image_folder.FAMILY,
 }
 
 

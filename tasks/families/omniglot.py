@@ -11,9 +11,8 @@ decoded, so the table holds each drawing once.
 """
 from __future__ import annotations
 
-import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,7 @@ from pydantic import Field, model_validator
 
 from tasks.datasets import data_root
 from tasks.errors import DatasetError
+from tasks.families.image_folder import ImageFile, build_table, open_image
 from tasks.family import ImageFamily, ImageTask, TaskSpec
 from tasks.images import ImageTable, resized
 
@@ -64,10 +64,6 @@ class OmniglotTask(ImageTask):
 SETS = ("images_background", "images_evaluation")
 SOURCE_SIZE = (105, 105)
 
-Member = tuple[str, str, str, Callable[[], bytes]]
-"""(alphabet, character, file name, read bytes) of one drawing."""
-
-
 def locate(root: Path) -> tuple[str, list[Path]]:
     """The layout found under ``root/omniglot`` and its two set locations (zips or folders)."""
     base = root / "omniglot"
@@ -86,6 +82,10 @@ def locate(root: Path) -> tuple[str, list[Path]]:
     )
 
 
+Member = tuple[str, str, ImageFile]
+"""(alphabet, character, drawing) of one drawing."""
+
+
 def _zip_members(path: Path, top: str) -> Iterator[Member]:
     try:
         archive = zipfile.ZipFile(path)
@@ -97,7 +97,7 @@ def _zip_members(path: Path, top: str) -> Iterator[Member]:
         parts = name.split("/")
         if len(parts) != 4 or parts[0] != top or not parts[3].endswith(".png"):
             raise DatasetError(f"{path}: unexpected member {name} (expected {top}/<Alphabet>/<characterNN>/<id>.png)")
-        yield parts[1], parts[2], f"{path}:{name}", lambda name=name: archive.read(name)
+        yield parts[1], parts[2], ImageFile(f"{path}:{name}", lambda name=name: archive.read(name))
 
 
 def _folder_members(path: Path) -> Iterator[Member]:
@@ -105,7 +105,7 @@ def _folder_members(path: Path) -> Iterator[Member]:
         parts = file.relative_to(path).parts
         if len(parts) != 3 or file.suffix != ".png":
             raise DatasetError(f"{path}: unexpected file {file} (expected <Alphabet>/<characterNN>/<id>.png)")
-        yield parts[0], parts[1], str(file), file.read_bytes
+        yield parts[0], parts[1], ImageFile(str(file), file.read_bytes)
 
 
 def _members(layout: str, paths: list[Path]) -> Iterator[Member]:
@@ -113,39 +113,33 @@ def _members(layout: str, paths: list[Path]) -> Iterator[Member]:
         yield from _zip_members(path, top) if layout == "zip" else _folder_members(path)
 
 
-def _decode(name: str, data: bytes, task: OmniglotTask) -> np.ndarray:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{name}: unreadable image ({e})") from None
+def _decode(file: ImageFile, task: OmniglotTask) -> np.ndarray:
+    image = open_image(file)
     if image.size != SOURCE_SIZE:
-        raise DatasetError(f"{name}: image is {image.size[0]}x{image.size[1]}, Omniglot drawings are 105x105")
+        raise DatasetError(f"{file.where}: image is {image.size[0]}x{image.size[1]}, Omniglot drawings are 105x105")
     return to_array(image, task)
 
 
 def load(task: OmniglotTask) -> ImageTable:
     """Every drawing, one class per character, checked against ``task.characters`` and ``task.drawings``."""
     layout, paths = locate(data_root(task.data_root))
-    by_character: dict[tuple[str, str], list[tuple[str, Callable[[], bytes]]]] = {}
-    for alphabet, character, name, read in _members(layout, paths):
-        by_character.setdefault((alphabet, character), []).append((name, read))
+    by_character: dict[tuple[str, str], list[ImageFile]] = {}
+    for alphabet, character, drawing in _members(layout, paths):
+        by_character.setdefault((alphabet, character), []).append(drawing)
     where = " and ".join(str(p) for p in paths)
     if len(by_character) != task.characters:
         raise DatasetError(
             f"{where}: found {len(by_character)} character folders, expected {task.characters}"
             " (a class is missing or extra; check the download)"
         )
-    pixels, classes, names = [], [], []
-    for cls, key in enumerate(sorted(by_character)):
-        files = sorted(by_character[key])
+    classes = []
+    for key in sorted(by_character):
+        files = sorted(by_character[key], key=lambda f: f.where)
         if len(files) != task.drawings:
-            folder = files[0][0].rsplit("/", 1)[0]
+            folder = files[0].where.rsplit("/", 1)[0]
             raise DatasetError(f"{folder}: {len(files)} drawings, expected {task.drawings}")
-        pixels.extend(_decode(name, read(), task) for name, read in files)
-        classes.extend([cls] * len(files))
-        names.append("/".join(key))
-    return ImageTable(np.stack(pixels), np.asarray(classes, dtype=np.int32), tuple(names))
+        classes.append(("/".join(key), files))
+    return build_table(classes, lambda file: _decode(file, task))
 
 
 def split_classes(task: OmniglotTask, table: ImageTable) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ file and what is wrong.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import queue
@@ -32,11 +33,14 @@ import torch
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from tasks import augment as augmentation
 from tasks.config import ROW_GROUP, EpisodeConfig
 from tasks.distribution import SPLITS, TaskDistribution
 from tasks.episodes import Episodes
 from tasks.errors import StoreError
-from tasks.images import from_parquet, to_parquet
+from tasks.family import Augment
+from tasks.images import to_parquet
+from tasks.store import table as node_table
 from tasks.store.filesystem import (
     ArrowError,
     delete,
@@ -54,8 +58,12 @@ TABLE = "images.parquet"
 
 
 def _identity(config: dict[str, Any]) -> dict[str, Any]:
-    """What makes two stores the same: the whole config except where it is kept."""
-    return {"task": config["task"], "store": {k: v for k, v in config["store"].items() if k != "path"}}
+    """What makes two stores the same: the whole config except where it is kept, the training
+    augmentation and where readers keep the image table (read-time choices, not stored)."""
+    return {
+        "task": {k: v for k, v in config["task"].items() if k != "augment"},
+        "store": {k: v for k, v in config["store"].items() if k not in ("path", "device_table")},
+    }
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -166,10 +174,15 @@ class Store:
         return self._distribution
 
     def _load_distribution(self) -> TaskDistribution:
+        """The task distribution over the node's mapped copy of the image table (written from the
+        verified Parquet table by the node's first reader)."""
         info = self.manifest.get("image_table")
         table = None
         if info is not None:
-            table = from_parquet(self._verified(info["file"], info["sha256"]), self._where(info["file"]))
+            table = node_table.mapped_table(
+                node_table.cache_key(self.path, info["sha256"]), lambda: self._verified_file(info["file"], info["sha256"]),
+                self._where(info["file"]),
+            )
         return TaskDistribution(self.config.task, table)
 
     def _verified(self, file: str, sha256: str) -> bytes:
@@ -180,12 +193,30 @@ class Store:
             raise StoreError(f"{self._where(file)}: missing (listed in {MANIFEST})") from None
         except ArrowError as e:
             raise StoreError(f"{self._where(file)}: cannot be read ({e})") from None
-        if sha256_hex(data) != sha256:
+        self._check(file, sha256_hex(data), len(data), sha256)
+        return data
+
+    def _verified_file(self, file: str, sha256: str) -> pa.NativeFile:
+        """``file`` open for random access, after streaming it through sha256 (never whole in memory)."""
+        path = f"{self._root}/{file}"
+        try:
+            with self._fs.open_input_stream(path) as stream:
+                digest = sha256_hex(stream)
+            size = self._fs.get_file_info(path).size
+            opened = self._fs.open_input_file(path)
+        except FileNotFoundError:
+            raise StoreError(f"{self._where(file)}: missing (listed in {MANIFEST})") from None
+        except ArrowError as e:
+            raise StoreError(f"{self._where(file)}: cannot be read ({e})") from None
+        self._check(file, digest, size, sha256)
+        return opened
+
+    def _check(self, file: str, digest: str, size: int, sha256: str) -> None:
+        if digest != sha256:
             raise StoreError(
-                f"{self._where(file)}: checksum mismatch ({len(data)} bytes, sha256 {sha256_hex(data)[:12]}...,"
+                f"{self._where(file)}: checksum mismatch ({size} bytes, sha256 {digest[:12]}...,"
                 f" manifest says {sha256[:12]}...): the file is truncated or altered"
             )
-        return data
 
     def shard(self, split: str, index: int) -> pq.ParquetFile:
         """Shard ``index`` of ``split``, verified: checksum, schema, rows and row groups as the manifest says."""
@@ -211,6 +242,9 @@ class Store:
 
     def verify(self) -> dict[str, int]:
         """Read and check every file of the store; episodes per split."""
+        info = self.manifest.get("image_table")
+        if info is not None:
+            self._verified_file(info["file"], info["sha256"]).close()
         self._distribution = self._load_distribution()
         for split in SPLITS:
             for index in range(len(self._split(split)["shards"])):
@@ -225,9 +259,18 @@ class Store:
         num_workers: int = 1,
         start: dict[str, Any] | None = None,
         loop: bool = True,
+        augment: Augment | None = None,
+        device: torch.device | None = None,
     ) -> EpisodeReader:
-        """Batches of ``split`` for worker ``worker`` of ``num_workers`` (disjoint, together the whole split)."""
-        return EpisodeReader(self, split, batch_size, worker, num_workers, start, loop)
+        """Batches of ``split`` for worker ``worker`` of ``num_workers`` (disjoint, together the whole split).
+
+        ``augment`` (image sets, train split only): the run's ``task.augment``, applied to each episode
+        with a seed from the store seed and the episode's epoch, shard and row (tasks/augment.py).
+        ``device`` (image sets): hold the image table there (once per store) and gather episodes there.
+        """
+        if device is not None:
+            self.distribution.to(device)
+        return EpisodeReader(self, split, batch_size, worker, num_workers, start, loop, augment)
 
     def read_split(self, split: str, limit: int | None = None) -> Episodes:
         """The first ``limit`` (default all) episodes of ``split`` in one batch, for evaluation.
@@ -251,8 +294,9 @@ class EpisodeReader(Iterator[Episodes]):
     """Streams batches of one worker's row groups with a background read-ahead thread.
 
     ``position`` is a JSON-serializable dict; pass it as ``start`` to resume with
-    exactly the next batch. With ``loop`` the worker's row groups repeat forever;
-    without it the last batch may be smaller and iteration then stops.
+    exactly the next batch (and, with ``augment``, exactly the same pixels). With ``loop``
+    the worker's row groups repeat forever; without it the last batch may be smaller and
+    iteration then stops.
     """
 
     def __init__(
@@ -264,10 +308,14 @@ class EpisodeReader(Iterator[Episodes]):
         num_workers: int,
         start: dict[str, Any] | None,
         loop: bool,
+        augment: Augment | None = None,
         read_ahead: int = 4,
     ) -> None:
         if batch_size < 1 or num_workers < 1 or not 0 <= worker < num_workers:
             raise ValueError(f"need batch_size >= 1 and 0 <= worker < num_workers, got {batch_size}, {worker}, {num_workers}")
+        if augment is not None and (split != "train" or not store.distribution.is_image):
+            raise ValueError(f"augmentation applies to the training episodes of image sets, not {split} of {store.path}")
+        self._augment = augment
         self._store, self._split, self._batch, self._loop = store, split, batch_size, loop
         info = store._split(split)
         self._fields, self._layout = info["fields"], info["layout"]
@@ -351,7 +399,7 @@ class EpisodeReader(Iterator[Episodes]):
     def __next__(self) -> Episodes:
         if self._done:
             raise StopIteration
-        parts, need = [], self._batch
+        parts, places, need = [], [], self._batch
         while need:
             if self._chunk is None or self._row >= self._chunk_rows:
                 if not self._next_chunk():
@@ -360,6 +408,9 @@ class EpisodeReader(Iterator[Episodes]):
                 continue
             take = min(need, self._chunk_rows - self._row)
             parts.append({k: v[self._row : self._row + take] for k, v in self._chunk.items()})
+            shard, group, _ = self._units[self._unit]
+            rows = np.arange(self._row, self._row + take) + group * self._store.manifest["row_group_episodes"]
+            places.append(np.stack([np.full(take, self._epoch), np.full(take, shard), rows]))
             self._row += take
             need -= take
         if not parts:
@@ -367,7 +418,12 @@ class EpisodeReader(Iterator[Episodes]):
             raise StopIteration
         fields = parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         self._episodes += self._batch - need
-        return self._store.distribution.decode(fields, self._layout)
+        augment = None
+        if self._augment is not None:
+            epoch, shard, row = np.concatenate(places, axis=1)
+            seeds = augmentation.episode_seeds(self._store.manifest["seed"], epoch, shard, row)
+            augment = functools.partial(augmentation.apply, self._augment, seeds=seeds)
+        return self._store.distribution.decode(fields, self._layout, augment)
 
     def close(self) -> None:
         """Stop the read-ahead thread."""
@@ -453,13 +509,13 @@ def precompute(
                 f"{path.rstrip('/')}/{MANIFEST}: store made for another config ({'; '.join(differences)});"
                 " use --force to replace it"
             )
+    distribution = TaskDistribution.load(config.task)  # data set errors come before anything is written
     try:
         delete(fs, f"{root}/{MANIFEST}")
         if old is not None:
             for split in old["splits"].values():
                 for shard in split["shards"]:
                     delete(fs, f"{root}/{shard['file']}")
-        distribution = TaskDistribution.load(config.task)
         manifest = _write_shards(config, distribution, fs, root, progress)
         write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
     except ArrowError as e:
@@ -467,11 +523,19 @@ def precompute(
     return Store(path, manifest)
 
 
+def _stored(config: EpisodeConfig) -> dict[str, Any]:
+    """The config as the manifest keeps it: without the training augmentation, which the store does not hold."""
+    dumped = config.model_dump(mode="json")
+    dumped["task"].pop("augment", None)
+    dumped["store"].pop("device_table", None)
+    return dumped
+
+
 def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any, root: str, progress: bool | None) -> dict:
     store = config.store
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "config": config.model_dump(mode="json"),
+        "config": _stored(config),
         "seed": store.seed,
         "row_group_episodes": ROW_GROUP,
         "image_table": None,
@@ -486,6 +550,7 @@ def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any
             "images": len(distribution.table.pixels),
             "shape": list(distribution.table.pixels.shape[1:]),
         }
+        node_table.publish(node_table.cache_key(store.path, manifest["image_table"]["sha256"]), distribution.table)
     counts = {"train": store.train_episodes, "val": store.val_episodes, "test": store.test_episodes}
     bar = tqdm(total=sum(counts.values()), unit="ep", desc=f"precompute {store.path}", file=sys.stderr,
                disable=None if progress is None else not progress)

@@ -133,6 +133,10 @@ RUNS = {
     "sinusoid_reptile.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
     "l2l_quadratic.yaml": ("quadratic.yaml", "episodes/quadratic"),
     "l2l_digits_mlp.yaml": ("digits.yaml", "episodes/digits"),
+    "cifarfs_maml_5w1s.yaml": ("cifar-fs-5w1s.yaml", "episodes/cifar-fs-5w1s"),
+    "fc100_maml_5w1s.yaml": ("fc100-5w1s.yaml", "episodes/fc100-5w1s"),
+    "tiered_imagenet_maml_5w1s.yaml": ("tiered-imagenet-5w1s.yaml", "episodes/tiered-imagenet-5w1s"),
+    "cub_maml_5w1s.yaml": ("cub-5w1s.yaml", "episodes/cub-5w1s"),
 }
 BASES = sorted((CONFIGS / "tasks").glob("*.yaml"))
 

@@ -34,6 +34,10 @@ TASKS = {
         {"ways": st.integers(2, 3), "shots": small, "queries": small, "image_size": st.sampled_from([8, 16])}
     ),
     "digits": st.fixed_dictionaries({"shots": st.integers(4, 12), "queries": small, "batch_size": st.integers(2, 4)}),
+    "image_folder": st.fixed_dictionaries(
+        {"root": st.just("data"), "ways": st.integers(2, 3), "shots": small, "queries": small,
+         "image_size": st.sampled_from([8, 16]), "mode": st.sampled_from(["L", "RGB"])}
+    ),
 }
 NETWORKS = {
     "mlp": st.fixed_dictionaries(

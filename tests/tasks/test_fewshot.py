@@ -85,7 +85,7 @@ def test_gather_turns_each_class_and_keeps_label_order():
         "rotation": torch.tensor([[1, 3]], dtype=torch.uint8),
         "images": torch.tensor([[[4, 0, 1], [2, 3, 1]]], dtype=torch.uint8),
     }
-    support, query = fewshot.gather(fields, fewshot.turned(table), starts, shots=1)
+    support, query = fewshot.gather(fields, table, starts, shots=1)
     assert support.shape == (1, 2, 1, 3, 3) and query.shape == (1, 4, 1, 3, 3)
     assert torch.equal(support[0, 0], torch.rot90(table[14], 1, dims=(-2, -1)))
     assert torch.equal(support[0, 1], torch.rot90(table[2], 3, dims=(-2, -1)))
