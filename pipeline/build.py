@@ -48,7 +48,7 @@ def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
 def _conv4(model: Conv4Model, task: TaskSpec) -> Conv4:
     """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
     channels, size, _ = task.input_shape
-    return Conv4(channels, size, task.outputs, model.filters, model.downsample)
+    return Conv4(channels, size, task.outputs, model.filters, model.downsample, norm=model.norm)
 
 
 NETWORKS: dict[str, Callable[..., Network]] = {"mlp": _mlp, "conv4": _conv4}

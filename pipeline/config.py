@@ -51,6 +51,10 @@ class Conv4Model(ModelSection):
     network: Literal["conv4"] = "conv4"
     filters: int = Field(64, ge=1)
     downsample: Literal["stride", "maxpool"] = "stride"
+    norm: Literal["transductive", "support"] = Field(
+        "transductive",
+        description="BatchNorm statistics of query passes: each batch's own (the papers') or the support set's (pipeline/nets/norm.py)",
+    )
 
     @property
     def min_image_size(self) -> int:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
+from pipeline.nets.norm import query_outputs
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.optim.sgd import sgd
 from pipeline.optim.unroll import unroll
@@ -94,7 +95,9 @@ def predictor(
 ) -> Predictor:
     """Adapt to one task's support set and return the predictor of its query inputs.
 
-    BatchNorm is transductive, as in MAML: call the predictor on the whole query set at once.
+    In the network's ``transductive`` norm mode (MAML's) BatchNorm normalizes each call's
+    queries with their own statistics: call the predictor on the whole query set at once.
+    In ``support`` mode each query's prediction is independent of the others in the call.
     """
     detached = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
@@ -103,7 +106,7 @@ def predictor(
 
     def predict(query_x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return network.apply_tasks(fast, query_x[None])[0]
+            return query_outputs(network, fast, support_x[None], query_x[None])[0]
 
     return predict
 
@@ -131,7 +134,7 @@ def evaluate_tasks(
         row = {}
         with torch.no_grad():
             for prefix, p in (("", fast), ("pre_", detached)):
-                out = network.apply_tasks({k: v.detach() for k, v in p.items()}, part.query_x)
+                out = query_outputs(network, {k: v.detach() for k, v in p.items()}, part.support_x, part.query_x)
                 row[prefix + "loss"] = task_losses(loss, out, part.query_y)
                 if loss == "cross_entropy":
                     row[prefix + "accuracy"] = task_accuracy(out, part.query_y)
@@ -193,7 +196,7 @@ class MAML:
         return net, sgd({k: params[LR_PREFIX + k] for k in net})
 
     def _query(self, fast: Params, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.network.apply_tasks(fast, episodes.query_x)
+        out = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
         return task_losses(self.loss, out, episodes.query_y), out
 
     def _task_losses(self, params: Params, episodes: Episodes, batching: Batching) -> tuple[torch.Tensor, Metrics]:
@@ -222,7 +225,7 @@ class MAML:
             return task_losses(self.loss, self.network.apply(p, sx), sy)
 
         fast, pre = unroll(losses, net, optimizer, self.inner_steps, not self.first_order)
-        out = self.network.apply(fast, qx)
+        out = query_outputs(self.network, fast, sx[None], qx[None])[0]
         loss = task_losses(self.loss, out, qy)
         return loss[None], query_metrics(self.loss, loss, out, qy, pre)
 
@@ -241,7 +244,7 @@ class MAML:
                     grads = {k: g.detach() for k, g in grads.items()}
                 updates, state = optimizer.update(grads, state)
                 fast = apply_updates(fast, updates)
-            out = self.network.apply(fast, qx)
+            out = query_outputs(self.network, fast, sx[None], qx[None])[0]
             return task_losses(self.loss, out, qy), out, pre
 
         e = episodes

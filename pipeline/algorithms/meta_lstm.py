@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
+from pipeline.nets.norm import query_outputs
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -140,7 +141,7 @@ class MetaLSTM:
         """Mean query cross-entropy after ``inner_steps`` updates on each support set."""
         with torch.enable_grad():
             fast, trace = self.learn(params, episodes.support_x, episodes.support_y, self.inner_steps)
-        logits = self.network.apply_tasks(fast, episodes.query_x)
+        logits = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
         loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
         accuracy = (logits.argmax(-1) == episodes.query_y).float().mean().item()
         return loss, {
@@ -165,7 +166,7 @@ class MetaLSTM:
             fast, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
 
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return self.network.apply_tasks(fast, x[None])[0]
+            return query_outputs(self.network, fast, support_x[None], x[None])[0]
 
         return predict
 

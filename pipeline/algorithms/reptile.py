@@ -23,6 +23,7 @@ from pipeline.algorithms.maml import (
 )
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
+from pipeline.nets.norm import query_outputs
 from pipeline.optim.adam import adam
 from pipeline.optim.base import GradientTransformation
 from pipeline.optim.sgd import sgd
@@ -85,7 +86,7 @@ class Reptile:
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean query loss at the adapted parameters (first-order: differentiable through the update path only)."""
         fast, pre = self.adapt_tasks(params, episodes)
-        out = self.network.apply_tasks(fast, episodes.query_x)
+        out = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
         losses = task_losses(self.loss, out, episodes.query_y)
         return losses.mean(), query_metrics(self.loss, losses, out, episodes.query_y, pre)
 
@@ -96,7 +97,7 @@ class Reptile:
             fast, pre = self.adapt_tasks(detached, episodes)
         fast = {k: v.detach() for k, v in fast.items()}
         with torch.no_grad():
-            out = self.network.apply_tasks(fast, episodes.query_x)
+            out = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
             losses = task_losses(self.loss, out, episodes.query_y)
         grads = {k: detached[k] - fast[k].mean(0) for k in params}
         return grads, query_metrics(self.loss, losses, out, episodes.query_y, pre)

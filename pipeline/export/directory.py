@@ -2,7 +2,9 @@
 
 The directory holds ``weights.safetensors``, ``config.json`` (the run config) and
 ``export.json`` (format version, algorithm, sha256 of the weights, test metrics).
-Loading checks all three and never unpickles anything.
+Loading checks all three and never unpickles anything. A loaded learner predicts each
+query independently of the others in the call by default: networks with BatchNorm
+run in ``support`` norm mode (pipeline/nets/norm.py), whatever mode they were trained in.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
+from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.optim.torch_optim import TorchOptimizer
 from pipeline.runtime.checkpoint import sha256_file
 from pipeline.types import Params, Predictor
@@ -44,12 +47,18 @@ def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict
 
 
 class ExportedLearner:
-    """A trained meta-learner: preprocess inputs, adapt to a support set, predict queries."""
+    """A trained meta-learner: preprocess inputs, adapt to a support set, predict queries.
 
-    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any]) -> None:
+    ``norm``: the BatchNorm mode of its predictions (networks without BatchNorm ignore it);
+    ``support`` (default) makes each query's prediction independent of the other queries.
+    """
+
+    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any], norm: NormMode = "support") -> None:
         self.config = config
         self.params = params
         self.meta = meta
+        if hasattr(config.model, "norm"):
+            config = config.model_copy(update={"model": config.model.model_copy(update={"norm": norm})})
         self._learner = build_learner(config)
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
@@ -83,8 +92,16 @@ class ExportedLearner:
         return TorchOptimizer(params, opt_fn(self.params, **kwargs))
 
 
-def load(path: str | Path) -> ExportedLearner:
-    """Load an export directory; refuses missing files, other format versions and altered weights."""
+def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
+    """Load an export directory; refuses missing files, other format versions and altered weights.
+
+    ``norm="support"`` (default): each query is predicted independently of the others in
+    the call; ``"transductive"``: queries normalized with their own batch's statistics, as
+    in MAML's training and the papers' numbers (predictions then depend on the call's batch).
+    Raises ExportError naming the file, ValueError for another ``norm``.
+    """
+    if norm not in NORM_MODES:
+        raise ValueError(f"load: norm must be one of {NORM_MODES}, got {norm!r}")
     root = Path(path)
     for name in (WEIGHTS, CONFIG, META):
         if not (root / name).is_file():
@@ -98,4 +115,4 @@ def load(path: str | Path) -> ExportedLearner:
         raise ExportError(f"{root / META}: format_version {meta.get('format_version')!r}, this metapipe reads {FORMAT_VERSION}")
     if sha256_file(root / WEIGHTS) != meta.get("weights_sha256"):
         raise ExportError(f"{root / WEIGHTS}: sha256 does not match {META} (weights altered or truncated)")
-    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta)
+    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta, norm)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.nets import init
 from pipeline.nets.layers import batch_norm_tasks, conv_tasks, linear_tasks
+from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.types import Params
 
 
@@ -24,7 +25,8 @@ class Conv4:
     ``downsample="stride"`` (Omniglot): stride-2 convolutions, then the mean over
     space as in Finn et al.'s code; ``"maxpool"`` (Mini-ImageNet): stride 1 and a
     2x2 max-pool per block, then flatten. The convolutions have no bias (the
-    BatchNorm that follows removes it). Parameters: ``conv{i}.weight``,
+    BatchNorm that follows removes it). ``norm``: where the BatchNorm statistics of
+    query passes come from (pipeline/nets/norm.py). Parameters: ``conv{i}.weight``,
     ``bn{i}.weight`` (gamma, ones), ``bn{i}.bias`` (beta, zeros), ``head.weight``, ``head.bias``.
     """
 
@@ -34,8 +36,11 @@ class Conv4:
     filters: int = 64
     downsample: Literal["stride", "maxpool"] = "stride"
     eps: float = 1e-5
+    norm: NormMode = "transductive"
 
     def __post_init__(self) -> None:
+        if self.norm not in NORM_MODES:
+            raise ValueError(f"Conv4.norm must be one of {NORM_MODES}, got {self.norm!r}")
         if self.downsample not in ("stride", "maxpool"):
             raise ValueError(f"Conv4.downsample must be 'stride' or 'maxpool', got {self.downsample!r}")
         if self.features() < 1:
@@ -70,12 +75,15 @@ class Conv4:
         """One task: ``x[N, C, H, W] -> logits[N, ways]``."""
         return self.apply_tasks(params, x.unsqueeze(0)).squeeze(0)
 
-    def apply_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T."""
+    def apply_tasks(self, params: Params, x: torch.Tensor, stats: int | None = None) -> torch.Tensor:
+        """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T.
+
+        ``stats``: BatchNorm statistics over each task's first ``stats`` examples (None: all N).
+        """
         stride = 2 if self.downsample == "stride" else 1
         for i in range(4):
             x = conv_tasks(x, params[f"conv{i}.weight"], stride)
-            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps))
+            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps, stats))
             if self.downsample == "maxpool":
                 t, n = x.shape[:2]
                 x = F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, (t, n))

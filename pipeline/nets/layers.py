@@ -3,9 +3,10 @@
 Each takes a stack of tasks ``x[T, N, ...]`` and parameters either shared by all tasks
 (no task dimension: one big matmul/convolution over all T*N inputs) or per task (a
 leading task dimension of size T: batched matmuls and grouped convolutions).
-BatchNorm is written by hand and always normalizes with each task's own batch
-statistics (transductive, as in MAML; no running statistics), so a task's output
-never depends on the other tasks it is batched with.
+BatchNorm is written by hand and normalizes with each task's own batch statistics
+(no running statistics), over the whole batch or its first ``stats`` examples
+(pipeline/nets/norm.py), so a task's output never depends on the other tasks it is
+batched with.
 """
 from __future__ import annotations
 
@@ -30,13 +31,18 @@ def conv_tasks(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tens
     return out.unflatten(1, (t, weight.shape[1])).transpose(0, 1)
 
 
-def batch_norm_tasks(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+def batch_norm_tasks(
+    x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, stats: int | None = None
+) -> torch.Tensor:
     """Normalize ``x[T, N, F, H, W]`` with each task's mean and biased variance over (N, H, W).
+
+    ``stats``: take them over the first ``stats`` of the N examples only (the support
+    set, in ``support`` norm mode); None: over all N.
 
     Written out rather than F.batch_norm: native batch_norm under torch.func.vmap
     gave second-order meta-gradients about 1% off (issue 4).
     """
-    var, mean = torch.var_mean(x, dim=(1, 3, 4), correction=0, keepdim=True)
+    var, mean = torch.var_mean(x if stats is None else x[:, :stats], dim=(1, 3, 4), correction=0, keepdim=True)
     shape = (-1, 1, x.shape[2], 1, 1)
     scale = torch.rsqrt(var + eps) * gamma.reshape(shape)
     # (x - mean) * scale + beta with one full-size pass; scale and shift are [T, 1, F, 1, 1]

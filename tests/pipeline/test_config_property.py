@@ -39,7 +39,10 @@ NETWORKS = {
     "mlp": st.fixed_dictionaries(
         {"hidden": st.lists(st.integers(-1, 4), min_size=1, max_size=2), "activation": st.sampled_from(["relu", "sigmoid"])}
     ),
-    "conv4": st.fixed_dictionaries({"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"])}),
+    "conv4": st.fixed_dictionaries(
+        {"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"]),
+         "norm": st.sampled_from(["transductive", "support"])}
+    ),
 }
 ALGORITHM_FIELDS = {
     "maml": st.fixed_dictionaries(

@@ -43,27 +43,39 @@ def hand_mlp(p: dict, x: torch.Tensor) -> torch.Tensor:
     return h @ p["layer2.weight"].T + p["layer2.bias"]
 
 
-def hand_conv4(p: dict, x: torch.Tensor) -> torch.Tensor:
+def hand_conv4(p: dict, x: torch.Tensor, support: torch.Tensor | None = None) -> torch.Tensor:
+    """Conv4 by hand; with ``support``, x is normalized with the support pass's statistics (support norm mode)."""
     for i in range(4):
         x = F.conv2d(x, p[f"conv{i}.weight"], stride=2, padding=1)
-        mean = x.mean(dim=(0, 2, 3), keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True)
-        x = (x - mean) / torch.sqrt(var + 1e-5) * p[f"bn{i}.weight"][:, None, None] + p[f"bn{i}.bias"][:, None, None]
-        x = torch.relu(x)
+        ref = x if support is None else F.conv2d(support, p[f"conv{i}.weight"], stride=2, padding=1)
+        mean = ref.mean(dim=(0, 2, 3), keepdim=True)
+        std = torch.sqrt(((ref - mean) ** 2).mean(dim=(0, 2, 3), keepdim=True) + 1e-5)
+        gamma, beta = p[f"bn{i}.weight"][:, None, None], p[f"bn{i}.bias"][:, None, None]
+        x = torch.relu((x - mean) / std * gamma + beta)
+        if support is not None:
+            support = torch.relu((ref - mean) / std * gamma + beta)
     return x.mean(dim=(2, 3)) @ p["head.weight"].T + p["head.bias"]
+
+
+def transductive(forward):
+    """The query pass of a network in transductive mode: the queries alone."""
+    return lambda p, support_x, query_x: forward(p, query_x)
 
 
 CASES = {
     "mlp": (MLP((1, 40, 40, 1)), "mse", hand_mlp, lambda: sinusoids(3, 5, seed=0),
-            lambda out, y: ((out - y) ** 2).mean()),
+            lambda out, y: ((out - y) ** 2).mean(), transductive(hand_mlp)),
     "conv4": (Conv4(1, 8, 2, filters=3), "cross_entropy", hand_conv4, lambda: tiny_images(3, seed=0),
-              lambda out, y: F.cross_entropy(out, y)),
+              lambda out, y: F.cross_entropy(out, y), transductive(hand_conv4)),
+    "conv4-support-norm": (Conv4(1, 8, 2, filters=3, norm="support"), "cross_entropy", hand_conv4,
+                           lambda: tiny_images(3, seed=0), lambda out, y: F.cross_entropy(out, y),
+                           lambda p, support_x, query_x: hand_conv4(p, query_x, support_x)),
 }
 
 
 def hand_unroll(case: str, params: dict, episodes: Episodes, lr, steps: int, first_order: bool = False):
     """SGD written out by hand, one task at a time (as higher's test_higher.py): query losses and fast weights."""
-    _, _, forward, _, loss_fn = CASES[case]
+    _, _, forward, _, loss_fn, query = CASES[case]
     net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
     rates = {k: params[LR_PREFIX + k] if LR_PREFIX + k in params else lr for k in net}
     losses, fasts = [], []
@@ -73,7 +85,7 @@ def hand_unroll(case: str, params: dict, episodes: Episodes, lr, steps: int, fir
             loss = loss_fn(forward(fast, episodes.support_x[t]), episodes.support_y[t])
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
             fast = {k: w - rates[k] * g for (k, w), g in zip(fast.items(), grads)}
-        losses.append(loss_fn(forward(fast, episodes.query_x[t]), episodes.query_y[t]))
+        losses.append(loss_fn(query(fast, episodes.support_x[t], episodes.query_x[t]), episodes.query_y[t]))
         fasts.append(fast)
     return torch.stack(losses), fasts
 
@@ -119,11 +131,12 @@ def test_first_order_gradient_is_the_query_gradient_at_the_adapted_parameters(ca
     params = leaf(maml.init(1, DT))
     episodes = CASES[case][3]()
     _, fasts = hand_unroll(case, params, episodes, 0.1, 2, first_order=True)
-    _, _, forward, _, loss_fn = CASES[case]
+    _, _, _, _, loss_fn, query = CASES[case]
     expected = {k: torch.zeros_like(v) for k, v in params.items()}
     for t, fast in enumerate(fasts):
         at = leaf(fast)
-        grads = torch.autograd.grad(loss_fn(forward(at, episodes.query_x[t]), episodes.query_y[t]), list(at.values()))
+        out = query(at, episodes.support_x[t], episodes.query_x[t])
+        grads = torch.autograd.grad(loss_fn(out, episodes.query_y[t]), list(at.values()))
         for k, g in zip(at, grads):
             expected[k] += g / len(episodes)
     grads, _ = maml.meta_grad(params, episodes)

@@ -15,7 +15,7 @@ DT = torch.float64
 @pytest.mark.parametrize("batching", ["loop", "stacked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_direction_is_theta_minus_the_mean_adapted_theta(case, batching):
-    net, loss, _, episodes_of, _ = CASES[case]
+    net, loss, _, episodes_of, *_ = CASES[case]
     reptile = Reptile(net, loss, inner_lr=0.1, inner_steps=3, batching=batching)
     params = reptile.init(0, DT)
     episodes = episodes_of()

@@ -56,3 +56,30 @@ def test_other_format_version_is_refused(exported):
     (exported[0] / META).write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="format_version 2"):
         pipeline.load(exported[0])
+
+
+IMAGES = validate({
+    "task": {"name": "omniglot", "ways": 2, "shots": 2, "queries": 3, "image_size": 16},
+    "store": {"path": "unused"},
+    "model": {"network": "conv4", "filters": 3},
+    "algorithm": {"inner_lr": 0.4, "inner_steps": 2},
+})
+
+
+def test_an_exported_learner_predicts_each_query_independently_by_default(tmp_path):
+    """The fault of issue 12: one query per call scored at chance where the whole query set scored well."""
+    export(build_learner(IMAGES).init(0), IMAGES, tmp_path / "export")
+    gen = torch.Generator().manual_seed(0)
+    support_x, support_y = torch.rand(4, 1, 16, 16, generator=gen), torch.tensor([0, 1, 0, 1])
+    query_x = torch.rand(6, 1, 16, 16, generator=gen) * 3
+
+    def single_and_batched(learner):
+        predict = learner.adapt(support_x, support_y)
+        return torch.cat([predict(query_x[i : i + 1]) for i in range(6)]), predict(query_x)
+
+    single, batched = single_and_batched(pipeline.load(tmp_path / "export"))
+    torch.testing.assert_close(single, batched, rtol=0, atol=1e-5)
+    single, batched = single_and_batched(pipeline.load(tmp_path / "export", norm="transductive"))
+    assert not torch.allclose(single, batched, atol=1e-3)
+    with pytest.raises(ValueError, match="'batch'"):
+        pipeline.load(tmp_path / "export", norm="batch")
