@@ -76,6 +76,7 @@ def _maml(config: RunConfig) -> MAML:
         learn_inner_lr=algo.learn_inner_lr,
         batching=algo.batching,
         task_chunk=algo.task_chunk,
+        adapt_params=algo.adapt_params,
     )
 
 
@@ -89,6 +90,7 @@ def _reptile(config: RunConfig) -> Reptile:
         eval_inner_steps=algo.eval_inner_steps,
         inner_optimizer=algo.inner_optimizer,
         batching=algo.batching,
+        adapt_params=algo.adapt_params,
     )
 
 

@@ -98,6 +98,9 @@ class GradientMetaLearner(AlgorithmSection):
     inner_lr: float = Field(0.01, gt=0)
     inner_steps: int = Field(1, ge=1)
     eval_inner_steps: int | None = Field(None, ge=1, description="inner steps at evaluation; default inner_steps")
+    adapt_params: tuple[str, ...] | None = Field(
+        None, min_length=1, description='ANIL: globs over parameter names the inner loop adapts (e.g. ["head.*"]); default all'
+    )
 
 
 class MAMLAlgorithm(GradientMetaLearner):
@@ -277,7 +280,7 @@ class RunConfig(EpisodeConfig):
         for split in ("val", "test"):
             if getattr(self.store, f"{split}_episodes") < 1:
                 raise ValueError(f"store.{split}_episodes: a run validates and tests on its store's {split} split; needs at least 1, got 0")
-        problem = incompatibility(self.task, self.model, self.algorithm)
+        problem = incompatibility(self.task, self.model, self.algorithm) or unmatched_adapt_params(self)
         if problem:
             raise ValueError(problem)
         return self
@@ -316,6 +319,26 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
         return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
     return None
+
+
+def unmatched_adapt_params(config: RunConfig) -> str | None:
+    """Why ``algorithm.adapt_params`` cannot be used: a glob matching no parameter of the built network; else None."""
+    patterns = getattr(config.algorithm, "adapt_params", None)
+    if not patterns:
+        return None
+    from pipeline.algorithms.maml import (
+        unmatched_patterns,  # late: the algorithms and builders import this module
+    )
+    from pipeline.build import build_network
+
+    names = list(build_network(config).init(0))
+    unmatched = unmatched_patterns(names, patterns)
+    if not unmatched:
+        return None
+    return (
+        f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
+        f" {config.model.network} (its parameters: {', '.join(names)})"
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

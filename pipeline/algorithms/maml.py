@@ -12,9 +12,17 @@ way learn2learn and higher do it; the reference), ``stacked`` (all tasks in
 one pass of the network's ``apply_tasks``: batched matmuls and grouped
 convolutions, per-task BatchNorm) and ``vmap`` (torch.func.vmap of the
 per-task function). ``auto`` is ``stacked``, the fastest on CPUs and GPUs alike in bench/throughput.py.
+
+ANIL (Raghu et al. 2020, "Rapid learning or feature reuse?"): ``adapt_params``, globs
+over parameter names (``("head.*",)``), restricts the inner loop to the parameters
+they match; the others stay at their meta-parameter values during adaptation and
+are meta-learned only (through the query loss, and second order through the
+inner gradients).
 """
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,6 +55,20 @@ def task_accuracy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (out.argmax(-1) == y).to(out.dtype).mean(-1)
 
 
+def adapted_names(names: Iterable[str], patterns: tuple[str, ...] | None) -> frozenset[str]:
+    """The parameter names the inner loop adapts: those matching any glob of ``patterns`` (fnmatch); all when None."""
+    names = list(names)
+    if patterns is None:
+        return frozenset(names)
+    return frozenset(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def unmatched_patterns(names: Iterable[str], patterns: tuple[str, ...]) -> list[str]:
+    """The globs of ``patterns`` that match none of ``names`` (a config error: a typo would silently adapt nothing)."""
+    names = list(names)
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def resolve_batching(batching: Batching) -> Batching:
     """The batching ``auto`` stands for, on a CPU and a GPU alike: ``stacked`` (measured with bench/throughput.py).
 
@@ -73,15 +95,22 @@ def adapt_tasks(
     support_y: torch.Tensor,
     steps: int,
     create_graph: bool,
+    adapt: frozenset[str] | None = None,
 ) -> tuple[Params, torch.Tensor]:
-    """Adapt stacked tasks in one pass: per-task parameters (leading task dimension) and the support losses before."""
+    """Adapt stacked tasks in one pass: adapted parameters and the support losses before adapting.
+
+    The parameters named in ``adapt`` (all when None) come back per task (leading task
+    dimension); the others come back as they are, shared by the tasks (ANIL).
+    """
     tasks = support_x.shape[0]
-    fast = {k: v.expand(tasks, *v.shape) for k, v in params.items()}
+    frozen = {k: v for k, v in params.items() if adapt is not None and k not in adapt}
+    fast = {k: v.expand(tasks, *v.shape) for k, v in params.items() if k not in frozen}
 
     def losses(p: Params) -> torch.Tensor:
-        return task_losses(loss, network.apply_tasks(p, support_x), support_y)
+        return task_losses(loss, network.apply_tasks(frozen | p, support_x), support_y)
 
-    return unroll(losses, fast, optimizer, steps, create_graph)
+    fast, first = unroll(losses, fast, optimizer, steps, create_graph)
+    return frozen | fast, first
 
 
 def predictor(
@@ -92,6 +121,7 @@ def predictor(
     support_x: torch.Tensor,
     support_y: torch.Tensor,
     steps: int,
+    adapt: frozenset[str] | None = None,
 ) -> Predictor:
     """Adapt to one task's support set and return the predictor of its query inputs.
 
@@ -101,7 +131,7 @@ def predictor(
     """
     detached = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
-        fast, _ = adapt_tasks(network, loss, optimizer, detached, support_x[None], support_y[None], steps, False)
+        fast, _ = adapt_tasks(network, loss, optimizer, detached, support_x[None], support_y[None], steps, False, adapt)
     fast = {k: v.detach() for k, v in fast.items()}
 
     def predict(query_x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +149,7 @@ def evaluate_tasks(
     episodes: Episodes,
     steps: int,
     chunk: int = 32,
+    adapt: frozenset[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-episode query metrics before (``pre_``) and after ``steps`` of adaptation, ``chunk`` tasks at a time.
 
@@ -130,7 +161,7 @@ def evaluate_tasks(
     for start in range(0, len(episodes), chunk):
         part = episodes[start : start + chunk]
         with torch.enable_grad():
-            fast, _ = adapt_tasks(network, loss, optimizer, detached, part.support_x, part.support_y, steps, False)
+            fast, _ = adapt_tasks(network, loss, optimizer, detached, part.support_x, part.support_y, steps, False, adapt)
         row = {}
         with torch.no_grad():
             for prefix, p in (("", fast), ("pre_", detached)):
@@ -165,8 +196,13 @@ class MAML:
     learn_inner_lr: bool = False
     batching: Batching = "auto"
     task_chunk: int | None = None
+    adapt_params: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.adapt_params is not None:
+            unmatched = unmatched_patterns(self.network.init(0), self.adapt_params)
+            if unmatched:
+                raise ValueError(f"MAML.adapt_params: {unmatched} match no parameter of the network")
         if self.task_chunk is not None and self.task_chunk < 1:
             raise ValueError(f"MAML.task_chunk must be at least 1, got {self.task_chunk}")
         if self.loss not in ("cross_entropy", "mse"):
@@ -179,21 +215,23 @@ class MAML:
             )
 
     def init(self, seed: int, dtype: torch.dtype = torch.float32) -> Params:
-        """The network's initial parameters (plus the Meta-SGD rates, all ``inner_lr``)."""
+        """The network's initial parameters (plus the Meta-SGD rates of the adapted ones, all ``inner_lr``)."""
         params = self.network.init(seed, dtype)
         if self.learn_inner_lr:
-            params.update({LR_PREFIX + k: torch.full_like(v, self.inner_lr) for k, v in list(params.items())})
+            adapt = adapted_names(params, self.adapt_params)
+            params.update({LR_PREFIX + k: torch.full_like(v, self.inner_lr) for k, v in list(params.items()) if k in adapt})
         return params
 
-    def _inner(self, params: Params) -> tuple[Params, GradientTransformation]:
-        """The network's parameters and the inner SGD (with the Meta-SGD rates of ``params``)."""
+    def _inner(self, params: Params) -> tuple[Params, GradientTransformation, frozenset[str]]:
+        """The network's parameters, the inner SGD (with the Meta-SGD rates of ``params``) and the adapted names."""
         net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
+        adapt = adapted_names(net, self.adapt_params)
         if not self.learn_inner_lr:
-            return net, sgd(self.inner_lr)
-        missing = [LR_PREFIX + k for k in net if LR_PREFIX + k not in params]
+            return net, sgd(self.inner_lr), adapt
+        missing = [LR_PREFIX + k for k in adapt if LR_PREFIX + k not in params]
         if missing:
             raise KeyError(f"learn_inner_lr: params lack the Meta-SGD rates {missing}; build them with init()")
-        return net, sgd({k: params[LR_PREFIX + k] for k in net})
+        return net, sgd({k: params[LR_PREFIX + k] for k in adapt}), adapt
 
     def _query(self, fast: Params, episodes: Episodes) -> tuple[torch.Tensor, torch.Tensor]:
         out = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
@@ -203,10 +241,10 @@ class MAML:
         """Post-adaptation query loss of each task, differentiable w.r.t. ``params``."""
         create_graph = not self.first_order
         if batching == "stacked":
-            net, optimizer = self._inner(params)
+            net, optimizer, adapt = self._inner(params)
             fast, pre = adapt_tasks(
                 self.network, self.loss, optimizer, net, episodes.support_x, episodes.support_y,
-                self.inner_steps, create_graph,
+                self.inner_steps, create_graph, adapt,
             )
             losses, out = self._query(fast, episodes)
             return losses, query_metrics(self.loss, losses, out, episodes.query_y, pre)
@@ -218,33 +256,37 @@ class MAML:
 
     def _one_task(self, params: Params, episode: Episodes) -> tuple[torch.Tensor, Metrics]:
         """The reference: one task through ``network.apply`` with torch.autograd.grad, no task dimension."""
-        net, optimizer = self._inner(params)
+        net, optimizer, adapt = self._inner(params)
         sx, sy, qx, qy = (t[0] for t in (episode.support_x, episode.support_y, episode.query_x, episode.query_y))
+        frozen = {k: v for k, v in net.items() if k not in adapt}
 
         def losses(p: Params) -> torch.Tensor:
-            return task_losses(self.loss, self.network.apply(p, sx), sy)
+            return task_losses(self.loss, self.network.apply(frozen | p, sx), sy)
 
-        fast, pre = unroll(losses, net, optimizer, self.inner_steps, not self.first_order)
+        fast, pre = unroll(losses, {k: net[k] for k in adapt}, optimizer, self.inner_steps, not self.first_order)
+        fast = frozen | fast
         out = query_outputs(self.network, fast, sx[None], qx[None])[0]
         loss = task_losses(self.loss, out, qy)
         return loss[None], query_metrics(self.loss, loss, out, qy, pre)
 
     def _vmap_losses(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
-        net, optimizer = self._inner(params)
+        net, optimizer, adapt = self._inner(params)
+        frozen = {k: v for k, v in net.items() if k not in adapt}
 
         def support_loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return task_losses(self.loss, self.network.apply(p, x), y)
+            return task_losses(self.loss, self.network.apply(frozen | p, x), y)
 
         def one_task(sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor):
-            fast, state = net, optimizer.init(net)
-            pre = support_loss(net, sx, sy)
+            fast = {k: net[k] for k in adapt}
+            state = optimizer.init(fast)
+            pre = support_loss(fast, sx, sy)
             for _ in range(self.inner_steps):
                 grads = torch.func.grad(support_loss)(fast, sx, sy)
                 if self.first_order:
                     grads = {k: g.detach() for k, g in grads.items()}
                 updates, state = optimizer.update(grads, state)
                 fast = apply_updates(fast, updates)
-            out = query_outputs(self.network, fast, sx[None], qx[None])[0]
+            out = query_outputs(self.network, frozen | fast, sx[None], qx[None])[0]
             return task_losses(self.loss, out, qy), out, pre
 
         e = episodes
@@ -287,8 +329,8 @@ class MAML:
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``predictor``."""
-        net, optimizer = self._inner(params)
-        return predictor(self.network, self.loss, optimizer, net, support_x, support_y, self._eval_steps())
+        net, optimizer, adapt = self._inner(params)
+        return predictor(self.network, self.loss, optimizer, net, support_x, support_y, self._eval_steps(), adapt)
 
     def _eval_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
@@ -297,5 +339,5 @@ class MAML:
         self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32
     ) -> dict[str, torch.Tensor]:
         """Per-episode metrics after ``steps`` (default ``eval_inner_steps``); see ``evaluate_tasks``."""
-        net, optimizer = self._inner(params)
-        return evaluate_tasks(self.network, self.loss, optimizer, net, episodes, steps or self._eval_steps(), chunk)
+        net, optimizer, adapt = self._inner(params)
+        return evaluate_tasks(self.network, self.loss, optimizer, net, episodes, steps or self._eval_steps(), chunk, adapt)

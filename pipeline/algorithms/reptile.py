@@ -5,6 +5,11 @@ meta-parameters theta; the meta-"gradient" is ``theta - mean(adapted theta)``,
 which the parameter server feeds to its Adam like any gradient. Tasks run
 one at a time (``loop``) or stacked in one pass (``stacked``); both give the
 same numbers.
+
+With ``adapt_params`` (ANIL's globs, see pipeline/algorithms/maml.py) only the
+matching parameters are adapted and get Reptile's direction; Reptile gives the
+others none (they do not move in the inner loop), so they get the first-order
+MAML gradient instead: the query-loss gradient at the adapted parameters.
 """
 from __future__ import annotations
 
@@ -16,10 +21,12 @@ import torch
 from pipeline.algorithms.maml import (
     LossKind,
     adapt_tasks,
+    adapted_names,
     evaluate_tasks,
     predictor,
     query_metrics,
     task_losses,
+    unmatched_patterns,
 )
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
@@ -44,8 +51,13 @@ class Reptile:
     eval_inner_steps: int | None = None
     inner_optimizer: Literal["sgd", "adam"] = "sgd"
     batching: ReptileBatching = "auto"
+    adapt_params: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.adapt_params is not None:
+            unmatched = unmatched_patterns(self.network.init(0), self.adapt_params)
+            if unmatched:
+                raise ValueError(f"Reptile.adapt_params: {unmatched} match no parameter of the network")
         if self.inner_optimizer not in ("sgd", "adam"):
             raise ValueError(f"Reptile.inner_optimizer must be 'sgd' or 'adam', got {self.inner_optimizer!r}")
         if self.batching not in ("auto", "loop", "stacked"):
@@ -71,16 +83,18 @@ class Reptile:
         if batching == "auto":
             batching = "stacked" if episodes.support_x.device.type == "cuda" else "loop"
         e = episodes
+        adapt = adapted_names(params, self.adapt_params)
         if batching == "stacked":
             return adapt_tasks(
-                self.network, self.loss, self.optimizer(), params, e.support_x, e.support_y, self.inner_steps, False
+                self.network, self.loss, self.optimizer(), params, e.support_x, e.support_y, self.inner_steps, False,
+                adapt,
             )
         parts = [
             adapt_tasks(self.network, self.loss, self.optimizer(), params, e.support_x[i : i + 1],
-                        e.support_y[i : i + 1], self.inner_steps, False)
+                        e.support_y[i : i + 1], self.inner_steps, False, adapt)
             for i in range(len(e))
         ]
-        fast = {k: torch.cat([p[0][k] for p in parts]) for k in params}
+        fast = {k: torch.cat([p[0][k] for p in parts]) if k in adapt else params[k] for k in params}
         return fast, torch.cat([p[1] for p in parts])
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
@@ -91,20 +105,30 @@ class Reptile:
         return losses.mean(), query_metrics(self.loss, losses, out, episodes.query_y, pre)
 
     def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
-        """``theta - mean over tasks of the adapted theta``, and the query metrics at the adapted parameters."""
+        """``theta - mean over tasks of the adapted theta``, and the query metrics at the adapted parameters.
+
+        Parameters left out of ``adapt_params`` get the mean over tasks of the query-loss
+        gradient at the adapted parameters (first-order MAML's) instead.
+        """
         detached = {k: v.detach() for k, v in params.items()}
+        adapt = adapted_names(params, self.adapt_params)
         with torch.enable_grad():
             fast, pre = self.adapt_tasks(detached, episodes)
-        fast = {k: v.detach() for k, v in fast.items()}
-        with torch.no_grad():
+        fast = {k: v.detach() if k in adapt else v.requires_grad_() for k, v in fast.items()}
+        frozen = [k for k in params if k not in adapt]
+        with torch.set_grad_enabled(bool(frozen)):
             out = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
             losses = task_losses(self.loss, out, episodes.query_y)
-        grads = {k: detached[k] - fast[k].mean(0) for k in params}
-        return grads, query_metrics(self.loss, losses, out, episodes.query_y, pre)
+        grads = {k: detached[k] - fast[k].mean(0) for k in params if k in adapt}
+        if frozen:
+            grads |= dict(zip(frozen, torch.autograd.grad(losses.mean(), [fast[k] for k in frozen])))
+        metrics = query_metrics(self.loss, losses.detach(), out.detach(), episodes.query_y, pre)
+        return {k: grads[k] for k in params}, metrics
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``maml.predictor``."""
-        return predictor(self.network, self.loss, self.optimizer(), params, support_x, support_y, self._eval_steps())
+        adapt = adapted_names(params, self.adapt_params)
+        return predictor(self.network, self.loss, self.optimizer(), params, support_x, support_y, self._eval_steps(), adapt)
 
     def _eval_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
@@ -113,6 +137,7 @@ class Reptile:
         self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32
     ) -> dict[str, torch.Tensor]:
         """Per-episode metrics after ``steps`` (default ``eval_inner_steps``); see ``maml.evaluate_tasks``."""
+        adapt = adapted_names(params, self.adapt_params)
         return evaluate_tasks(
-            self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk
+            self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk, adapt
         )

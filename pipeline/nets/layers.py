@@ -15,10 +15,13 @@ import torch.nn.functional as F
 
 
 def linear_tasks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x[T, N, in]`` times a shared ``[out, in]`` or per-task ``[T, out, in]`` weight."""
-    if weight.dim() == 2:
+    """``x[T, N, in]`` times a shared ``[out, in]`` or per-task ``[T, out, in]`` weight, plus a shared ``[out]`` or
+    per-task ``[T, out]`` bias (the two may differ: ANIL adapts some parameters per task, not others)."""
+    if weight.dim() == 2 and bias.dim() == 1:
         return F.linear(x, weight, bias)
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    if weight.dim() == 2:
+        return torch.baddbmm(bias.unsqueeze(-2), x, weight.T.expand(x.shape[0], -1, -1))
+    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(1, 2))
 
 
 def conv_tasks(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:

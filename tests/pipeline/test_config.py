@@ -156,3 +156,14 @@ def test_meta_lstm_bias_ranges_and_a_model_without_network_on_images():
     with pytest.raises(ConfigError, match=r"algorithm.forget_bias: low must not exceed high, got \[6.0, 4.0\]"):
         validate({**OMNIGLOT, "algorithm": {"name": "meta_lstm", "forget_bias": [6, 4]}})
     assert validate({**OMNIGLOT, "model": {"filters": 32}}).model.filters == 32
+
+
+def test_an_adapt_params_glob_that_matches_no_parameter_is_refused_naming_it():
+    images = {"task": {"name": "omniglot", "ways": 2, "shots": 1, "queries": 2, "image_size": 16}, "store": {"path": "e"},
+              "model": {"network": "conv4", "filters": 2}}
+    assert validate({**images, "algorithm": {"adapt_params": ["head.*"]}}).algorithm.adapt_params == ("head.*",)
+    for algorithm in ("maml", "reptile"):
+        with pytest.raises(ConfigError, match=r"algorithm\.adapt_params: 'heads\.\*' match no parameter of model\.network conv4"):
+            validate({**images, "algorithm": {"name": algorithm, "adapt_params": ["conv*", "heads.*"]}})
+    with pytest.raises(ConfigError, match=r"algorithm\.adapt_params"):
+        validate({**images, "algorithm": {"adapt_params": []}})
