@@ -326,9 +326,8 @@ def unmatched_adapt_params(config: RunConfig) -> str | None:
     patterns = getattr(config.algorithm, "adapt_params", None)
     if not patterns:
         return None
-    from pipeline.algorithms.maml import (
-        unmatched_patterns,  # late: the algorithms and builders import this module
-    )
+    # imported here: the algorithms and the builders import this module
+    from pipeline.algorithms.maml import unmatched_patterns
     from pipeline.build import build_network
 
     names = list(build_network(config).init(0))
