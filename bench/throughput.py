@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
         return
-    auto = resolve_batching("auto")
+    auto = resolve_batching("auto", Conv4(1, 28, 5, 64, "stride"), torch.device(args.device))
     malloc_paths = args.malloc_paths if args.malloc_paths is not None else ["loop", auto]
     malloc = in_subprocess(sorted(set(malloc_paths)), MALLOC_ENV, args) if malloc_paths else {}
     rows = [Row(f"worker path (auto = {auto})", results[auto])] if auto in results else []

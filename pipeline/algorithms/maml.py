@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
+from pipeline.nets.module import ModuleNet
 from pipeline.nets.norm import query_outputs
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.optim.sgd import sgd
@@ -41,6 +42,7 @@ from tasks.episodes import Episodes
 LossKind = Literal["cross_entropy", "mse"]
 Batching = Literal["auto", "loop", "stacked", "vmap"]
 LR_PREFIX = "inner_lr."
+Network = MLP | Conv4 | ModuleNet
 
 
 def task_losses(kind: LossKind, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,17 +71,22 @@ def unmatched_patterns(names: Iterable[str], patterns: tuple[str, ...]) -> list[
     return [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
-def resolve_batching(batching: Batching) -> Batching:
-    """The batching ``auto`` stands for, on a CPU and a GPU alike: ``stacked`` (measured with bench/throughput.py).
+def resolve_batching(batching: Batching, network: Network, device: torch.device) -> Batching:
+    """The batching ``auto`` stands for: ``stacked`` for the built-in networks, on a CPU and a GPU alike
+    (measured with bench/throughput.py); for a module (no hand-batched path), ``vmap`` on a GPU and ``loop`` on a CPU.
 
     Second-order Omniglot 5w1s, meta-batch 32, on 2 pinned Xeon cores: stacked in
     chunks of 8 beat the loop 1.06x (1.5x with bench/throughput.py's MALLOC_ENV)
     and vmap; on an H100 stacked beat vmap 1.2x and the loop 19x.
     """
-    return "stacked" if batching == "auto" else batching
+    if batching != "auto":
+        return batching
+    if isinstance(network, ModuleNet):
+        return "vmap" if device.type == "cuda" else "loop"
+    return "stacked"
 
 
-def resolve_chunk(task_chunk: int | None, network: MLP | Conv4, device: torch.device, tasks: int) -> int:
+def resolve_chunk(task_chunk: int | None, network: Network, device: torch.device, tasks: int) -> int:
     """Tasks per stacked pass: ``task_chunk``, else 8 for a Conv4 on a CPU (measured best), else all of them."""
     if task_chunk is not None:
         return task_chunk
@@ -87,7 +94,7 @@ def resolve_chunk(task_chunk: int | None, network: MLP | Conv4, device: torch.de
 
 
 def adapt_tasks(
-    network: MLP | Conv4,
+    network: Network,
     loss: LossKind,
     optimizer: GradientTransformation,
     params: Params,
@@ -114,7 +121,7 @@ def adapt_tasks(
 
 
 def predictor(
-    network: MLP | Conv4,
+    network: Network,
     loss: LossKind,
     optimizer: GradientTransformation,
     params: Params,
@@ -142,7 +149,7 @@ def predictor(
 
 
 def evaluate_tasks(
-    network: MLP | Conv4,
+    network: Network,
     loss: LossKind,
     optimizer: GradientTransformation,
     params: Params,
@@ -187,7 +194,7 @@ def query_metrics(
 class MAML:
     """Second- or first-order MAML over ``network`` with an SGD inner loop."""
 
-    network: MLP | Conv4
+    network: Network
     loss: LossKind
     inner_lr: float
     inner_steps: int = 1
@@ -290,12 +297,12 @@ class MAML:
             return task_losses(self.loss, out, qy), out, pre
 
         e = episodes
-        losses, out, pre = torch.func.vmap(one_task)(e.support_x, e.support_y, e.query_x, e.query_y)
+        losses, out, pre = torch.func.vmap(one_task, randomness="different")(e.support_x, e.support_y, e.query_x, e.query_y)
         return losses, query_metrics(self.loss, losses, out, e.query_y, pre)
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean post-adaptation query loss over the episodes, differentiable w.r.t. ``params``."""
-        batching = resolve_batching(self.batching)
+        batching = resolve_batching(self.batching, self.network, episodes.support_x.device)
         losses, metrics = self._task_losses(params, episodes, batching)
         return losses.mean(), metrics
 
@@ -307,7 +314,7 @@ class MAML:
         chunks of 8 keep the working set in cache (bench/throughput.py).
         """
         device = episodes.support_x.device
-        batching = resolve_batching(self.batching)
+        batching = resolve_batching(self.batching, self.network, device)
         keys = list(params)
         if batching == "vmap":
             loss, metrics = self.meta_loss(params, episodes)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
+from pipeline.nets.module import ModuleNet
 from pipeline.nets.norm import query_outputs
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
@@ -53,7 +54,7 @@ class GateTrace:
 class MetaLSTM:
     """The Meta-learner LSTM as a MetaLearner over a Conv4 learner."""
 
-    network: Conv4
+    network: Conv4 | ModuleNet
     inner_steps: int = 12
     eval_inner_steps: int | None = None
     hidden: int = 20

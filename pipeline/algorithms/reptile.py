@@ -20,6 +20,7 @@ import torch
 
 from pipeline.algorithms.maml import (
     LossKind,
+    Network,
     adapt_tasks,
     adapted_names,
     evaluate_tasks,
@@ -28,8 +29,6 @@ from pipeline.algorithms.maml import (
     task_losses,
     unmatched_patterns,
 )
-from pipeline.nets.conv4 import Conv4
-from pipeline.nets.mlp import MLP
 from pipeline.nets.norm import query_outputs
 from pipeline.optim.adam import adam
 from pipeline.optim.base import GradientTransformation
@@ -44,7 +43,7 @@ ReptileBatching = Literal["auto", "loop", "stacked"]
 class Reptile:
     """Reptile over ``network`` with an SGD or Adam inner loop (Adam with beta1 = 0, as in the paper)."""
 
-    network: MLP | Conv4
+    network: Network
     loss: LossKind
     inner_lr: float
     inner_steps: int = 5

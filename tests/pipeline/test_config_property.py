@@ -43,6 +43,12 @@ NETWORKS = {
         {"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"]),
          "norm": st.sampled_from(["transductive", "support"])}
     ),
+    "resnet12": st.fixed_dictionaries({"widths": st.just([2, 2, 2, 2]), "norm": st.sampled_from(["transductive", "support"])}),
+    "module": st.fixed_dictionaries(
+        {"factory": st.just("tests.pipeline.nets.user_module:ResidualGroupNormNet"),
+         "kwargs": st.fixed_dictionaries({"in_channels": st.just(1), "ways": st.integers(2, 3), "width": st.just(2),
+                                          "groups": st.just(1)})}
+    ),
 }
 ALGORITHM_FIELDS = {
     "maml": st.fixed_dictionaries(
