@@ -90,6 +90,7 @@ def _maml(config: RunConfig) -> MAML:
         batching=algo.batching,
         task_chunk=algo.task_chunk,
         adapt_params=algo.adapt_params,
+        checkpoint=algo.checkpoint,
     )
 
 

@@ -164,6 +164,13 @@ class MAMLAlgorithm(GradientMetaLearner):
     task_chunk: int | None = Field(
         None, ge=1, description="tasks per stacked pass; default 8 for conv4 on a CPU, else the whole meta-batch"
     )
+    checkpoint: bool = Field(False, description="recompute each inner step in backward (torch.utils.checkpoint): less memory")
+
+    @model_validator(mode="after")
+    def _checkpoint_batching(self) -> MAMLAlgorithm:
+        if self.checkpoint and self.batching == "vmap":
+            raise ValueError("algorithm.checkpoint: true needs algorithm.batching loop, stacked or auto, not vmap")
+        return self
 
 
 class ReptileAlgorithm(GradientMetaLearner):

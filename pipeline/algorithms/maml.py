@@ -13,6 +13,9 @@ one pass of the network's ``apply_tasks``: batched matmuls and grouped
 convolutions, per-task BatchNorm) and ``vmap`` (torch.func.vmap of the
 per-task function). ``auto`` is ``stacked``, the fastest on CPUs and GPUs alike in bench/throughput.py.
 
+``checkpoint`` recomputes each inner step in the backward pass (torch.utils.checkpoint):
+second-order memory of one inner step instead of all of them, the same meta-gradient.
+
 ANIL (Raghu et al. 2020, "Rapid learning or feature reuse?"): ``adapt_params``, globs
 over parameter names (``("head.*",)``), restricts the inner loop to the parameters
 they match; the others stay at their meta-parameter values during adaptation and
@@ -103,11 +106,13 @@ def adapt_tasks(
     steps: int,
     create_graph: bool,
     adapt: frozenset[str] | None = None,
+    checkpoint: bool = False,
 ) -> tuple[Params, torch.Tensor]:
     """Adapt stacked tasks in one pass: adapted parameters and the support losses before adapting.
 
     The parameters named in ``adapt`` (all when None) come back per task (leading task
     dimension); the others come back as they are, shared by the tasks (ANIL).
+    ``checkpoint``: recompute each inner step in the backward pass (``optim.unroll``).
     """
     tasks = support_x.shape[0]
     frozen = {k: v for k, v in params.items() if adapt is not None and k not in adapt}
@@ -116,7 +121,7 @@ def adapt_tasks(
     def losses(p: Params) -> torch.Tensor:
         return task_losses(loss, network.apply_tasks(frozen | p, support_x), support_y)
 
-    fast, first = unroll(losses, fast, optimizer, steps, create_graph)
+    fast, first = unroll(losses, fast, optimizer, steps, create_graph, checkpoint)
     return frozen | fast, first
 
 
@@ -204,12 +209,15 @@ class MAML:
     batching: Batching = "auto"
     task_chunk: int | None = None
     adapt_params: tuple[str, ...] | None = None
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.adapt_params is not None:
             unmatched = unmatched_patterns(self.network.init(0), self.adapt_params)
             if unmatched:
                 raise ValueError(f"MAML.adapt_params: {unmatched} match no parameter of the network")
+        if self.checkpoint and self.batching == "vmap":
+            raise ValueError("MAML.checkpoint recomputes inner steps with torch.utils.checkpoint: use batching loop or stacked, not vmap")
         if self.task_chunk is not None and self.task_chunk < 1:
             raise ValueError(f"MAML.task_chunk must be at least 1, got {self.task_chunk}")
         if self.loss not in ("cross_entropy", "mse"):
@@ -251,7 +259,7 @@ class MAML:
             net, optimizer, adapt = self._inner(params)
             fast, pre = adapt_tasks(
                 self.network, self.loss, optimizer, net, episodes.support_x, episodes.support_y,
-                self.inner_steps, create_graph, adapt,
+                self.inner_steps, create_graph, adapt, self.checkpoint,
             )
             losses, out = self._query(fast, episodes)
             return losses, query_metrics(self.loss, losses, out, episodes.query_y, pre)
@@ -270,7 +278,9 @@ class MAML:
         def losses(p: Params) -> torch.Tensor:
             return task_losses(self.loss, self.network.apply(frozen | p, sx), sy)
 
-        fast, pre = unroll(losses, {k: net[k] for k in adapt}, optimizer, self.inner_steps, not self.first_order)
+        fast, pre = unroll(
+            losses, {k: net[k] for k in adapt}, optimizer, self.inner_steps, not self.first_order, self.checkpoint
+        )
         fast = frozen | fast
         out = query_outputs(self.network, fast, sx[None], qx[None])[0]
         loss = task_losses(self.loss, out, qy)
@@ -300,9 +310,14 @@ class MAML:
         losses, out, pre = torch.func.vmap(one_task, randomness="different")(e.support_x, e.support_y, e.query_x, e.query_y)
         return losses, query_metrics(self.loss, losses, out, e.query_y, pre)
 
+    def _batching(self, device: torch.device) -> Batching:
+        """``batching`` resolved (``resolve_batching``); with ``checkpoint``, ``auto`` never picks vmap."""
+        batching = resolve_batching(self.batching, self.network, device)
+        return "loop" if self.checkpoint and batching == "vmap" else batching
+
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean post-adaptation query loss over the episodes, differentiable w.r.t. ``params``."""
-        batching = resolve_batching(self.batching, self.network, episodes.support_x.device)
+        batching = self._batching(episodes.support_x.device)
         losses, metrics = self._task_losses(params, episodes, batching)
         return losses.mean(), metrics
 
@@ -314,7 +329,7 @@ class MAML:
         chunks of 8 keep the working set in cache (bench/throughput.py).
         """
         device = episodes.support_x.device
-        batching = resolve_batching(self.batching, self.network, device)
+        batching = self._batching(device)
         keys = list(params)
         if batching == "vmap":
             loss, metrics = self.meta_loss(params, episodes)

@@ -2,7 +2,8 @@
 
 The directory holds ``weights.safetensors``, ``config.json`` (the run config) and
 ``export.json`` (format version, algorithm, sha256 of the weights, test metrics).
-Loading checks all three and never unpickles anything. A loaded learner predicts each
+Loading checks all three and never unpickles anything; a ``module`` network is rebuilt
+by importing the factory recorded in ``config.json`` (``model.factory``, ``model.kwargs``). A loaded learner predicts each
 query independently of the others in the call by default: networks with BatchNorm
 run in ``support`` norm mode (pipeline/nets/norm.py), whatever mode they were trained in.
 """
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
+from pipeline.nets.module import factory_source, import_factory
 from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.optim.torch_optim import TorchOptimizer
 from pipeline.runtime.checkpoint import sha256_file
@@ -44,6 +46,20 @@ def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict
     }
     (out / META).write_text(json.dumps(meta, indent=1))
     return out
+
+
+def factory_code(export_dir: str | Path) -> list[Path]:
+    """The code an export needs beyond metapipe's: the folder (or file) of a ``module`` network's factory, if outside ``pipeline``.
+
+    The MLflow pyfunc model carries it (``code_paths``), so the served model rebuilds the module
+    in any folder. Raises ValueError naming the factory when its code cannot be found.
+    """
+    model = json.loads((Path(export_dir) / CONFIG).read_text()).get("model", {})
+    if model.get("network") != "module":
+        return []
+    source = factory_source(model["factory"])
+    metapipe = Path(__file__).resolve().parents[1]
+    return [] if source.resolve() == metapipe else [source]
 
 
 class ExportedLearner:
@@ -115,4 +131,13 @@ def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
         raise ExportError(f"{root / META}: format_version {meta.get('format_version')!r}, this metapipe reads {FORMAT_VERSION}")
     if sha256_file(root / WEIGHTS) != meta.get("weights_sha256"):
         raise ExportError(f"{root / WEIGHTS}: sha256 does not match {META} (weights altered or truncated)")
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and model.get("network") == "module":
+        try:  # the module is rebuilt from its recorded factory, never unpickled
+            import_factory(str(model.get("factory")))
+        except (ValueError, TypeError) as e:
+            raise ExportError(
+                f"{root / CONFIG}: model.factory {model.get('factory')!r} cannot be used here ({e}); install its"
+                " package or put its folder on PYTHONPATH"
+            ) from None
     return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta, norm)

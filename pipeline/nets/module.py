@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,21 @@ def import_factory(factory: str) -> Callable[..., Any]:
     if not callable(target):
         raise TypeError(f"factory {factory!r}: {attribute!r} is not callable")
     return target
+
+
+def factory_source(factory: str) -> Path:
+    """Where the code of ``factory`` lies: its top-level package's folder, or its module's file.
+
+    What an MLflow "models from code" model must carry (``code_paths``) to rebuild the module
+    in another process and folder. Raises ValueError naming ``factory`` when it cannot be found.
+    """
+    top = factory.partition(":")[0].split(".")[0]
+    spec = importlib.util.find_spec(top) if top else None
+    if spec is None or (spec.origin is None and not spec.submodule_search_locations):
+        raise ValueError(f"factory {factory!r}: cannot find the code of {top!r}")
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin)
 
 
 def build_module(factory: str, kwargs: dict[str, Any]) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config import RunConfig
 from pipeline.evaluation import EvalResult, evaluate
-from pipeline.export.directory import export
+from pipeline.export.directory import export, factory_code
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.pool import Pool, Positions
@@ -190,7 +190,7 @@ def log_pyfunc(tracker: Tracker, export_dir: Path, scratch: Path) -> None:
         path=str(scratch),
         python_model=str(REPO_ROOT / "pipeline" / "export" / "pyfunc.py"),
         artifacts={"export": str(export_dir)},
-        code_paths=[str(REPO_ROOT / "pipeline"), str(REPO_ROOT / "tasks")],
+        code_paths=[str(REPO_ROOT / "pipeline"), str(REPO_ROOT / "tasks"), *map(str, factory_code(export_dir))],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml", "pyarrow", "pillow"],
     )
     tracker.log_artifacts(scratch, "model")

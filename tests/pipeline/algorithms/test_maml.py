@@ -268,3 +268,22 @@ def test_anil_meta_sgd_learns_rates_for_the_adapted_parameters_only():
 def test_an_adapt_params_glob_matching_nothing_is_named():
     with pytest.raises(ValueError, match=r"\['heads\.\*'\] match no parameter"):
         learner("conv4", "stacked", 1, adapt_params=("head.*", "heads.*"))
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("batching", ["loop", "stacked"])
+def test_checkpointed_inner_steps_give_the_same_meta_gradient(batching, steps):
+    episodes = tiny_images(3, seed=4)
+    for kw in ({}, {"learn_inner_lr": True}, {"adapt_params": ("head.*", "bn3.*")}):
+        plain = learner("conv4", batching, steps, task_chunk=2, **kw)
+        params = leaf(plain.init(0, DT))
+        expected, metrics = plain.meta_grad(params, episodes)
+        got, checkpointed_metrics = learner("conv4", batching, steps, task_chunk=2, checkpoint=True, **kw).meta_grad(params, episodes)
+        assert checkpointed_metrics == pytest.approx(metrics, abs=1e-12)
+        for k in params:
+            assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=0), (kw, k)
+
+
+def test_checkpoint_with_vmap_is_refused():
+    with pytest.raises(ValueError, match="not vmap"):
+        learner("conv4", "vmap", 1, checkpoint=True)

@@ -83,3 +83,22 @@ def test_an_exported_learner_predicts_each_query_independently_by_default(tmp_pa
     assert not torch.allclose(single, batched, atol=1e-3)
     with pytest.raises(ValueError, match="'batch'"):
         pipeline.load(tmp_path / "export", norm="batch")
+
+
+USER = "tests.pipeline.nets.user_module:ResidualGroupNormNet"
+
+
+def test_a_user_module_is_rebuilt_from_its_factory_and_a_missing_factory_is_named(tmp_path):
+    raw = {**IMAGES.model_dump(mode="json"), "model": {"network": "module", "factory": USER, "kwargs": {"in_channels": 1, "ways": 2}}}
+    config = validate(raw)
+    params = build_learner(config).init(3)
+    export(params, config, tmp_path / "export")
+    learner = pipeline.load(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["factory"] == USER
+    assert all(torch.equal(learner.params[k], v) for k, v in params.items())
+    x = torch.rand(4, 1, 16, 16)
+    assert learner.adapt(x, torch.tensor([0, 1, 0, 1]))(x).shape == (4, 2)
+    raw["model"]["factory"] = "tests.gone:Net"
+    (tmp_path / "export" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ExportError, match=r"config\.json: model\.factory 'tests\.gone:Net' cannot be used here"):
+        pipeline.load(tmp_path / "export")
