@@ -38,7 +38,7 @@ print(json.dumps({"labels": model.predict({"support_x": x, "support_y": [0, 1, 2
 def python(code: str, *args: str, cwd: Path, pythonpath: str | None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     env |= {"PYTHONPATH": pythonpath} if pythonpath else {}
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code, *args], cwd=cwd, env=env, capture_output=True, check=False, check=False,
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code, *args], cwd=cwd, env=env, capture_output=True, check=False,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
