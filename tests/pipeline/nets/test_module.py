@@ -110,3 +110,14 @@ def test_a_bad_factory_is_named(factory, kwargs, message):
     with pytest.raises((ValueError, TypeError), match=message) as error:
         build_module(factory, kwargs)
     assert repr(factory) in str(error.value)
+
+
+def test_the_meta_lstm_learns_a_user_module():
+    from pipeline.algorithms.meta_lstm import INIT, MetaLSTM
+
+    network = ModuleNet(USER, {"in_channels": 1, "ways": 2, "width": 2, "groups": 1})
+    meta_lstm = MetaLSTM(network, inner_steps=2, hidden=3, dtype=DT)
+    params = meta_lstm.init(0)
+    assert {k[len(INIT):] for k in params if k.startswith(INIT)} == set(network.shapes)
+    grads, metrics = meta_lstm.meta_grad(params, tiny_images(2, seed=0))
+    assert metrics["loss"] > 0 and grads["init.classifier.weight"].abs().max() > 0 and grads["metalstm.WF"].abs().max() > 0
