@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.algorithms.l2l import L2L, Quadratic
-from tasks.config import QuadraticTask
 from tasks.families import quadratic
+from tasks.families.quadratic import QuadraticTask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,8 @@
     python -m bench.throughput --device cuda        # the same table on a GPU
 
 Workload: Omniglot 5-way 1-shot 15-query, the MAML paper's Conv4 (64 filters,
-stride 2), second-order MAML with one inner step, meta-batch 32, random 28x28
+stride 2), second-order MAML with one inner step (``--inner-steps``; ``--adapt-params "head.*"``
+for ANIL), meta-batch 32, random 28x28
 inputs (speed does not depend on the pixels). One "step" is one ``meta_grad``
 of the whole meta-batch; the figure is the median over ``--repeats`` steps
 after one warm-up step. Rows:
@@ -67,7 +68,8 @@ def omniglot_batch(tasks: int, device: str, seed: int = 0) -> Episodes:
 
 def measure(batching: str, args: argparse.Namespace) -> float:
     """Median tasks/s of ``meta_grad`` with ``batching`` on the bench workload."""
-    learner = MAML(Conv4(1, 28, 5, 64, "stride"), "cross_entropy", inner_lr=0.4, inner_steps=1, batching=batching)
+    learner = MAML(Conv4(1, 28, 5, 64, "stride"), "cross_entropy", inner_lr=0.4, inner_steps=args.inner_steps,
+                   batching=batching, adapt_params=tuple(args.adapt_params) if args.adapt_params else None)
     params = {k: v.to(args.device).requires_grad_() for k, v in learner.init(0).items()}
     episodes = omniglot_batch(args.meta_batch, args.device)
     times = []
@@ -86,7 +88,8 @@ def measure(batching: str, args: argparse.Namespace) -> float:
 def in_subprocess(paths: list[str], env: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     """Measure ``paths`` in a fresh interpreter with ``env`` added (malloc settings act at process start)."""
     command = [sys.executable, "-m", "bench.throughput", "--json", "--paths", *paths, "--device", args.device,
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--meta-batch", str(args.meta_batch)]
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--meta-batch", str(args.meta_batch),
+               "--inner-steps", str(args.inner_steps), *(["--adapt-params", *args.adapt_params] if args.adapt_params else [])]
     done = subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--meta-batch", type=int, default=32)
+    parser.add_argument("--inner-steps", type=int, default=1)
+    parser.add_argument("--adapt-params", nargs="+", help='ANIL: globs of the inner loop\'s parameters, e.g. "head.*"')
     parser.add_argument("--paths", nargs="+", default=["loop", "stacked", "vmap"])
     parser.add_argument("--malloc-paths", nargs="*", default=None, help="paths to rerun with MALLOC_ENV")
     parser.add_argument("--json", action="store_true", help="print {path: tasks/s} only (used for subprocesses)")
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(results))
         return
-    auto = resolve_batching("auto")
+    auto = resolve_batching("auto", Conv4(1, 28, 5, 64, "stride"), torch.device(args.device))
     malloc_paths = args.malloc_paths if args.malloc_paths is not None else ["loop", auto]
     malloc = in_subprocess(sorted(set(malloc_paths)), MALLOC_ENV, args) if malloc_paths else {}
     rows = [Row(f"worker path (auto = {auto})", results[auto])] if auto in results else []
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += [Row(f"{path} + malloc env", rate) for path, rate in malloc.items()]
     rows += distributed_rows(args) if args.workers else []
     base = results.get("loop")
-    print(f"MAML 2nd order, Omniglot 5w1s 15q, Conv4-64, meta-batch {args.meta_batch}, "
+    anil = f", ANIL (inner loop: {' '.join(args.adapt_params)})" if args.adapt_params else ""
+    print(f"MAML 2nd order, {args.inner_steps} inner step(s){anil}, Omniglot 5w1s 15q, Conv4-64, meta-batch {args.meta_batch}, "
           f"{args.device}, torch {torch.__version__}, {args.threads} threads")
     print(f"{'path':<34}{'tasks/s':>10}{'vs loop':>10}")
     for row in rows:

@@ -13,10 +13,15 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from pipeline.export.directory import ExportedLearner
+    from pipeline.nets.norm import NormMode
 
 
-def load(path: str | Path) -> ExportedLearner:
-    """Load an export directory: ``learner.adapt(support_x, support_y)(query_x)``."""
+def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
+    """Load an export directory: ``learner.adapt(support_x, support_y)(query_x)``.
+
+    ``norm``: BatchNorm mode of the predictions; ``support`` (default) predicts each query
+    independently of the others in the call (see pipeline/export/directory.py).
+    """
     from pipeline.export.directory import load as load_export
 
-    return load_export(path)
+    return load_export(path, norm)

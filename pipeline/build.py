@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic
-from pipeline.algorithms.maml import MAML
+from pipeline.algorithms.maml import MAML, Network
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
 from pipeline.algorithms.protonet import ProtoNet
@@ -30,15 +30,16 @@ from pipeline.config import (
     MetaLSTMAlgorithm,
     MetaNetAlgorithm,
     MLPModel,
+    ModuleModel,
     ReptileAlgorithm,
+    ResNet12Model,
     RunConfig,
 )
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
+from pipeline.nets.module import ModuleNet
 from pipeline.types import MetaLearner
 from tasks.family import TaskSpec
-
-Network = MLP | Conv4
 
 
 def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
@@ -49,10 +50,22 @@ def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
 def _conv4(model: Conv4Model, task: TaskSpec) -> Conv4:
     """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
     channels, size, _ = task.input_shape
-    return Conv4(channels, size, task.outputs, model.filters, model.downsample)
+    return Conv4(channels, size, task.outputs, model.filters, model.downsample, norm=model.norm)
 
 
-NETWORKS: dict[str, Callable[..., Network]] = {"mlp": _mlp, "conv4": _conv4}
+def _resnet12(model: ResNet12Model, task: TaskSpec) -> ModuleNet:
+    """ResNet-12 (pipeline/nets/resnet12.py) through the module path, for ``[C, H, W]`` images and ``outputs`` classes."""
+    kwargs = {"in_channels": task.input_shape[0], "ways": task.outputs, "widths": list(model.widths),
+              "drop_prob": model.drop_prob, "block_size": model.block_size}
+    return ModuleNet("pipeline.nets.resnet12:ResNet12", kwargs, model.norm)
+
+
+def _module(model: ModuleModel, task: TaskSpec) -> ModuleNet:
+    """The user's module: ``factory(**kwargs)`` (its inputs and outputs are checked by config validation)."""
+    return ModuleNet(model.factory, dict(model.kwargs), model.norm)
+
+
+NETWORKS: dict[str, Callable[..., Network]] = {"mlp": _mlp, "conv4": _conv4, "resnet12": _resnet12, "module": _module}
 """``model.network`` -> builder ``(model section, task spec) -> network``."""
 
 
@@ -78,6 +91,8 @@ def _maml(config: RunConfig) -> MAML:
         batching=algo.batching,
         task_chunk=algo.task_chunk,
         inner_loss_scale=inner_loss_scale(algo, config.task_spec),
+        adapt_params=algo.adapt_params,
+        checkpoint=algo.checkpoint,
     )
 
 
@@ -99,6 +114,7 @@ def _reptile(config: RunConfig) -> Reptile:
         batching=algo.batching,
         train_shots=algo.train_shots,
         inner_batch=algo.inner_batch,
+        adapt_params=algo.adapt_params,
     )
 
 

@@ -37,6 +37,12 @@ class ModelSection(Strict):
         return 1
 
 
+NormField = Field(
+    "transductive",
+    description="BatchNorm statistics of query passes: each batch's own (the papers') or the support set's (pipeline/nets/norm.py)",
+)
+
+
 class MLPModel(ModelSection):
     """Fully connected network with ReLU (the sinusoid MLP of the MAML paper is 1-40-40-1).
 
@@ -58,11 +64,58 @@ class Conv4Model(ModelSection):
     network: Literal["conv4"] = "conv4"
     filters: int = Field(64, ge=1)
     downsample: Literal["stride", "maxpool"] = "stride"
+    norm: Literal["transductive", "support"] = NormField
 
     @property
     def min_image_size(self) -> int:
         """Smallest image side the four blocks leave at least one pixel of (2x2 max-pool floors)."""
         return 16 if self.downsample == "maxpool" else 1
+
+
+class ResNet12Model(ModelSection):
+    """ResNet-12 (MetaOptNet / learn2learn form; pipeline/nets/resnet12.py), run as a module through functional_call."""
+
+    inputs: ClassVar[str] = "image"
+    network: Literal["resnet12"] = "resnet12"
+    widths: tuple[int, int, int, int] = Field((64, 160, 320, 640), description="the four residual blocks' widths")
+    drop_prob: float = Field(0.0, ge=0, lt=1, description="DropBlock rate in blocks 3 and 4 (MetaOptNet: 0.1); 0 = off")
+    block_size: int = Field(5, ge=1, description="DropBlock's square side")
+    norm: Literal["transductive", "support"] = NormField
+
+    @model_validator(mode="after")
+    def _widths(self) -> ResNet12Model:
+        if min(self.widths) < 1:
+            raise ValueError(f"model.widths: every width must be at least 1, got {list(self.widths)}")
+        return self
+
+    @property
+    def min_image_size(self) -> int:
+        """Four 2x2 max-pools must leave at least one pixel."""
+        return 16
+
+
+class ModuleModel(ModelSection):
+    """Any ``torch.nn.Module``: ``factory`` (``"package.module:callable"``) called with ``kwargs`` (pipeline/nets/module.py).
+
+    Checked when the config is validated: the factory must import, return a module with
+    parameters, and (``RunConfig``) map one example of the task to its outputs.
+    """
+
+    inputs: ClassVar[str] = "any"
+    network: Literal["module"] = "module"
+    factory: str = Field(description="'package.module:callable', importable on the driver, every worker and where exports load")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the factory (JSON values)")
+    norm: Literal["transductive", "support"] = NormField
+
+    @model_validator(mode="after")
+    def _factory_builds(self) -> ModuleModel:
+        from pipeline.nets.module import build_module  # imported here: it imports torch
+
+        try:
+            build_module(self.factory, self.kwargs)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"model.factory: {e}") from None
+        return self
 
 
 def tag_or(key: str, default: str) -> Discriminator:
@@ -76,7 +129,7 @@ def tag_or(key: str, default: str) -> Discriminator:
     return Discriminator(pick)
 
 
-MODELS = {"mlp": MLPModel, "conv4": Conv4Model}
+MODELS = {"mlp": MLPModel, "conv4": Conv4Model, "resnet12": ResNet12Model, "module": ModuleModel}
 """``model.network`` -> its section; the builders are in pipeline/build.py."""
 
 ModelConfig = Annotated[Union[tuple(Annotated[m, Tag(n)] for n, m in MODELS.items())], tag_or("network", "mlp")]  # noqa: UP007
@@ -101,6 +154,9 @@ class GradientMetaLearner(AlgorithmSection):
     inner_lr: float = Field(0.01, gt=0)
     inner_steps: int = Field(1, ge=1)
     eval_inner_steps: int | None = Field(None, ge=1, description="inner steps at evaluation; default inner_steps")
+    adapt_params: tuple[str, ...] | None = Field(
+        None, min_length=1, description='ANIL: globs over parameter names the inner loop adapts (e.g. ["head.*"]); default all'
+    )
 
 
 class MAMLAlgorithm(GradientMetaLearner):
@@ -120,6 +176,13 @@ class MAMLAlgorithm(GradientMetaLearner):
         description="inner-loop loss: each support example's loss / shots, summed (cbfinn/maml's xent: N x the mean"
         " for N-way classification; the mean for regression), or the mean",
     )
+    checkpoint: bool = Field(False, description="recompute each inner step in backward (torch.utils.checkpoint): less memory")
+
+    @model_validator(mode="after")
+    def _checkpoint_batching(self) -> MAMLAlgorithm:
+        if self.checkpoint and self.batching == "vmap":
+            raise ValueError("algorithm.checkpoint: true needs algorithm.batching loop, stacked or auto, not vmap")
+        return self
 
 
 class ReptileAlgorithm(GradientMetaLearner):
@@ -162,7 +225,7 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/algorithms/meta_lstm.py)."""
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
-    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})  # running statistics at meta-test need its hand-written BatchNorm
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -364,7 +427,7 @@ class RunConfig(EpisodeConfig):
         for split in ("val", "test"):
             if getattr(self.store, f"{split}_episodes") < 1:
                 raise ValueError(f"store.{split}_episodes: a run validates and tests on its store's {split} split; needs at least 1, got 0")
-        problem = incompatibility(self.task, self.model, self.algorithm)
+        problem = incompatibility(self.task, self.model, self.algorithm) or network_problem(self)
         if problem:
             raise ValueError(problem)
         return self
@@ -410,6 +473,46 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
         return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
     return None
+
+
+def network_problem(config: RunConfig) -> str | None:
+    """What only the built network can tell, naming the key; None when fine.
+
+    A ``module`` network must map two examples of the task's input shape to ``[2, outputs]``;
+    every glob of ``algorithm.adapt_params`` must match a parameter name.
+    """
+    patterns = getattr(config.algorithm, "adapt_params", None)
+    if config.algorithm.networks is None or not (patterns or isinstance(config.model, ModuleModel)):
+        return None
+    import torch  # imported here, as the algorithms and the builders (they import this module)
+
+    from pipeline.algorithms.maml import unmatched_patterns
+    from pipeline.build import build_network
+
+    network = build_network(config)
+    if isinstance(config.model, ModuleModel):
+        task = config.task_spec
+        params = network.init(0)
+        try:
+            with torch.no_grad():
+                shape = tuple(network.apply(params, torch.zeros(2, *task.input_shape)).shape)
+        except Exception as e:  # noqa: BLE001 - the user's forward: any failure is reported as this factory's
+            return f"model.factory: {config.model.factory!r} fails on a batch of shape {[2, *task.input_shape]}: {type(e).__name__}: {e}"
+        if shape != (2, task.outputs):
+            return (
+                f"model.factory: {config.model.factory!r} maps inputs {[2, *task.input_shape]} to {list(shape)};"
+                f" task.name={task.family!r} needs [2, {task.outputs}]"
+            )
+    if not patterns:
+        return None
+    names = list(network.init(0))
+    unmatched = unmatched_patterns(names, patterns)
+    if not unmatched:
+        return None
+    return (
+        f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
+        f" {config.model.network} (its parameters: {', '.join(names)})"
+    )
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -2,7 +2,10 @@
 
 The directory holds ``weights.safetensors``, ``config.json`` (the run config) and
 ``export.json`` (format version, algorithm, sha256 of the weights, test metrics).
-Loading checks all three and never unpickles anything.
+Loading checks all three and never unpickles anything; a ``module`` network is rebuilt
+by importing the factory recorded in ``config.json`` (``model.factory``, ``model.kwargs``). A loaded learner predicts each
+query independently of the others in the call by default: networks with BatchNorm
+run in ``support`` norm mode (pipeline/nets/norm.py), whatever mode they were trained in.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
+from pipeline.nets.module import factory_source, import_factory
+from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.optim.torch_optim import TorchOptimizer
 from pipeline.runtime.checkpoint import sha256_file
 from pipeline.types import Params, Predictor
@@ -43,13 +48,33 @@ def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict
     return out
 
 
-class ExportedLearner:
-    """A trained meta-learner: preprocess inputs, adapt to a support set, predict queries."""
+def factory_code(export_dir: str | Path) -> list[Path]:
+    """The code an export needs beyond metapipe's: the folder (or file) of a ``module`` network's factory, if outside ``pipeline``.
 
-    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any]) -> None:
+    The MLflow pyfunc model carries it (``code_paths``), so the served model rebuilds the module
+    in any folder. Raises ValueError naming the factory when its code cannot be found.
+    """
+    model = json.loads((Path(export_dir) / CONFIG).read_text()).get("model", {})
+    if model.get("network") != "module":
+        return []
+    source = factory_source(model["factory"])
+    metapipe = Path(__file__).resolve().parents[1]
+    return [] if source.resolve() == metapipe else [source]
+
+
+class ExportedLearner:
+    """A trained meta-learner: preprocess inputs, adapt to a support set, predict queries.
+
+    ``norm``: the BatchNorm mode of its predictions (networks without BatchNorm ignore it);
+    ``support`` (default) makes each query's prediction independent of the other queries.
+    """
+
+    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any], norm: NormMode = "support") -> None:
         self.config = config
         self.params = params
         self.meta = meta
+        if hasattr(config.model, "norm"):
+            config = config.model_copy(update={"model": config.model.model_copy(update={"norm": norm})})
         self._learner = build_learner(config)
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
@@ -83,8 +108,16 @@ class ExportedLearner:
         return TorchOptimizer(params, opt_fn(self.params, **kwargs))
 
 
-def load(path: str | Path) -> ExportedLearner:
-    """Load an export directory; refuses missing files, other format versions and altered weights."""
+def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
+    """Load an export directory; refuses missing files, other format versions and altered weights.
+
+    ``norm="support"`` (default): each query is predicted independently of the others in
+    the call; ``"transductive"``: queries normalized with their own batch's statistics, as
+    in MAML's training and the papers' numbers (predictions then depend on the call's batch).
+    Raises ExportError naming the file, ValueError for another ``norm``.
+    """
+    if norm not in NORM_MODES:
+        raise ValueError(f"load: norm must be one of {NORM_MODES}, got {norm!r}")
     root = Path(path)
     for name in (WEIGHTS, CONFIG, META):
         if not (root / name).is_file():
@@ -98,4 +131,13 @@ def load(path: str | Path) -> ExportedLearner:
         raise ExportError(f"{root / META}: format_version {meta.get('format_version')!r}, this metapipe reads {FORMAT_VERSION}")
     if sha256_file(root / WEIGHTS) != meta.get("weights_sha256"):
         raise ExportError(f"{root / WEIGHTS}: sha256 does not match {META} (weights altered or truncated)")
-    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta)
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if isinstance(model, dict) and model.get("network") == "module":
+        try:  # the module is rebuilt from its recorded factory, never unpickled
+            import_factory(str(model.get("factory")))
+        except (ValueError, TypeError) as e:
+            raise ExportError(
+                f"{root / CONFIG}: model.factory {model.get('factory')!r} cannot be used here ({e}); install its"
+                " package or put its folder on PYTHONPATH"
+            ) from None
+    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta, norm)

@@ -35,11 +35,12 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
 
 def model_arguments(export_dir: Path, example: Episodes) -> dict[str, Any]:
     """The keyword arguments of ``mlflow.pyfunc.log_model`` / ``save_model`` for the export in ``export_dir``
-    (which goes in as the artifact ``export``): this file as the model's code, the project's packages, pinned
+    (which goes in as the artifact ``export``): this file as the model's code, the project's packages (and a
+    ``module`` network's factory code), pinned
     requirements, and a signature and input example made of ``example``'s first episode and its predictions."""
     from mlflow.models import infer_signature
 
-    from pipeline.export.directory import load
+    from pipeline.export.directory import factory_code, load
     from pipeline.export.requests import example_request
 
     learner = load(export_dir)
@@ -47,7 +48,7 @@ def model_arguments(export_dir: Path, example: Episodes) -> dict[str, Any]:
     return {
         "python_model": str(Path(__file__).resolve()),
         "artifacts": {"export": str(export_dir)},
-        "code_paths": [str(ROOT / "pipeline"), str(ROOT / "tasks")],
+        "code_paths": [str(ROOT / "pipeline"), str(ROOT / "tasks"), *map(str, factory_code(export_dir))],
         "pip_requirements": [f"torch=={torch.__version__.split('+')[0]}", "safetensors", "pydantic", "pyyaml", "pyarrow", "pillow"],
         "signature": infer_signature(request, predict_task(learner, request)),
         "input_example": request,

@@ -21,6 +21,7 @@ from pipeline.nets.layers import (
     conv_tasks,
     linear_tasks,
 )
+from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.types import Params
 
 
@@ -31,7 +32,8 @@ class Conv4:
     ``downsample="stride"`` (Omniglot): stride-2 convolutions, then the mean over
     space as in Finn et al.'s code; ``"maxpool"`` (Mini-ImageNet): stride 1 and a
     2x2 max-pool per block, then flatten. The convolutions have no bias (the
-    BatchNorm that follows removes it). Parameters: ``conv{i}.weight``,
+    BatchNorm that follows removes it). ``norm``: where the BatchNorm statistics of
+    query passes come from (pipeline/nets/norm.py). Parameters: ``conv{i}.weight``,
     ``bn{i}.weight`` (gamma, ones), ``bn{i}.bias`` (beta, zeros), ``head.weight``, ``head.bias``.
     """
 
@@ -41,8 +43,11 @@ class Conv4:
     filters: int = 64
     downsample: Literal["stride", "maxpool"] = "stride"
     eps: float = 1e-5
+    norm: NormMode = "transductive"
 
     def __post_init__(self) -> None:
+        if self.norm not in NORM_MODES:
+            raise ValueError(f"Conv4.norm must be one of {NORM_MODES}, got {self.norm!r}")
         if self.downsample not in ("stride", "maxpool"):
             raise ValueError(f"Conv4.downsample must be 'stride' or 'maxpool', got {self.downsample!r}")
         if self.features() < 1:
@@ -77,23 +82,26 @@ class Conv4:
         """One task: ``x[N, C, H, W] -> logits[N, ways]``."""
         return self.apply_tasks(params, x.unsqueeze(0)).squeeze(0)
 
-    def apply_tasks(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T."""
-        return self.apply_moments(params, x)[0]
+    def apply_tasks(self, params: Params, x: torch.Tensor, stats: int | None = None) -> torch.Tensor:
+        """Stacked tasks: ``x[T, N, C, H, W] -> [T, N, ways]``; params shared or with a leading T.
+
+        ``stats``: BatchNorm statistics over each task's first ``stats`` examples (None: all N).
+        """
+        return self.apply_moments(params, x, stats=stats)[0]
 
     def apply_moments(
-        self, params: Params, x: torch.Tensor, moments: Sequence[Moments] | None = None
+        self, params: Params, x: torch.Tensor, moments: Sequence[Moments] | None = None, stats: int | None = None
     ) -> tuple[torch.Tensor, list[Moments]]:
         """``apply_tasks`` that also returns the statistics each BatchNorm normalized with (pipeline/nets/layers.py).
 
         ``moments`` (one per block) normalizes with those statistics instead of the
-        batch's own (the returned list is then ``moments``).
+        batch's own (the returned list is then ``moments``); else ``stats`` as in ``apply_tasks``.
         """
         stride = 2 if self.downsample == "stride" else 1
         used = []
         for i in range(4):
             x = conv_tasks(x, params[f"conv{i}.weight"], stride)
-            used.append(batch_moments(x) if moments is None else moments[i])
+            used.append(moments[i] if moments is not None else batch_moments(x if stats is None else x[:, :stats]))
             x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps, used[-1]))
             if self.downsample == "maxpool":
                 t, n = x.shape[:2]

@@ -3,10 +3,10 @@
 Each takes a stack of tasks ``x[T, N, ...]`` and parameters either shared by all tasks
 (no task dimension: one big matmul/convolution over all T*N inputs) or per task (a
 leading task dimension of size T: batched matmuls and grouped convolutions).
-BatchNorm is written by hand and normalizes with each task's own batch
-statistics (transductive, as in MAML), or with statistics given per task (the
-Meta-LSTM's running statistics), so a task's output never depends on the other
-tasks it is batched with.
+BatchNorm is written by hand and normalizes with each task's own batch statistics
+(transductive, as in MAML), over the whole batch or its first ``stats`` examples
+(pipeline/nets/norm.py), or with statistics given per task (the Meta-LSTM's running
+statistics), so a task's output never depends on the other tasks it is batched with.
 """
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ import torch.nn.functional as F
 
 
 def linear_tasks(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x[T, N, in]`` times a shared ``[out, in]`` or per-task ``[T, out, in]`` weight."""
-    if weight.dim() == 2:
+    """``x[T, N, in]`` times a shared ``[out, in]`` or per-task ``[T, out, in]`` weight, plus a shared ``[out]`` or
+    per-task ``[T, out]`` bias (the two may differ: ANIL adapts some parameters per task, not others)."""
+    if weight.dim() == 2 and bias.dim() == 1:
         return F.linear(x, weight, bias)
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+    if weight.dim() == 2:
+        return torch.baddbmm(bias.unsqueeze(-2), x, weight.T.expand(x.shape[0], -1, -1))
+    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(1, 2))
 
 
 def conv_tasks(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tensor:
@@ -39,15 +42,18 @@ def batch_norm_tasks(
     beta: torch.Tensor,
     eps: float,
     moments: Moments | None = None,
+    stats: int | None = None,
 ) -> torch.Tensor:
     """Normalize ``x[T, N, F, H, W]`` with each task's mean and biased variance over (N, H, W).
 
     ``moments``: given statistics in place of the batch's own (running statistics;
-    see pipeline/algorithms/meta_lstm.py).
+    see pipeline/algorithms/meta_lstm.py). ``stats``: take the batch's over its first
+    ``stats`` of the N examples only (the support set, in ``support`` norm mode); None:
+    over all N.
     Written out rather than F.batch_norm: native batch_norm under torch.func.vmap
     gave second-order meta-gradients about 1% off (issue 4).
     """
-    mean, var, _ = batch_moments(x) if moments is None else moments
+    mean, var, _ = moments if moments is not None else batch_moments(x if stats is None else x[:, :stats])
     shape = (-1, 1, x.shape[2], 1, 1)
     scale = torch.rsqrt(var + eps) * gamma.reshape(shape)
     # (x - mean) * scale + beta with one full-size pass; scale and shift are [T, 1, F, 1, 1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.types import Params
@@ -15,6 +16,7 @@ def unroll(
     optimizer: GradientTransformation,
     steps: int,
     create_graph: bool,
+    checkpoint: bool = False,
 ) -> tuple[Params, torch.Tensor]:
     """Take ``steps`` optimizer steps on ``task_losses(params)``; return the adapted params and the first losses.
 
@@ -25,15 +27,27 @@ def unroll(
     otherwise they are taken at detached copies, so the result depends on
     ``params`` only through the update path (first-order MAML, Reptile,
     fine-tuning). The first losses are detached.
+
+    ``checkpoint=True`` (with ``create_graph``) keeps only each step's input parameters
+    for the backward pass and recomputes the step's forward and inner gradient there
+    (``torch.utils.checkpoint``, non-reentrant): memory of one step instead of ``steps``,
+    for about one more forward-and-backward per step; the same gradients.
     """
+
+    def step(params: Params, state: tuple) -> tuple[Params, tuple, torch.Tensor]:
+        at = params if create_graph else {k: v.detach().requires_grad_() for k, v in params.items()}
+        losses = task_losses(at)
+        grads = torch.autograd.grad(losses.sum(), list(at.values()), create_graph=create_graph)
+        updates, state = optimizer.update(dict(zip(at, grads)), state)
+        return apply_updates(params, updates), state, losses.detach()
+
     state = optimizer.init(params)
     first = None
     for _ in range(steps):
-        at = params if create_graph else {k: v.detach().requires_grad_() for k, v in params.items()}
-        losses = task_losses(at)
+        if checkpoint and create_graph:
+            params, state, losses = torch_checkpoint(step, params, state, use_reentrant=False)
+        else:
+            params, state, losses = step(params, state)
         if first is None:
-            first = losses.detach()
-        grads = torch.autograd.grad(losses.sum(), list(at.values()), create_graph=create_graph)
-        updates, state = optimizer.update(dict(zip(at, grads)), state)
-        params = apply_updates(params, updates)
+            first = losses
     return params, first

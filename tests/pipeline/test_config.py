@@ -182,3 +182,36 @@ def test_meta_lstm_bias_ranges_and_a_model_without_network_on_images():
 def test_description_is_one_line(value):
     with pytest.raises(ConfigError, match="description"):
         validate({**BASE, "description": value})
+
+
+def test_an_adapt_params_glob_that_matches_no_parameter_is_refused_naming_it():
+    images = {"task": {"name": "omniglot", "ways": 2, "shots": 1, "queries": 2, "image_size": 16}, "store": {"path": "e"},
+              "model": {"network": "conv4", "filters": 2}}
+    assert validate({**images, "algorithm": {"adapt_params": ["head.*"]}}).algorithm.adapt_params == ("head.*",)
+    for algorithm in ("maml", "reptile"):
+        with pytest.raises(ConfigError, match=r"algorithm\.adapt_params: 'heads\.\*' match no parameter of model\.network conv4"):
+            validate({**images, "algorithm": {"name": algorithm, "adapt_params": ["conv*", "heads.*"]}})
+    with pytest.raises(ConfigError, match=r"algorithm\.adapt_params"):
+        validate({**images, "algorithm": {"adapt_params": []}})
+
+
+MODULE_TASK = {"task": {"name": "omniglot", "ways": 2, "shots": 1, "queries": 2, "image_size": 16}, "store": {"path": "e"}}
+USER = "tests.pipeline.nets.user_module:ResidualGroupNormNet"
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"factory": "tests.nowhere:Net"}, r"model\.factory: factory 'tests\.nowhere:Net': cannot import 'tests\.nowhere'"),
+        ({"factory": "builtins:dict"}, r"model\.factory: factory 'builtins:dict' returned a dict, not a torch\.nn\.Module"),
+        ({"factory": "torch.nn:ReLU"}, r"model\.factory: factory 'torch\.nn:ReLU' returned a module without parameters"),
+        ({"factory": USER, "kwargs": {"in_channels": 1, "ways": 3}}, r"model\.factory: .* maps inputs \[2, 1, 16, 16\] to \[2, 3\].* needs \[2, 2\]"),
+        ({"factory": USER, "kwargs": {"in_channels": 3, "ways": 2}}, r"model\.factory: .* fails on a batch of shape \[2, 1, 16, 16\]"),
+    ],
+    ids=["import-fails", "not-a-module", "no-parameters", "wrong-outputs", "wrong-inputs"],
+)
+def test_a_bad_module_factory_is_refused_naming_it(model, message):
+    with pytest.raises(ConfigError, match=message):
+        validate({**MODULE_TASK, "model": {"network": "module", **model}})
+    ok = validate({**MODULE_TASK, "model": {"network": "module", "factory": USER, "kwargs": {"in_channels": 1, "ways": 2}}})
+    assert ok.model.factory == USER

@@ -129,6 +129,8 @@ RUNS = {
     "meta_lstm_miniimagenet_5w1s.yaml": ("miniimagenet-5w1s.yaml", "episodes/miniimagenet-5w1s"),
     "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", "episodes/miniimagenet-5w1s-240k"),
     "meta_lstm_miniimagenet_5w5s.yaml": ("miniimagenet-5w5s.yaml", "episodes/miniimagenet-5w5s"),
+    "miniimagenet_maml_resnet12_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", "episodes/miniimagenet-5w1s-240k"),
+    "miniimagenet_maml_resnet12_5w5s.yaml": ("miniimagenet-5w5s.yaml", "episodes/miniimagenet-5w5s"),
     "sinusoid_maml.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
     "sinusoid_reptile.yaml": ("sinusoid.yaml", "episodes/sinusoid"),
     "l2l_quadratic.yaml": ("quadratic.yaml", "episodes/quadratic"),

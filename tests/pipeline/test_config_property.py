@@ -43,7 +43,16 @@ NETWORKS = {
     "mlp": st.fixed_dictionaries(
         {"hidden": st.lists(st.integers(-1, 4), min_size=1, max_size=2), "activation": st.sampled_from(["relu", "sigmoid"])}
     ),
-    "conv4": st.fixed_dictionaries({"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"])}),
+    "conv4": st.fixed_dictionaries(
+        {"filters": st.integers(2, 3), "downsample": st.sampled_from(["stride", "maxpool"]),
+         "norm": st.sampled_from(["transductive", "support"])}
+    ),
+    "resnet12": st.fixed_dictionaries({"widths": st.just([2, 2, 2, 2]), "norm": st.sampled_from(["transductive", "support"])}),
+    "module": st.fixed_dictionaries(
+        {"factory": st.just("tests.pipeline.nets.user_module:ResidualGroupNormNet"),
+         "kwargs": st.fixed_dictionaries({"in_channels": st.just(1), "ways": st.integers(2, 3), "width": st.just(2),
+                                          "groups": st.just(1)})}
+    ),
 }
 ALGORITHM_FIELDS = {
     "maml": st.fixed_dictionaries(

@@ -7,7 +7,14 @@ import torch
 from pipeline.algorithms.reptile import Reptile
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
-from tests.pipeline.algorithms.test_maml import CASES, hand_unroll, leaf, sinusoids
+from tests.pipeline.algorithms.test_maml import (
+    CASES,
+    HEAD,
+    hand_conv4,
+    hand_unroll,
+    leaf,
+    sinusoids,
+)
 
 DT = torch.float64
 
@@ -15,7 +22,7 @@ DT = torch.float64
 @pytest.mark.parametrize("batching", ["loop", "stacked"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_direction_is_theta_minus_the_mean_adapted_theta(case, batching):
-    net, loss, _, episodes_of, _ = CASES[case]
+    net, loss, _, episodes_of, *_ = CASES[case]
     reptile = Reptile(net, loss, inner_lr=0.1, inner_steps=3, batching=batching)
     params = reptile.init(0, DT)
     episodes = episodes_of()
@@ -81,3 +88,26 @@ def test_bad_settings_name_the_value():
         Reptile(MLP(), "mse", 0.1, inner_optimizer="rmsprop")
     with pytest.raises(ValueError, match="'vmap'"):
         Reptile(MLP(), "mse", 0.1, batching="vmap")
+
+
+@pytest.mark.parametrize("batching", ["loop", "stacked"])
+def test_anil_reptile_moves_the_head_only_and_gives_the_body_the_first_order_gradient(batching):
+    net = Conv4(1, 8, 2, filters=3)
+    reptile = Reptile(net, "cross_entropy", inner_lr=0.1, inner_steps=2, batching=batching, adapt_params=("head.*",))
+    params = reptile.init(0, DT)
+    episodes = CASES["conv4"][3]()
+    _, fasts = hand_unroll("conv4", leaf(params), episodes, 0.1, 2, first_order=True, adapt=HEAD)
+    fast, _ = reptile.adapt_tasks(params, episodes)
+    assert all(fast[k] is params[k] for k in params if k not in HEAD)  # the body stays out of the inner loop
+    grads, _ = reptile.meta_grad(params, episodes)
+    body = [k for k in params if k not in HEAD]
+    expected = dict.fromkeys(body, 0.0)
+    for t, adapted in enumerate(fasts):
+        at = {k: v.detach() if k in HEAD else params[k].clone().requires_grad_() for k, v in adapted.items()}
+        loss = torch.nn.functional.cross_entropy(hand_conv4(at, episodes.query_x[t]), episodes.query_y[t]) / len(episodes)
+        for k, g in zip(body, torch.autograd.grad(loss, [at[k] for k in body])):
+            expected[k] = expected[k] + g
+    for k in params:
+        want = params[k] - torch.stack([f[k] for f in fasts]).mean(0) if k in HEAD else expected[k]
+        assert torch.allclose(grads[k], want.detach(), atol=1e-10), k
+    assert all(grads[k].abs().max() > 1e-8 for k in params)

@@ -81,3 +81,49 @@ def test_a_protonet_export_loads_adapts_and_serves_like_the_learner(tmp_path):
     episode = Episodes(support_x[None], support_y[None], query_x[None], torch.zeros(1, 9, dtype=torch.long))
     request = example_request(pipeline.load(path), episode, max_queries=9)
     assert model.predict(None, request) == expected.argmax(-1).tolist()
+
+
+IMAGES = validate({
+    "task": {"name": "omniglot", "ways": 2, "shots": 2, "queries": 3, "image_size": 16},
+    "store": {"path": "unused"},
+    "model": {"network": "conv4", "filters": 3},
+    "algorithm": {"inner_lr": 0.4, "inner_steps": 2},
+})
+
+
+def test_an_exported_learner_predicts_each_query_independently_by_default(tmp_path):
+    """The fault of issue 12: one query per call scored at chance where the whole query set scored well."""
+    export(build_learner(IMAGES).init(0), IMAGES, tmp_path / "export")
+    gen = torch.Generator().manual_seed(0)
+    support_x, support_y = torch.rand(4, 1, 16, 16, generator=gen), torch.tensor([0, 1, 0, 1])
+    query_x = torch.rand(6, 1, 16, 16, generator=gen) * 3
+
+    def single_and_batched(learner):
+        predict = learner.adapt(support_x, support_y)
+        return torch.cat([predict(query_x[i : i + 1]) for i in range(6)]), predict(query_x)
+
+    single, batched = single_and_batched(pipeline.load(tmp_path / "export"))
+    torch.testing.assert_close(single, batched, rtol=0, atol=1e-5)
+    single, batched = single_and_batched(pipeline.load(tmp_path / "export", norm="transductive"))
+    assert not torch.allclose(single, batched, atol=1e-3)
+    with pytest.raises(ValueError, match="'batch'"):
+        pipeline.load(tmp_path / "export", norm="batch")
+
+
+USER = "tests.pipeline.nets.user_module:ResidualGroupNormNet"
+
+
+def test_a_user_module_is_rebuilt_from_its_factory_and_a_missing_factory_is_named(tmp_path):
+    raw = {**IMAGES.model_dump(mode="json"), "model": {"network": "module", "factory": USER, "kwargs": {"in_channels": 1, "ways": 2}}}
+    config = validate(raw)
+    params = build_learner(config).init(3)
+    export(params, config, tmp_path / "export")
+    learner = pipeline.load(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model"]["factory"] == USER
+    assert all(torch.equal(learner.params[k], v) for k, v in params.items())
+    x = torch.rand(4, 1, 16, 16)
+    assert learner.adapt(x, torch.tensor([0, 1, 0, 1]))(x).shape == (4, 2)
+    raw["model"]["factory"] = "tests.gone:Net"
+    (tmp_path / "export" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ExportError, match=r"config\.json: model\.factory 'tests\.gone:Net' cannot be used here"):
+        pipeline.load(tmp_path / "export")
