@@ -140,12 +140,14 @@ class AlgorithmSection(Strict):
 
     ``task_kinds``: the task kinds it meta-learns on (tasks/family.py ``TaskSpec.kind``);
     ``networks``: the ``model.network`` values it trains, or None when it builds its own
-    networks and ignores the model section; ``needs_images``: whether examples must be images.
+    networks and ignores the model section; ``needs_images``: whether examples must be images;
+    ``support_norm``: whether it honours ``model.norm: support``.
     """
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"regression", "classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset(MODELS)
     needs_images: ClassVar[bool] = False
+    support_norm: ClassVar[bool] = True
 
 
 class GradientMetaLearner(AlgorithmSection):
@@ -226,6 +228,7 @@ class MetaLSTMAlgorithm(AlgorithmSection):
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})  # running statistics at meta-test need its hand-written BatchNorm
+    support_norm: ClassVar[bool] = False  # its own algorithm.eval_norm says how queries are normalized
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -291,6 +294,7 @@ class ProtoNetAlgorithm(AlgorithmSection):
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
 
+    support_norm: ClassVar[bool] = False  # support and queries are embedded as one batch, as the authors' code does
     name: Literal["protonet"] = "protonet"
 
 
@@ -470,6 +474,8 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
         return f"task.image_size: this model.network needs images of at least {size}x{size}, got {task_spec.input_shape[1]}"
     if model.inputs == "flat" and not task_spec.is_flat and task_spec.kind != "optimizee":
         return f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"
+    if getattr(model, "norm", None) == "support" and not algorithm.support_norm:
+        return f"model.norm: {algorithm.name} does not take support; leave model.norm at transductive"
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
         return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
     return None

@@ -215,3 +215,10 @@ def test_a_bad_module_factory_is_refused_naming_it(model, message):
         validate({**MODULE_TASK, "model": {"network": "module", **model}})
     ok = validate({**MODULE_TASK, "model": {"network": "module", "factory": USER, "kwargs": {"in_channels": 1, "ways": 2}}})
     assert ok.model.factory == USER
+
+
+@pytest.mark.parametrize("algorithm", ["meta_lstm", "protonet"])
+def test_support_norm_is_refused_by_algorithms_that_normalize_their_own_way(algorithm):
+    images = {"task": {"name": "omniglot", "ways": 2, "shots": 1, "queries": 2, "image_size": 16}, "store": {"path": "e"}}
+    with pytest.raises(ConfigError, match=rf"model\.norm: {algorithm} does not take support"):
+        validate({**images, "model": {"network": "conv4", "norm": "support"}, "algorithm": {"name": algorithm}})

@@ -41,7 +41,10 @@ def test_support_mode_normalizes_queries_with_the_support_statistics(downsample)
 LEARNERS = {
     "maml": lambda norm: MAML(Conv4(1, 16, 2, filters=3, norm=norm), "cross_entropy", inner_lr=0.4, inner_steps=2),
     "reptile": lambda norm: Reptile(Conv4(1, 16, 2, filters=3, norm=norm), "cross_entropy", inner_lr=0.4, inner_steps=2),
-    "meta_lstm": lambda norm: MetaLSTM(Conv4(1, 16, 2, filters=3, norm=norm), inner_steps=2, hidden=3, dtype=DT),
+    # the Meta-LSTM's own setting (eval_norm, as its authors' code): running statistics or the queries' batch
+    "meta_lstm": lambda norm: MetaLSTM(
+        Conv4(1, 16, 2, filters=3), inner_steps=2, hidden=3, eval_norm="running" if norm == "support" else "batch", dtype=DT
+    ),
 }
 
 
