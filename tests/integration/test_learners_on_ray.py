@@ -36,7 +36,7 @@ def test_meta_lstm_trains_through_the_parameter_server_logs_its_gates_and_export
     result = driver.train(config, export_dir=tmp_path / "export", progress=False)
     assert result.steps == 6 and 0.0 <= result.test.mean <= 1.0
     plots = {a.path for a in MlflowClient(config.tracking.uri).list_artifacts(result.run_id, "plots")}
-    assert plots == {"plots/gates.png", "plots/learning_curve.png"}
+    assert plots == {"plots/episodes.png", "plots/gates.png", "plots/learning_curve.png"}
     exported = load(tmp_path / "export")
     assert set(exported.params) == set(build_learner(config).init(0))
 
