@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     print(f"test {result.test}")
-    print(f"exported to {result.export_dir} (MLflow run {result.run_id}, artifacts export/ and model/)")
+    print(f"exported to {result.export_dir} (MLflow run {result.run_id}, artifact export/, logged model 'model')")
     return 0
 
 

@@ -11,7 +11,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import TrainingError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-"""The project folder: on the workers' PYTHONPATH, uploaded as a Ray job's working_dir, code of the pyfunc model."""
+"""The project folder: on the workers' PYTHONPATH and uploaded as a Ray job's working_dir."""
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**34), "MALLOC_TRIM_THRESHOLD_": str(2**34)}
 """glibc settings for worker processes (set before they start, through Ray's runtime_env): freed

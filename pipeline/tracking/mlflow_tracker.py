@@ -164,12 +164,15 @@ class MlflowTracker:
         def send(client: MlflowClient) -> None:
             import mlflow.pyfunc
             from mlflow.models import Model
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
             if not created:  # in the run's experiment (Model.log alone would pick the process's current one)
                 experiment_id = client.get_run(self.run_id).info.experiment_id
                 created.append(client.create_logged_model(experiment_id, name=name, source_run_id=self.run_id).model_id)
-            mlflow.set_tracking_uri(self.uri)  # Model.log resolves the store from the process-wide URI
-            Model.log(None, mlflow.pyfunc, name=name, run_id=self.run_id, model_id=created[0], artifacts=snapshots, **pyfunc)
+            # Model.log resolves the store from the process-wide URI: set it for this call only, then restore it
+            # (MLflow's own context manager; set_tracking_uri alone would leak into $MLFLOW_TRACKING_URI)
+            with _use_tracking_uri(self.uri):
+                Model.log(None, mlflow.pyfunc, name=name, run_id=self.run_id, model_id=created[0], artifacts=snapshots, **pyfunc)
 
         self._put(f"model {name}", send)
 

@@ -1,5 +1,5 @@
 """A user's own image folder through `python -m pipeline train` (real processes, local Ray): MAML with
-augmentation and normalization, exported and loaded, and the Meta-LSTM."""
+augmentation and normalization, exported and loaded; the Meta-LSTM and ProtoNets alike."""
 import os
 import re
 import subprocess
@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 ALGORITHMS = {
     "maml": {"name": "maml", "inner_lr": 0.1, "inner_steps": 1},
     "meta_lstm": {"name": "meta_lstm", "inner_steps": 2, "hidden": 4},
+    "protonet": {"name": "protonet"},
 }
 
 

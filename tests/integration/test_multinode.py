@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 import pytest
+import requests
 import ray
 from mlflow.tracking import MlflowClient
 
@@ -49,6 +50,7 @@ def cluster():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10)  # moto's state is per process
         server.stop()
         for key, value in saved.items():
             if value is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import requests
 import torch
 
 from tasks.errors import StoreError
@@ -40,6 +41,7 @@ def s3(tmp_path_factory):
     os.environ.update(env)
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="episodes")
     yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+    requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10)  # moto's state is per process
     server.stop()
     for key, value in saved.items():
         if value is None:

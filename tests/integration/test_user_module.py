@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
 
 from tests.helpers import small_omniglot_run
 
@@ -67,7 +68,10 @@ def test_a_user_module_trains_exports_loads_and_serves(tmp_path):
     assert loaded == {"shape": [5, 5], "factory": FACTORY}
 
     # the MLflow model carries the module's code: it loads and predicts from another folder, no PYTHONPATH
-    mlruns = next((p for p in (tmp_path / "mlruns").rglob("MLmodel") if run_id in p.parts), None)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (logged,) = client.search_logged_models(experiments, filter_string=f"source_run_id = '{run_id}'")
+    mlruns = next((p for p in (tmp_path / "mlruns").rglob("MLmodel") if logged.model_id in p.parts), None)
     assert mlruns is not None, "no pyfunc model logged"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
