@@ -18,6 +18,21 @@ def in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_restored():
+    """A test that sets MLflow's process-wide tracking URI (mlflow.set_tracking_uri, which also writes
+    $MLFLOW_TRACKING_URI) leaves the next test what it found, in this process and in the processes it starts."""
+    from mlflow.tracking._tracking_service import utils  # the global set_tracking_uri writes; no public reset
+
+    saved, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    utils._tracking_uri = saved
+    if env is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One embedded Ray per test module, pinned to 2 CPUs (Ray's testing tips)."""
