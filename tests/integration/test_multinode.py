@@ -5,6 +5,8 @@ store.path is refused before the run starts. Heavy (three raylets): run it alone
 from __future__ import annotations
 
 import os
+import secrets
+import time
 from typing import Any
 
 import pytest
@@ -16,7 +18,8 @@ from pipeline.config import validate
 from pipeline.errors import TrainingError
 from pipeline.runtime import driver
 from pipeline.runtime.pool import RayPool
-from tests.helpers import wait_until
+from pipeline.runtime.system_metrics import NODE_ACTOR, SystemMetrics, node_names
+from tests.helpers import ROOT, wait_until
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
 pytestmark = pytest.mark.integration
@@ -80,6 +83,29 @@ def test_a_local_store_on_several_nodes_is_refused_before_the_run(cluster, tmp_p
     with pytest.raises(TrainingError, match=r"store.path='.*episodes' is local to one node, the Ray cluster has 3"):
         driver.train(config, progress=False)
     assert not (tmp_path / "episodes").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_other_node_logs_system_metrics_under_its_name(cluster, mlflow_server):
+    """MLflow's system metrics of a cluster tracked by a server: the driver's node under system/, each other node
+    under system/<node>/ (through an actor pinned to it), stopped and killed with the run."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    two_nodes = cluster[1][0].node_id
+    client = MlflowClient(mlflow_server)
+    run_id = client.create_run(client.create_experiment(f"system-metrics-{secrets.token_hex(4)}")).info.run_id
+    name = node_names(ray.nodes())[two_nodes]
+    assert name == f"{ray.util.get_node_ip_address()}-{two_nodes[:8]}"  # both nodes of this machine share its address
+    monitors = SystemMetrics(run_id, mlflow_server, interval_s=0.5)
+    keys = (f"system/{name}/cpu_utilization_percentage", "system/cpu_utilization_percentage")
+    deadline = time.monotonic() + 90
+    while not set(keys) <= set(client.get_run(run_id).data.metrics) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    monitors.stop()
+    metrics = client.get_run(run_id).data.metrics
+    assert all(0 <= metrics[key] <= 100 for key in keys), sorted(metrics)
+    assert f"system/{name}/system_memory_usage_megabytes" in metrics
+    actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(NODE_ACTOR)]
+    assert not actors  # stopped and killed
 
 
 def test_a_killed_node_has_its_worker_replaced_on_the_node_left(cluster, tmp_path, monkeypatch):

@@ -29,10 +29,15 @@ print(json.dumps({"shape": list(logits.shape), "factory": learner.config.model.f
 """
 
 SERVE = """
-import sys, numpy as np, mlflow.pyfunc
+import base64, io, sys, numpy as np, mlflow.pyfunc
+from PIL import Image
 model = mlflow.pyfunc.load_model(sys.argv[1])
-x = np.random.default_rng(0).random((5, 1, 14, 14)).tolist()
-print(json.dumps({"labels": model.predict({"support_x": x, "support_y": [0, 1, 2, 3, 4], "query_x": x})}))
+def png(pixels):
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+images = [png(p) for p in (np.random.default_rng(0).random((5, 14, 14)) * 255).astype(np.uint8)]
+print(json.dumps({"labels": model.predict({"support_images": images, "support_labels": [0, 1, 2, 3, 4], "query_images": images})}))
 """
 
 
