@@ -20,7 +20,6 @@ import torch
 
 from bench.peak import measure as measure_call
 from bench.peak import run_child
-
 from pipeline.algorithms.l2l import L2L, Quadratic
 from tasks.families import quadratic
 from tasks.families.quadratic import QuadraticTask
