@@ -112,6 +112,27 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float, process: su
     raise RuntimeError(f"{what} did not come up in {timeout:.0f} s\n{tail}")
 
 
+def sleep_after_push() -> Callable[[object], None]:
+    """A function for an EpisodeWorker actor's ``__ray_call__`` (made here, so Ray ships it by value): from then on
+    the worker's step sleeps an hour once its push has landed, so the server has its share and its reply never
+    comes (the process stays alive until killed)."""
+
+    def patch(_episode_worker: object) -> None:
+        from pipeline.runtime import worker
+
+        call = worker.call
+
+        def call_then_sleep(actor: object, method: str, *args: object) -> object:
+            answer = call(actor, method, *args)
+            if method == "push":
+                time.sleep(3600)
+            return answer
+
+        worker.call = call_then_sleep
+
+    return patch
+
+
 def http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=3) as response:
         return response.status == 200

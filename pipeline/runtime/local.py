@@ -51,7 +51,7 @@ class LocalPool:
         return min(pending)  # the first submitted
 
     def result(self, i: int, handle: Hashable) -> StepReport:
-        report = self.workers[i].step(self.server)
+        report = self.workers[i].step(self.server, handle)  # the handles, numbered in order, number the shares
         self.positions[i] = report.position
         return report
 

@@ -5,11 +5,14 @@ runs the server and the workers as Ray actors, ``pipeline.runtime.local.LocalPoo
 in this process. Every result is tagged with the worker that produced it
 (StepReport.worker_id). In the Ray pool a worker whose process dies is replaced
 (as the failure policy decides) by a new actor that starts at the reader position
-of its last finished step, so it recomputes exactly the gradient the dead one was
-computing; the server ignores a second push for the same version, so no gradient
-is applied twice. A worker that answers no call within ``train.call_timeout_s`` is
-taken for hung, named, killed and replaced the same way. A call that fails because
-the *server* died raises ServerLost: the loop then restores the server with ``restore``.
+of its last finished step and redoes the lost call with its share number (each
+worker slot's step calls are numbered), so it recomputes exactly the gradient the
+dead one was computing, at the parameters that one had; the server applies a share
+once, also when the lost call's push landed (its reply lost, e.g. a node that died
+after the push) or arrives late (ParameterServer.push). A worker that answers no
+call within ``train.call_timeout_s`` is taken for hung, named, killed and replaced
+the same way. A call that fails because the *server* died raises ServerLost: the
+loop then restores the server with ``restore``.
 
 Evaluation runs on the workers too (``evaluate``): each gets a consecutive slice of
 the validation or test episodes, scores it batched on its device and returns the
@@ -150,6 +153,7 @@ class RayPool:
         self._deadlines: dict[Hashable, float] = {}
         self._policy = policy
         self.positions = list(positions)
+        self._shares = [0] * t.workers  # each worker slot's number for its current step call
         self.restarts = 0
         self.server = self._server_class.remote(state, *self._server_args)
         self.workers = [self._start(i) for i in range(t.workers)]
@@ -168,7 +172,12 @@ class RayPool:
         return ref
 
     def submit(self, i: int) -> ray.ObjectRef:
-        return self._call(self.workers[i].step.remote(self.server))
+        self._shares[i] += 1
+        return self._step(i)
+
+    def _step(self, i: int) -> ray.ObjectRef:
+        """Worker ``i``'s step call for its current share number (a redo passes the lost call's)."""
+        return self._call(self.workers[i].step.remote(self.server, self._shares[i]))
 
     def wait_any(self, pending: Sequence[Hashable]) -> Hashable:
         """The first of ``pending`` to finish, or, when none does before the earliest deadline, that overdue one
@@ -183,7 +192,7 @@ class RayPool:
 
         Raises ServerLost when the worker lost the server, TrainingError when the policy gives up.
         """
-        report: StepReport = self._get(i, handle, lambda: self.submit(i))
+        report: StepReport = self._get(i, handle, lambda: self._step(i))
         self.positions[i] = report.position
         return report
 

@@ -6,6 +6,14 @@ gradients weighted by episode count (summed in worker order, so the result does
 not depend on arrival order); async mode applies each push at once and rejects
 pushes more than ``max_staleness`` versions old. Non-finite gradients are
 rejected and counted, never applied.
+
+A push is idempotent per share: each carries its worker slot, the pool's number for
+that slot's step call (``share``; a redo of a call whose reply was lost carries the
+same number) and the version it was computed at. A share the server already has is
+never applied again: it gets the first push's answer (a share older than the slot's
+last is refused), and ``pull_for`` hands a redo the parameters the lost call had, so
+the redo reproduces it (exactly while those are the current ones or the ones before
+the last update: always in sync mode).
 """
 from __future__ import annotations
 
@@ -24,9 +32,11 @@ from pipeline.optim.sgd import sgd
 
 @dataclass(frozen=True)
 class Push:
-    """A worker's meta-gradient for the parameters of ``version``."""
+    """A worker's meta-gradient for the parameters of ``version``: worker slot ``worker_id``'s share number
+    ``share`` (numbered by the pool per slot, increasing; a redo of a call keeps its number)."""
 
     worker_id: int
+    share: int
     version: int
     grad: np.ndarray
     n_episodes: int
@@ -56,6 +66,15 @@ class ServerState:
     bad_in_a_row: int = 0
     grad_norm: float = 0.0
     pending: dict[int, Push] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A worker slot's last share: its number, the version it was computed at and the server's answer to it."""
+
+    share: int
+    version: int
+    result: PushResult
 
 
 def learning_rate(optimizer: OptimizerConfig, total_steps: int) -> float | Schedule:
@@ -88,6 +107,10 @@ class ParameterServer:
         # the schedule runs on Adam's step count, which equals the version (both advance in _apply)
         self._lr = learning_rate(optimizer, total_steps)
         self._adam = adam(self._lr, tuple(optimizer.betas), optimizer.eps, eps_root=0.0)  # torch.optim's update, never differentiated
+        # per server life, like ``pending``: a restored server starts with none (the pool's share numbers go on)
+        self._received: dict[int, Received] = {}
+        self._before: tuple[int, torch.Tensor] | None = None  # the version and parameters before the last update
+        self._duplicates = 0
 
     @staticmethod
     def fresh(params: torch.Tensor) -> ServerState:
@@ -99,12 +122,22 @@ class ParameterServer:
         """The current version and a copy of the parameters as one float32 array."""
         return self._s.version, self._s.params.numpy().copy()
 
+    def pull_for(self, worker_id: int, share: int) -> tuple[int, np.ndarray]:
+        """The version and a copy of the parameters that worker slot ``worker_id``'s share ``share`` is computed at:
+        the current ones, or, when the server already has that share from the version before its last update (the
+        redo of a call whose push landed and whose reply was lost), that version's, as the lost call had them."""
+        seen = self._received.get(worker_id)
+        if seen is not None and seen.share == share and self._before is not None and seen.version == self._before[0]:
+            return self._before[0], self._before[1].numpy().copy()
+        return self.pull()
+
     def version(self) -> int:
         """The number of updates applied so far."""
         return self._s.version
 
     def stats(self) -> dict[str, float]:
-        """Counters for tracking: rejections, consecutive bad gradients, last gradient norm."""
+        """Counters for tracking: rejections, consecutive bad gradients, last gradient norm, and shares pushed
+        again (not applied again) since this server started."""
         s = self._s
         return {
             "version": s.version,
@@ -112,6 +145,7 @@ class ParameterServer:
             "rejected_stale": s.rejected_stale,
             "bad_in_a_row": s.bad_in_a_row,
             "grad_norm": s.grad_norm,
+            "duplicate_shares": self._duplicates,
         }
 
     def state(self) -> ServerState:
@@ -120,7 +154,25 @@ class ParameterServer:
         return ServerState(s.params.clone(), s.adam, s.version, s.rejected_nonfinite, s.rejected_stale, s.bad_in_a_row, s.grad_norm)
 
     def push(self, push: Push) -> PushResult:
-        """Accept or reject one worker's gradient; apply an update when a step is complete."""
+        """Accept or reject one worker's share; apply an update when a step is complete.
+
+        A share the server already has (a redo, or the late push of a worker taken for dead or hung) is not applied
+        again: it gets the answer the first push got; a share older than the slot's last is refused.
+        Raises ValueError when the gradient's shape is not the parameters'.
+        """
+        seen = self._received.get(push.worker_id)
+        if seen is not None and push.share <= seen.share:
+            self._duplicates += 1
+            if push.share == seen.share:
+                return seen.result
+            version = self._s.version
+            reason = f"share {push.share} of worker {push.worker_id} is older than its last, {seen.share}"
+            return PushResult(False, reason, version, False, version - push.version)
+        result = self._accept(push)
+        self._received[push.worker_id] = Received(push.share, push.version, result)
+        return result
+
+    def _accept(self, push: Push) -> PushResult:
         s = self._s
         staleness = s.version - push.version
         if s.version >= self._total_steps:
@@ -135,7 +187,7 @@ class ParameterServer:
             s.rejected_nonfinite += 1
             s.bad_in_a_row += 1
             if self._mode == "sync" and push.version == s.version:
-                s.pending[push.worker_id] = Push(push.worker_id, push.version, np.empty(0), 0)
+                s.pending[push.worker_id] = Push(push.worker_id, push.share, push.version, np.empty(0), 0)
                 applied = self._maybe_apply_sync()
                 return PushResult(False, "non-finite gradient", s.version, applied, staleness)
             return PushResult(False, "non-finite gradient", s.version, False, staleness)
@@ -144,7 +196,8 @@ class ParameterServer:
                 s.rejected_stale += 1
                 return PushResult(False, f"sync push for version {push.version}, server at {s.version}", s.version, False, staleness)
             if push.worker_id in s.pending:
-                return PushResult(False, "duplicate push for this version", s.version, False, staleness)
+                reason = f"worker {push.worker_id} already pushed share {s.pending[push.worker_id].share} for version {s.version}"
+                return PushResult(False, reason, s.version, False, staleness)
             s.pending[push.worker_id] = push
             applied = self._maybe_apply_sync()
             return PushResult(True, "", s.version, applied, staleness)
@@ -171,6 +224,7 @@ class ParameterServer:
 
     def _apply(self, grad: torch.Tensor) -> None:
         s = self._s
+        self._before = (s.version, s.params)  # the update makes new parameters; these stay as they are
         grad, s.grad_norm = clip_by_global_norm(grad, self._opt.clip_norm)
         if self._opt.name == "sgd":
             rate = self._lr(s.adam.step) if callable(self._lr) else self._lr

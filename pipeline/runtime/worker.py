@@ -93,10 +93,12 @@ class EpisodeWorker:
         """Stop the reader's read-ahead (a Ray actor is simply killed; an in-process worker is closed)."""
         self.reader.close()
 
-    def step(self, server: Any) -> StepReport:
-        """One pull -> read -> compute -> push cycle against ``server``."""
+    def step(self, server: Any, share: int) -> StepReport:
+        """One pull -> read -> compute -> push cycle against ``server`` for this worker slot's share number ``share``
+        (the pool's; the redo of a call whose reply was lost keeps its number, so the server hands out that call's
+        parameters and applies the share once: ParameterServer.pull_for, push)."""
         t0 = time.perf_counter()
-        version, flat = call(server, "pull")
+        version, flat = call(server, "pull_for", self.worker_id, share)
         t1 = time.perf_counter()
         episodes = next(self.reader).to(self.device, self.dtype)
         t2 = time.perf_counter()
@@ -105,7 +107,7 @@ class EpisodeWorker:
             grads, metrics = self.learner.meta_grad(params, episodes)
         grad = self.layout.flatten(grads).numpy()
         t3 = time.perf_counter()
-        result = call(server, "push", Push(self.worker_id, version, grad, len(episodes)))
+        result = call(server, "push", Push(self.worker_id, share, version, grad, len(episodes)))
         t4 = time.perf_counter()
         timings = {"pull_s": t1 - t0, "read_s": t2 - t1, "compute_s": t3 - t2, "push_s": t4 - t3}
         return StepReport(self.worker_id, version, len(episodes), metrics, timings, self.reader.position, result)

@@ -15,6 +15,7 @@ from pipeline.errors import TrainingError
 from pipeline.export.directory import load
 from pipeline.runtime import driver
 from pipeline.runtime.pool import RayPool
+from tests.helpers import sleep_after_push
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
@@ -195,9 +196,10 @@ def test_async_mode_applies_every_step_and_logs_staleness(tmp_path):
     assert all(0 <= s <= 1 or rejected.get(step, 0) > 0 for step, s in staleness.items()), (staleness, rejected)
 
 
-def hang_at_step(step: int, worker: int, monkeypatch) -> list[int]:
-    """Before the pool's step at server version ``step``, make worker ``worker`` hang once: its next read sleeps
-    for an hour (the process stays alive, it answers nothing)."""
+def hang_at_step(step: int, worker: int, monkeypatch, after_push: bool = False) -> list[int]:
+    """Before the pool's step at server version ``step``, make worker ``worker`` hang once (the process stays alive,
+    it answers nothing): its next read sleeps for an hour, or, ``after_push``, its next call sleeps an hour once
+    its push has landed (the other workers' calls of that step run first, so that push completes the step)."""
     hung: list[int] = []
     original = RayPool.step_all
 
@@ -209,25 +211,31 @@ def hang_at_step(step: int, worker: int, monkeypatch) -> list[int]:
         episode_worker.reader = Asleep()
 
     def step_all_hanging_once(self):
-        if not hung and ray.get(self.server.version.remote()) == step:
-            ray.get(self.workers[worker].__ray_call__.remote(hang))
-            hung.append(step)
-        return original(self)
+        if hung or ray.get(self.server.version.remote()) != step:
+            return original(self)
+        ray.get(self.workers[worker].__ray_call__.remote(sleep_after_push() if after_push else hang))
+        hung.append(step)
+        if not after_push:
+            return original(self)
+        others = [self.result(i, self.submit(i)) for i in range(self.size) if i != worker]
+        return sorted([*others, self.result(worker, self.submit(worker))], key=lambda report: report.worker_id)
 
     monkeypatch.setattr(RayPool, "step_all", step_all_hanging_once)
     return hung
 
 
-def test_a_hung_worker_is_named_replaced_and_no_step_is_lost(tmp_path, monkeypatch, capfd, undisturbed):
+def test_hung_workers_are_named_replaced_and_no_step_is_lost(tmp_path, monkeypatch, capfd, undisturbed):
     """A worker that stops answering (alive, asleep) is taken for hung after train.call_timeout_s, named,
-    replaced like a dead one; the run has the undisturbed run's losses."""
-    hung = hang_at_step(5, 1, monkeypatch)
+    replaced like a dead one: at step 3 before its read, at step 6 after its push landed and completed the step
+    (its redo pulls the parameters the hung call had and its push is not applied again); the run has the
+    undisturbed run's losses."""
+    at_read, after_push = hang_at_step(3, 1, monkeypatch), hang_at_step(6, 1, monkeypatch, after_push=True)
     config = sinusoid_config(tmp_path, steps=10, val_every=10, checkpoint_every=10, call_timeout_s=30)
     faulty = driver.train(config, progress=False)
-    assert hung and faulty.steps == 10
-    assert "worker 1 failed (WorkerHung: worker 1 answered nothing in train.call_timeout_s=30); replacing it" in capfd.readouterr().err
+    assert at_read == [3] and after_push == [6] and faulty.steps == 10
+    assert capfd.readouterr().err.count("worker 1 failed (WorkerHung: worker 1 answered nothing in train.call_timeout_s=30); replacing it") == 2
     metrics = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(faulty.run_id).data.metrics
-    assert metrics["faults/worker_restarts"] == 1
+    assert metrics["faults/worker_restarts"] == 2 and metrics["server/duplicate_shares"] == 1
     assert_same_losses(tmp_path, undisturbed, faulty)
 
 

@@ -1,7 +1,8 @@
 """A Ray cluster of three nodes on 127.0.0.1 (ray.cluster_utils.Cluster: a head and two worker nodes, each with
-its own resources), the episode store on S3 (moto): workers spread over the nodes; a whole node killed mid-run
-has its worker replaced on the node left, with every step's loss equal to an undisturbed run's; a local
-store.path is refused before the run starts. Heavy (three raylets): run it alone."""
+its own resources), the episode store on S3 (moto): workers spread over the nodes; a whole node killed mid-run,
+after its worker's push landed and before its reply came, has its worker replaced on the node left and the step
+redone once, with every step's loss equal to an undisturbed run's; a local store.path is refused before the run
+starts. Heavy (three raylets): run it alone."""
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ from pipeline.errors import TrainingError
 from pipeline.runtime import driver
 from pipeline.runtime.pool import RayPool
 from pipeline.runtime.system_metrics import NODE_ACTOR, SystemMetrics, node_names
-from tests.helpers import ROOT, moto_s3, wait_until
+from tests.helpers import ROOT, moto_s3, sleep_after_push, wait_until
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
 pytestmark = pytest.mark.integration
@@ -92,7 +93,12 @@ def test_every_other_node_logs_system_metrics_under_its_name(cluster, mlflow_ser
     assert not actors  # stopped and killed
 
 
-def test_a_killed_node_has_its_worker_replaced_on_the_node_left(cluster, tmp_path, monkeypatch):
+def test_a_node_killed_after_its_worker_pushed_has_the_step_redone_once_on_the_node_left(cluster, tmp_path, monkeypatch, capfd):
+    """Worker 1's node is killed while its call of step 4 is in flight, after its push landed and completed the
+    step (the worker made to sleep after its push, so its reply is lost), and the run goes on at once, without
+    waiting for Ray to declare the node dead. Its replacement, on the node left, redoes the call: it pulls step
+    4's parameters and its push is not applied again; every step's loss and the test result equal an undisturbed
+    run's."""
     ray_cluster, nodes = cluster
     reference = driver.train(run_config(tmp_path / "a", "s3://episodes/sin"), progress=False)
     spread: list[set[str]] = []
@@ -103,25 +109,29 @@ def test_a_killed_node_has_its_worker_replaced_on_the_node_left(cluster, tmp_pat
         version = ray.get(self.server.version.remote())
         if version == 1:
             spread.append({node_of(w) for w in self.workers})
-        if version == 3 and not killed:
-            doomed = node_of(self.workers[1])
-            assert doomed != node_of(self.server)  # the server rides with worker 0
-            node = next(n for n in nodes if n.node_id == doomed)
-            ray_cluster.remove_node(node, allow_graceful=False)
-            # Until Ray declares the node dead its orphaned worker may still answer; the fault under test is a
-            # node Ray knows to be gone (see the README on calls lost in flight).
-            wait_until(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == doomed), "the node's death", 60)
-            killed.append(doomed)
-        return original(self)
+        if version != 3 or killed:
+            return original(self)
+        doomed = node_of(self.workers[1])
+        assert doomed != node_of(self.server)  # the server rides with worker 0
+        ray.get(self.workers[1].__ray_call__.remote(sleep_after_push()))
+        first = self.result(0, self.submit(0))
+        lost = self.submit(1)
+        wait_until(lambda: ray.get(self.server.version.remote()) == 4, "worker 1's push", 60)
+        ray_cluster.remove_node(next(n for n in nodes if n.node_id == doomed), allow_graceful=False)
+        killed.append(doomed)
+        return [first, self.result(1, lost)]
 
     monkeypatch.setattr(RayPool, "step_all", step_all_killing_a_node)
     faulty = driver.train(run_config(tmp_path / "b", "s3://episodes/sin"), progress=False)
     assert spread == [{n.node_id for n in nodes}]  # one worker on each worker node
     assert killed and faulty.steps == STEPS
+    assert "worker 1 failed (ActorDiedError" in capfd.readouterr().err
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
     # Ray may place the first replacement on the dying node before it is declared dead: then a second one
     assert metrics["faults/worker_restarts"] in (1, 2) and "faults/server_restores" not in metrics
+    assert metrics["server/duplicate_shares"] == 1  # the redo's push, recognised
     a, b = losses(tmp_path / "a", reference.run_id), losses(tmp_path / "b", faulty.run_id)
     assert sorted(b) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    assert faulty.test == reference.test

@@ -43,8 +43,8 @@ def by_hand(config, steps: int) -> list[float]:
     raw = config.model_dump(mode="json")
     workers = [EpisodeWorker(i, t.workers, raw, n) for i, n in enumerate(split_batch(t.meta_batch, t.workers))]
     losses = []
-    for _ in range(steps):
-        reports = [w.step(server) for w in workers]
+    for share in range(steps):
+        reports = [w.step(server, share) for w in workers]
         losses.append(sum(r.metrics["loss"] * r.n_episodes for r in reports) / t.meta_batch)
     for w in workers:
         w.close()

@@ -1,5 +1,6 @@
 """Evaluation split over the workers (in process): the same numbers as evaluating every episode in one place;
-bfloat16 autocast steps close to float32 ones."""
+bfloat16 autocast steps close to float32 ones; a step redone by a replacement worker after the lost call's push
+landed is applied once."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from pipeline.config import validate
 from pipeline.evaluation import evaluate
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
-from pipeline.runtime.pool import eval_slices
+from pipeline.runtime.pool import eval_slices, split_batch
 from pipeline.runtime.server import ParameterServer, PushResult
 from pipeline.runtime.worker import EpisodeWorker
 from tasks.store.parquet import precompute
@@ -66,7 +67,7 @@ class Recorder:
     def __init__(self, flat):
         self.flat, self.grad = flat, None
 
-    def pull(self):
+    def pull_for(self, worker_id, share):
         return 0, self.flat
 
     def push(self, push):
@@ -86,7 +87,7 @@ def test_bfloat16_autocast_steps_stay_close_to_float32(tmp_path, one_thread):
         initial = Layout.of(params).flatten(params)
         server = Recorder(initial.numpy())
         worker = EpisodeWorker(0, 1, config.model_dump(mode="json"), 8)
-        worker.step(server)
+        worker.step(server, 0)
         worker.close()
         pool = LocalPool(config, ParameterServer.fresh(initial), [None, None])
         runs[dtype] = server.grad, [sum(r.metrics["loss"] for r in pool.step_all()) / 2 for _ in range(4)]
@@ -96,3 +97,33 @@ def test_bfloat16_autocast_steps_stay_close_to_float32(tmp_path, one_thread):
     cosine = float(torch.nn.functional.cosine_similarity(grad16, grad32, dim=0))
     assert cosine > 0.97 and float((grad16 - grad32).norm() / grad32.norm()) < 0.3  # measured: 0.980 and 0.20
     assert loss16 == pytest.approx(loss32, rel=1e-2)  # measured: within 0.15%
+
+
+def sync_losses(config, steps: int, lost_at: int | None = None) -> list[float]:
+    """Each step's train loss on an in-process pool of two workers. At step ``lost_at`` worker 1's call runs after
+    worker 0's and completes the step, its report is lost, and a new worker started at the position of its last
+    finished step redoes the call (its share number kept), as RayPool does when a node dies after the push."""
+    params = build_learner(config).init(config.seed)
+    pool = LocalPool(config, ParameterServer.fresh(Layout.of(params).flatten(params)), [None, None])
+    losses = []
+    try:
+        for step in range(steps):
+            handles = [pool.submit(i) for i in range(pool.size)]
+            reports = [pool.result(0, handles[0])]
+            if step == lost_at:
+                pool.workers[1].step(pool.server, handles[1])
+                pool.workers[1].close()
+                batch = split_batch(config.train.meta_batch, pool.size)[1]
+                pool.workers[1] = EpisodeWorker(1, pool.size, config.model_dump(mode="json"), batch, pool.positions[1])
+            reports.append(pool.result(1, handles[1]))
+            losses.append(sum(r.metrics["loss"] * r.n_episodes for r in reports) / config.train.meta_batch)
+        assert pool.stats()["version"] == steps and pool.stats()["duplicate_shares"] == (lost_at is not None)
+    finally:
+        pool.stop()
+    return losses
+
+
+def test_a_step_redone_after_its_push_landed_is_applied_once(tmp_path, one_thread):
+    config = sinusoid_config(tmp_path, train_episodes=1000)
+    precompute(config, progress=False)
+    assert sync_losses(config, 4, lost_at=1) == sync_losses(config, 4)
