@@ -294,7 +294,6 @@ class ProtoNetAlgorithm(AlgorithmSection):
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
 
-    support_norm: ClassVar[bool] = False  # support and queries are embedded as one batch, as the authors' code does
     name: Literal["protonet"] = "protonet"
 
 
