@@ -141,13 +141,16 @@ class AlgorithmSection(Strict):
     ``task_kinds``: the task kinds it meta-learns on (tasks/family.py ``TaskSpec.kind``);
     ``networks``: the ``model.network`` values it trains, or None when it builds its own
     networks and ignores the model section; ``needs_images``: whether examples must be images;
-    ``support_norm``: whether it honours ``model.norm: support``.
+    ``model_problem``: what else it needs of the model section.
     """
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"regression", "classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset(MODELS)
     needs_images: ClassVar[bool] = False
-    support_norm: ClassVar[bool] = True
+
+    def model_problem(self, model: ModelSection) -> str | None:
+        """Why this algorithm's settings cannot run with ``model`` (one of ``networks``), naming both keys; None when they can."""
+        return None
 
 
 class GradientMetaLearner(AlgorithmSection):
@@ -227,8 +230,7 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/algorithms/meta_lstm.py)."""
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
-    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})  # running statistics at meta-test need its hand-written BatchNorm
-    support_norm: ClassVar[bool] = False  # its own algorithm.eval_norm says how queries are normalized
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4", "resnet12", "module"})
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -247,6 +249,22 @@ class MetaLSTMAlgorithm(AlgorithmSection):
         "running", description="meta-test queries: running BatchNorm statistics of the support passes, or their own batch"
     )
     norm_momentum: float = Field(0.9, gt=0, le=1, description="running-statistics momentum (weight of the new batch)")
+
+    def model_problem(self, model: ModelSection) -> str | None:
+        """``eval_norm: running`` takes the statistics of the hand-written Conv4's BatchNorm, and says itself how queries are normalized."""
+        if self.eval_norm != "running":
+            return None
+        if model.network != "conv4":
+            return (
+                f"algorithm.eval_norm: running needs model.network conv4 (running statistics of its hand-written"
+                f" BatchNorm), got model.network {model.network!r}; set algorithm.eval_norm: batch"
+            )
+        if getattr(model, "norm", None) == "support":
+            return (
+                "algorithm.eval_norm: running normalizes meta-test queries with running statistics, so model.norm:"
+                " support does not apply; set model.norm: transductive, or algorithm.eval_norm: batch"
+            )
+        return None
 
     @model_validator(mode="after")
     def _ranges(self) -> MetaLSTMAlgorithm:
@@ -445,7 +463,7 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
     """Why ``task``, ``model`` and ``algorithm`` cannot run together, naming the key; None when they can.
 
     Reads only what each section declares: the task family's ``TaskSpec``, the model's
-    ``inputs`` and the algorithm's ``task_kinds``, ``networks`` and ``needs_images``.
+    ``inputs`` and the algorithm's ``task_kinds``, ``networks``, ``needs_images`` and ``model_problem``.
     """
     task_spec = spec(task)
     shape = "x".join(map(str, task_spec.input_shape))
@@ -473,8 +491,9 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
         return f"task.image_size: this model.network needs images of at least {size}x{size}, got {task_spec.input_shape[1]}"
     if model.inputs == "flat" and not task_spec.is_flat and task_spec.kind != "optimizee":
         return f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"
-    if getattr(model, "norm", None) == "support" and not algorithm.support_norm:
-        return f"model.norm: {algorithm.name} does not take support; leave model.norm at transductive"
+    problem = algorithm.model_problem(model)
+    if problem:
+        return problem
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
         return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
     return None
