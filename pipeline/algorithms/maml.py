@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
-from pipeline.nets.module import ModuleNet
+from pipeline.nets.module import ModuleNet, for_evaluation
 from pipeline.nets.norm import query_outputs
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.optim.sgd import sgd
@@ -140,7 +140,9 @@ def predictor(
     In the network's ``transductive`` norm mode (MAML's) BatchNorm normalizes each call's
     queries with their own statistics: call the predictor on the whole query set at once.
     In ``support`` mode each query's prediction is independent of the others in the call.
+    A module network runs in eval mode (``for_evaluation``: dropout off), adapting and predicting.
     """
+    network = for_evaluation(network)
     detached = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
         fast, _ = adapt_tasks(network, loss, optimizer, detached, support_x[None], support_y[None], steps, False, adapt)
@@ -166,8 +168,10 @@ def evaluate_tasks(
     """Per-episode query metrics before (``pre_``) and after ``steps`` of adaptation, ``chunk`` tasks at a time.
 
     Returns tensors of shape ``[len(episodes)]``: ``loss``, ``pre_loss`` and, for
-    classification, ``accuracy`` and ``pre_accuracy``.
+    classification, ``accuracy`` and ``pre_accuracy``. A module network runs in eval mode
+    (``for_evaluation``: dropout off).
     """
+    network = for_evaluation(network)
     detached = {k: v.detach() for k, v in params.items()}
     rows: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(episodes), chunk):

@@ -45,7 +45,7 @@ first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.layers import Moments
-from pipeline.nets.module import ModuleNet
+from pipeline.nets.module import ModuleNet, for_evaluation
 from pipeline.nets.norm import query_outputs
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
@@ -224,26 +224,34 @@ class MetaLSTM:
 
         The queries are normalized with the running statistics of the support
         passes (``eval_norm="running"``) or as in meta-training (``"batch"``: the
-        network's norm mode).
+        network's norm mode). A module learner runs in eval mode (dropout off).
         """
+        learner = self.evaluating()
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            fast, _, running = self.learn(
+            fast, _, running = learner.learn(
                 fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
             )
+        network = learner.network
 
         def predict(x: torch.Tensor) -> torch.Tensor:
             if self.eval_norm == "running":
-                return self.network.apply_moments(fast, x[None], running)[0][0]
-            return query_outputs(self.network, fast, support_x[None], x[None])[0]
+                return network.apply_moments(fast, x[None], running)[0][0]
+            return query_outputs(network, fast, support_x[None], x[None])[0]
 
         return predict
+
+    def evaluating(self) -> MetaLSTM:
+        """This learner as evaluation runs it: a module learner in eval mode (``for_evaluation``: dropout off)."""
+        return replace(self, network=for_evaluation(self.network))
 
     def gate_trace(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> GateTrace:
         """Gate values over the updates on one support set (the paper's gate figure)."""
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            _, trace, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+            _, trace, _ = self.evaluating().learn(
+                fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
+            )
         return trace
 
     def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:
