@@ -50,7 +50,7 @@ def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
 def _conv4(model: Conv4Model, task: TaskSpec) -> Conv4:
     """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
     channels, size, _ = task.input_shape
-    return Conv4(channels, size, task.outputs, model.filters, model.downsample, norm=model.norm)
+    return Conv4(channels, size, task.outputs, model.filters, model.downsample, norm=model.norm, norm_scale=model.norm_scale)
 
 
 def _resnet12(model: ResNet12Model, task: TaskSpec) -> ModuleNet:
@@ -93,6 +93,7 @@ def _maml(config: RunConfig) -> MAML:
         inner_loss_scale=inner_loss_scale(algo, config.task_spec),
         adapt_params=algo.adapt_params,
         checkpoint=algo.checkpoint,
+        adapt_norm=algo.adapt_norm,
     )
 
 

@@ -65,6 +65,11 @@ class Conv4Model(ModelSection):
     filters: int = Field(64, ge=1)
     downsample: Literal["stride", "maxpool"] = "stride"
     norm: Literal["transductive", "support"] = NormField
+    norm_scale: bool = Field(
+        True,
+        description="BatchNorm scale (gamma) parameters; false: offset only, cbfinn/maml's tf.contrib.layers.batch_norm"
+        " (scale=False). true is the Reptile, ProtoNets and Meta-LSTM references' (and torch's)",
+    )
 
     @property
     def min_image_size(self) -> int:
@@ -182,6 +187,11 @@ class MAMLAlgorithm(GradientMetaLearner):
         " for N-way classification; the mean for regression), or the mean",
     )
     checkpoint: bool = Field(False, description="recompute each inner step in backward (torch.utils.checkpoint): less memory")
+    adapt_norm: bool = Field(
+        False,
+        description="adapt the BatchNorm parameters in the inner loop; false: meta-learned only (cbfinn/maml's batch_norm"
+        " variables are not in its inner step's weights)",
+    )
 
     @model_validator(mode="after")
     def _checkpoint_batching(self) -> MAMLAlgorithm:
@@ -503,14 +513,15 @@ def network_problem(config: RunConfig) -> str | None:
     """What only the built network can tell, naming the key; None when fine.
 
     A ``module`` network must map two examples of the task's input shape to ``[2, outputs]``;
-    every glob of ``algorithm.adapt_params`` must match a parameter name.
+    every glob of ``algorithm.adapt_params`` must match a parameter name, and one not of
+    BatchNorm when ``algorithm.adapt_norm`` is false.
     """
     patterns = getattr(config.algorithm, "adapt_params", None)
     if config.algorithm.networks is None or not (patterns or isinstance(config.model, ModuleModel)):
         return None
     import torch  # imported here, as the algorithms and the builders (they import this module)
 
-    from pipeline.algorithms.maml import unmatched_patterns
+    from pipeline.algorithms.maml import adapted_names, unmatched_patterns
     from pipeline.build import build_network
 
     network = build_network(config)
@@ -531,12 +542,17 @@ def network_problem(config: RunConfig) -> str | None:
         return None
     names = list(network.init(0))
     unmatched = unmatched_patterns(names, patterns)
-    if not unmatched:
-        return None
-    return (
-        f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
-        f" {config.model.network} (its parameters: {', '.join(names)})"
-    )
+    if unmatched:
+        return (
+            f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
+            f" {config.model.network} (its parameters: {', '.join(names)})"
+        )
+    if not getattr(config.algorithm, "adapt_norm", True) and set(adapted_names(names, patterns)) <= network.batch_norm_names():
+        return (
+            f"algorithm.adapt_params: {list(patterns)} match only BatchNorm parameters, and algorithm.adapt_norm: false"
+            " keeps those out of the inner loop: nothing would adapt; set algorithm.adapt_norm: true or widen adapt_params"
+        )
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

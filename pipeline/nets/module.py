@@ -168,6 +168,14 @@ class ModuleNet:
             fresh = build_module(self.factory, self.kwargs)
         return {k: p.detach().to(dtype) for k, p in fresh.named_parameters()}
 
+    def batch_norm_names(self) -> frozenset[str]:
+        """The names of the parameters of the module's BatchNorm layers (``algorithm.adapt_norm: false`` keeps them out of the inner loop)."""
+        return frozenset(
+            f"{name}.{key}" if name else key
+            for name, layer in self.module.named_modules() if isinstance(layer, _BatchNorm)
+            for key, _ in layer.named_parameters(recurse=False)
+        )
+
     def _buffers(self, like: torch.Tensor) -> Params:
         """The module's buffers on ``like``'s device, floating ones in its dtype."""
         return {
