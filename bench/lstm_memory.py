@@ -12,29 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from bench.peak import measure as measure_call
+from bench.peak import run_child
 from pipeline.algorithms.l2l import L2L, Quadratic
 from tasks.families import quadratic
 from tasks.families.quadratic import QuadraticTask
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -46,18 +34,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     episodes = quadratic.decode(task, {k: torch.from_numpy(v) for k, v in fields.items()}).to(device, torch.float64)
     learner = L2L(Quadratic(), unroll=args.unroll, truncation=args.truncation, checkpoint=args.checkpoint, dtype=torch.float64)
     params = {k: v.to(device) for k, v in learner.init(0).items()}
-    before = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    grads, _ = learner.meta_grad(params, episodes)
-    seconds = time.perf_counter() - start
-    result = {"rss_rise_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before, "seconds": seconds}
-    if device.type == "cuda":
-        result["cuda_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    save_file({k: v.cpu() for k, v in grads.items()}, args.grads)
-    return result
+    return measure_call(lambda: learner.meta_grad(params, episodes)[0], device, args.grads)
 
 
 def main() -> None:
@@ -77,14 +54,9 @@ def main() -> None:
     results, grads = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("plain", "checkpoint"):
-            path = str(Path(tmp) / f"{mode}.safetensors")
-            command = [sys.executable, "-m", "bench.lstm_memory", "--grads", path] + [
-                f"--{k}={getattr(args, k)}" for k in ("problems", "dim", "unroll", "truncation", "device", "threads")
-            ]
-            command += ["--checkpoint"] if mode == "checkpoint" else []
-            out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            results[mode] = json.loads(out.strip().splitlines()[-1])
-            grads[mode] = load_file(path)
+            options = [f"--{k}={getattr(args, k)}" for k in ("problems", "dim", "unroll", "truncation", "device", "threads")]
+            options += ["--checkpoint"] if mode == "checkpoint" else []
+            results[mode], grads[mode] = run_child("bench.lstm_memory", options, str(Path(tmp) / f"{mode}.safetensors"))
     diff = max((grads["plain"][k] - grads["checkpoint"][k]).abs().max().item() for k in grads["plain"])
     scale = max(v.abs().max().item() for v in grads["plain"].values())
     coords = args.problems * args.dim

@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from bench.lstm_memory import _rss_mib
+from bench.peak import measure as measure_call
+from bench.peak import run_child
 from pipeline.algorithms.maml import MAML
 from pipeline.nets.module import ModuleNet
 from tasks.episodes import Episodes
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(args: argparse.Namespace) -> dict[str, float]:
@@ -52,21 +46,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     params = {k: v.to(device).requires_grad_() for k, v in maml.init(0).items()}
     # load torch.utils.checkpoint's lazy imports before the baseline, in both modes alike
     checkpoint(lambda t: t * 2, torch.ones(1, requires_grad=True), use_reentrant=False).sum().backward()
-    before = _rss_mib()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    grads, _ = maml.meta_grad(params, episodes)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    result = {"rss_rise_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
-              "seconds": time.perf_counter() - start}
-    if device.type == "cuda":
-        result["cuda_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    save_file({k: v.cpu() for k, v in grads.items()}, args.grads)
-    return result
+    return measure_call(lambda: maml.meta_grad(params, episodes)[0], device, args.grads)
 
 
 def main() -> None:
@@ -93,12 +73,9 @@ def main() -> None:
         for steps in args.steps:
             grads = {}
             for mode in ("plain", "checkpoint"):
-                path = str(Path(tmp) / f"{steps}-{mode}.safetensors")
-                command = [sys.executable, "-m", "bench.memory", "--grads", path, f"--inner-steps={steps}", *shared]
-                command += ["--checkpoint"] if mode == "checkpoint" else []
-                out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-                rows.append((steps, mode, json.loads(out.strip().splitlines()[-1])))
-                grads[mode] = load_file(path)
+                options = [f"--inner-steps={steps}", *shared] + (["--checkpoint"] if mode == "checkpoint" else [])
+                result, grads[mode] = run_child("bench.memory", options, str(Path(tmp) / f"{steps}-{mode}.safetensors"))
+                rows.append((steps, mode, result))
             diff = max((grads["plain"][k] - grads["checkpoint"][k]).abs().max().item() for k in grads["plain"])
             rows[-1][2]["grad_diff"] = diff
     cuda = args.device.startswith("cuda")

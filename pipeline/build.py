@@ -1,15 +1,16 @@
-"""The plug-in registries of the pipeline: ``model.network`` -> network, ``algorithm.name`` -> meta-learner.
+"""The plug-in registry of the pipeline's algorithms: ``algorithm.name`` -> meta-learner.
 
-The one place that maps config names to code (task families have theirs in
-tasks/families/__init__.py). A builder reads its config section and the task's
+The one place that maps algorithm names to code (networks are built by their config
+sections, ``ModelSection.build`` in pipeline/config.py; task families have their
+registry in tasks/families/__init__.py). A builder reads its config section and the task's
 ``TaskSpec`` (what the task family declares: kind, input shape, outputs, loss),
 never the task's name, so any family with the right spec serves any network and
 algorithm that accepts it. Which combinations can run is decided before any work,
 by ``pipeline.config.incompatibility``; a config that validates always builds.
 
-Adding a network or an algorithm: its module (pipeline/nets/, pipeline/algorithms/),
-its config section in pipeline/config.py (``MODELS`` / ``ALGORITHMS``), and one
-builder entry here.
+Adding an algorithm: its module (pipeline/algorithms/), its config section in
+pipeline/config.py (``ALGORITHMS``), and one builder entry here. Adding a network:
+its module (pipeline/nets/) and its config section in ``MODELS``, with a ``build`` method.
 """
 from __future__ import annotations
 
@@ -24,54 +25,21 @@ from pipeline.algorithms.metanet import MetaNet
 from pipeline.algorithms.protonet import ProtoNet
 from pipeline.algorithms.reptile import Reptile
 from pipeline.config import (
-    Conv4Model,
     L2LAlgorithm,
     MAMLAlgorithm,
     MetaLSTMAlgorithm,
     MetaNetAlgorithm,
     MLPModel,
-    ModuleModel,
     ReptileAlgorithm,
-    ResNet12Model,
     RunConfig,
 )
-from pipeline.nets.conv4 import Conv4
-from pipeline.nets.mlp import MLP
-from pipeline.nets.module import ModuleNet
 from pipeline.types import MetaLearner
 from tasks.family import TaskSpec
 
 
-def _mlp(model: MLPModel, task: TaskSpec) -> MLP:
-    """``input features -> hidden... -> outputs`` (sinusoid: 1-40-40-1)."""
-    return MLP((task.input_shape[0], *model.hidden, task.outputs))
-
-
-def _conv4(model: Conv4Model, task: TaskSpec) -> Conv4:
-    """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
-    channels, size, _ = task.input_shape
-    return Conv4(channels, size, task.outputs, model.filters, model.downsample, norm=model.norm, norm_scale=model.norm_scale)
-
-
-def _resnet12(model: ResNet12Model, task: TaskSpec) -> ModuleNet:
-    """ResNet-12 (pipeline/nets/resnet12.py) through the module path, for ``[C, H, W]`` images and ``outputs`` classes."""
-    kwargs = {"in_channels": task.input_shape[0], "ways": task.outputs, "widths": list(model.widths),
-              "drop_prob": model.drop_prob, "block_size": model.block_size}
-    return ModuleNet("pipeline.nets.resnet12:ResNet12", kwargs, model.norm)
-
-
-def _module(model: ModuleModel, task: TaskSpec) -> ModuleNet:
-    """The user's module: ``factory(**kwargs)`` (its inputs and outputs are checked by config validation)."""
-    return ModuleNet(model.factory, dict(model.kwargs), model.norm)
-
-
-NETWORKS: dict[str, Callable[..., Network]] = {"mlp": _mlp, "conv4": _conv4, "resnet12": _resnet12, "module": _module}
-"""``model.network`` -> builder ``(model section, task spec) -> network``."""
-
-
 def build_network(config: RunConfig) -> Network:
     """The network of ``config.model`` sized for ``config.task`` (its input shape and outputs)."""
-    return NETWORKS[config.model.network](config.model, config.task_spec)
+    return config.model.build(config.task_spec)
 
 
 def _dtype(config: RunConfig) -> torch.dtype:

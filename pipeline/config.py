@@ -6,8 +6,9 @@ YAML before validation, so they are checked exactly like the file.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
@@ -24,12 +25,22 @@ from tasks.config import EpisodeConfig
 from tasks.families import FAMILIES, spec
 from tasks.family import ImageFamily, Kind, Strict, TaskSpec
 
+if TYPE_CHECKING:
+    from pipeline.algorithms.maml import Network
+
 
 class ModelSection(Strict):
-    """What every model section declares: the inputs its network takes (checked by ``RunConfig``)."""
+    """What every model section declares: the inputs its network takes (checked by ``RunConfig``) and how it builds.
+
+    The networks' modules are imported inside ``build`` (they import torch; this module stays light).
+    """
 
     inputs: ClassVar[str] = "flat"
     """What one example must be: ``flat`` (a feature vector) or ``image`` ([C, H, W])."""
+
+    @abstractmethod
+    def build(self, task: TaskSpec) -> Network:
+        """The network of this section sized for ``task`` (its input shape and outputs)."""
 
     @property
     def min_image_size(self) -> int:
@@ -52,6 +63,12 @@ class MLPModel(ModelSection):
     network: Literal["mlp"] = "mlp"
     hidden: tuple[Annotated[int, Field(ge=1)], ...] = (40, 40)
     activation: Literal["relu", "sigmoid"] = "relu"
+
+    def build(self, task: TaskSpec) -> Network:
+        """``input features -> hidden... -> outputs`` (sinusoid: 1-40-40-1)."""
+        from pipeline.nets.mlp import MLP
+
+        return MLP((task.input_shape[0], *self.hidden, task.outputs))
 
 
 class Conv4Model(ModelSection):
@@ -76,6 +93,13 @@ class Conv4Model(ModelSection):
         """Smallest image side the four blocks leave at least one pixel of (2x2 max-pool floors)."""
         return 16 if self.downsample == "maxpool" else 1
 
+    def build(self, task: TaskSpec) -> Network:
+        """The MAML paper's Conv4 for ``[C, H, W]`` images and ``outputs`` classes."""
+        from pipeline.nets.conv4 import Conv4
+
+        channels, size, _ = task.input_shape
+        return Conv4(channels, size, task.outputs, self.filters, self.downsample, norm=self.norm, norm_scale=self.norm_scale)
+
 
 class ResNet12Model(ModelSection):
     """ResNet-12 (MetaOptNet / learn2learn form; pipeline/nets/resnet12.py), run as a module through functional_call."""
@@ -97,6 +121,14 @@ class ResNet12Model(ModelSection):
     def min_image_size(self) -> int:
         """Four 2x2 max-pools must leave at least one pixel."""
         return 16
+
+    def build(self, task: TaskSpec) -> Network:
+        """ResNet-12 (pipeline/nets/resnet12.py) through the module path, for ``[C, H, W]`` images and ``outputs`` classes."""
+        from pipeline.nets.module import ModuleNet
+
+        kwargs = {"in_channels": task.input_shape[0], "ways": task.outputs, "widths": list(self.widths),
+                  "drop_prob": self.drop_prob, "block_size": self.block_size}
+        return ModuleNet("pipeline.nets.resnet12:ResNet12", kwargs, self.norm)
 
 
 class ModuleModel(ModelSection):
@@ -122,6 +154,12 @@ class ModuleModel(ModelSection):
             raise ValueError(f"model.factory: {e}") from None
         return self
 
+    def build(self, task: TaskSpec) -> Network:
+        """The user's module: ``factory(**kwargs)`` (its inputs and outputs are checked by ``RunConfig``)."""
+        from pipeline.nets.module import ModuleNet
+
+        return ModuleNet(self.factory, dict(self.kwargs), self.norm)
+
 
 def tag_or(key: str, default: str) -> Discriminator:
     """A union discriminator on ``key`` that falls back to ``default`` when the key is left out."""
@@ -135,7 +173,7 @@ def tag_or(key: str, default: str) -> Discriminator:
 
 
 MODELS = {"mlp": MLPModel, "conv4": Conv4Model, "resnet12": ResNet12Model, "module": ModuleModel}
-"""``model.network`` -> its section; the builders are in pipeline/build.py."""
+"""``model.network`` -> its section, which builds the network (``ModelSection.build``)."""
 
 ModelConfig = Annotated[Union[tuple(Annotated[m, Tag(n)] for n, m in MODELS.items())], tag_or("network", "mlp")]  # noqa: UP007
 
@@ -522,9 +560,8 @@ def network_problem(config: RunConfig) -> str | None:
     import torch  # imported here, as the algorithms and the builders (they import this module)
 
     from pipeline.algorithms.maml import adapted_names, unmatched_patterns
-    from pipeline.build import build_network
 
-    network = build_network(config)
+    network = config.model.build(config.task_spec)
     if isinstance(config.model, ModuleModel):
         task = config.task_spec
         params = network.init(0)

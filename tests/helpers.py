@@ -11,11 +11,13 @@ import subprocess
 import time
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -138,6 +140,31 @@ class S3:
             "s3", endpoint_url=self.endpoint, region_name="us-east-1",
             aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key,
         )
+
+
+@contextmanager
+def moto_s3(bucket: str, **env: str) -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 with ``bucket``; yields its URL while the process environment points
+    at it (endpoint, test credentials, and ``env``), restored afterwards; moto's state is reset on exit."""
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    settings = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": endpoint} | env
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in settings.items():
+                patch.setenv(key, value)
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+            yield endpoint
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset", timeout=10)  # moto's state is per process
+        server.stop()
 
 
 def base_env(scratch: Path) -> dict[str, str]:

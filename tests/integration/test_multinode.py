@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import pytest
-import requests
 import ray
 from mlflow.tracking import MlflowClient
 
@@ -19,7 +18,7 @@ from pipeline.errors import TrainingError
 from pipeline.runtime import driver
 from pipeline.runtime.pool import RayPool
 from pipeline.runtime.system_metrics import NODE_ACTOR, SystemMetrics, node_names
-from tests.helpers import ROOT, wait_until
+from tests.helpers import ROOT, moto_s3, wait_until
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
 
 pytestmark = pytest.mark.integration
@@ -31,35 +30,20 @@ STEPS = 6
 def cluster():
     """moto's S3 server with a bucket ``episodes``, then a head (no worker slots) and two nodes of 1 CPU and 2
     worker slots each; the environment (S3 endpoint, RAY_ADDRESS) points at them, as a user's shell would."""
-    import boto3
-    from moto.server import ThreadedMotoServer
     from ray.cluster_utils import Cluster
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}", "RAY_USAGE_STATS_ENABLED": "0"}
-    saved = {k: os.environ.get(k) for k in [*env, "RAY_ADDRESS"]}
-    os.environ.update(env)  # before the nodes start: their workers inherit the S3 endpoint and credentials
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="episodes")
-    fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}  # a dead node noticed in ~2 s
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_death})
-    nodes = [cluster.add_node(num_cpus=1, resources={"worker_slot": 2}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    os.environ["RAY_ADDRESS"] = cluster.address
-    try:
-        yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10)  # moto's state is per process
-        server.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # the environment is set before the nodes start: their workers inherit the S3 endpoint and credentials
+    with moto_s3("episodes", RAY_USAGE_STATS_ENABLED="0"), pytest.MonkeyPatch.context() as patch:
+        fast_death = {"health_check_period_ms": 500, "health_check_failure_threshold": 4}  # a dead node noticed in ~2 s
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False, "_system_config": fast_death})
+        nodes = [cluster.add_node(num_cpus=1, resources={"worker_slot": 2}) for _ in range(2)]
+        cluster.wait_for_nodes()
+        patch.setenv("RAY_ADDRESS", cluster.address)
+        try:
+            yield cluster, nodes
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
 
 
 def run_config(tmp_path, store_path: str):

@@ -1,17 +1,14 @@
 """The episode store on S3 (moto's server on 127.0.0.1): the same episodes as a local store, damage named."""
 from __future__ import annotations
 
-import os
-
 import pytest
-import requests
 import torch
 
 from tasks.errors import StoreError
 from tasks.store.parquet import open_store, precompute
 from tests.helpers import omniglot_store_config as omniglot_config
 from tests.helpers import sinusoid_store_config as sinusoid_config
-from tests.helpers import write_omniglot
+from tests.helpers import moto_s3, write_omniglot
 
 pytestmark = pytest.mark.integration
 
@@ -27,27 +24,12 @@ def omniglot_store(tmp_path_factory, small_omniglot):
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
+def s3():
     """A moto S3 server on 127.0.0.1 with a bucket ``episodes``; the environment points at it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="episodes")
-    yield boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    requests.post(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", timeout=10)  # moto's state is per process
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_s3("episodes") as endpoint:
+        yield boto3.client("s3", endpoint_url=endpoint)
 
 
 def test_s3_store_reads_back_equal_to_a_local_store(s3, tmp_path, small_omniglot, omniglot_store):
