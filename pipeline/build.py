@@ -61,6 +61,7 @@ def _maml(config: RunConfig) -> MAML:
         inner_loss_scale=inner_loss_scale(algo, config.task_spec),
         adapt_params=algo.adapt_params,
         checkpoint=algo.checkpoint,
+        adapt_norm=algo.adapt_norm,
     )
 
 

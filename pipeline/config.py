@@ -82,6 +82,11 @@ class Conv4Model(ModelSection):
     filters: int = Field(64, ge=1)
     downsample: Literal["stride", "maxpool"] = "stride"
     norm: Literal["transductive", "support"] = NormField
+    norm_scale: bool = Field(
+        True,
+        description="BatchNorm scale (gamma) parameters; false: offset only, cbfinn/maml's tf.contrib.layers.batch_norm"
+        " (scale=False). true is the Reptile, ProtoNets and Meta-LSTM references' (and torch's)",
+    )
 
     @property
     def min_image_size(self) -> int:
@@ -93,7 +98,7 @@ class Conv4Model(ModelSection):
         from pipeline.nets.conv4 import Conv4
 
         channels, size, _ = task.input_shape
-        return Conv4(channels, size, task.outputs, self.filters, self.downsample, norm=self.norm)
+        return Conv4(channels, size, task.outputs, self.filters, self.downsample, norm=self.norm, norm_scale=self.norm_scale)
 
 
 class ResNet12Model(ModelSection):
@@ -179,13 +184,16 @@ class AlgorithmSection(Strict):
     ``task_kinds``: the task kinds it meta-learns on (tasks/family.py ``TaskSpec.kind``);
     ``networks``: the ``model.network`` values it trains, or None when it builds its own
     networks and ignores the model section; ``needs_images``: whether examples must be images;
-    ``support_norm``: whether it honours ``model.norm: support``.
+    ``model_problem``: what else it needs of the model section.
     """
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"regression", "classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset(MODELS)
     needs_images: ClassVar[bool] = False
-    support_norm: ClassVar[bool] = True
+
+    def model_problem(self, model: ModelSection) -> str | None:
+        """Why this algorithm's settings cannot run with ``model`` (one of ``networks``), naming both keys; None when they can."""
+        return None
 
 
 class GradientMetaLearner(AlgorithmSection):
@@ -217,6 +225,11 @@ class MAMLAlgorithm(GradientMetaLearner):
         " for N-way classification; the mean for regression), or the mean",
     )
     checkpoint: bool = Field(False, description="recompute each inner step in backward (torch.utils.checkpoint): less memory")
+    adapt_norm: bool = Field(
+        False,
+        description="adapt the BatchNorm parameters in the inner loop; false: meta-learned only (cbfinn/maml's batch_norm"
+        " variables are not in its inner step's weights)",
+    )
 
     @model_validator(mode="after")
     def _checkpoint_batching(self) -> MAMLAlgorithm:
@@ -265,8 +278,7 @@ class MetaLSTMAlgorithm(AlgorithmSection):
     """The Meta-learner LSTM of Ravi & Larochelle 2017 (pipeline/algorithms/meta_lstm.py)."""
 
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
-    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})  # running statistics at meta-test need its hand-written BatchNorm
-    support_norm: ClassVar[bool] = False  # its own algorithm.eval_norm says how queries are normalized
+    networks: ClassVar[frozenset[str] | None] = frozenset({"conv4", "resnet12", "module"})
 
     name: Literal["meta_lstm"] = "meta_lstm"
     inner_steps: int = Field(12, ge=1, description="learner updates per episode (paper: 12 for 1-shot, 8 for 5-shot)")
@@ -285,6 +297,22 @@ class MetaLSTMAlgorithm(AlgorithmSection):
         "running", description="meta-test queries: running BatchNorm statistics of the support passes, or their own batch"
     )
     norm_momentum: float = Field(0.9, gt=0, le=1, description="running-statistics momentum (weight of the new batch)")
+
+    def model_problem(self, model: ModelSection) -> str | None:
+        """``eval_norm: running`` takes the statistics of the hand-written Conv4's BatchNorm, and says itself how queries are normalized."""
+        if self.eval_norm != "running":
+            return None
+        if model.network != "conv4":
+            return (
+                f"algorithm.eval_norm: running needs model.network conv4 (running statistics of its hand-written"
+                f" BatchNorm), got model.network {model.network!r}; set algorithm.eval_norm: batch"
+            )
+        if getattr(model, "norm", None) == "support":
+            return (
+                "algorithm.eval_norm: running normalizes meta-test queries with running statistics, so model.norm:"
+                " support does not apply; set model.norm: transductive, or algorithm.eval_norm: batch"
+            )
+        return None
 
     @model_validator(mode="after")
     def _ranges(self) -> MetaLSTMAlgorithm:
@@ -332,7 +360,6 @@ class ProtoNetAlgorithm(AlgorithmSection):
     task_kinds: ClassVar[frozenset[Kind]] = frozenset({"classification"})
     networks: ClassVar[frozenset[str] | None] = frozenset({"conv4"})
 
-    support_norm: ClassVar[bool] = False  # support and queries are embedded as one batch, as the authors' code does
     name: Literal["protonet"] = "protonet"
 
 
@@ -484,7 +511,7 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
     """Why ``task``, ``model`` and ``algorithm`` cannot run together, naming the key; None when they can.
 
     Reads only what each section declares: the task family's ``TaskSpec``, the model's
-    ``inputs`` and the algorithm's ``task_kinds``, ``networks`` and ``needs_images``.
+    ``inputs`` and the algorithm's ``task_kinds``, ``networks``, ``needs_images`` and ``model_problem``.
     """
     task_spec = spec(task)
     shape = "x".join(map(str, task_spec.input_shape))
@@ -512,8 +539,9 @@ def incompatibility(task: Any, model: ModelSection, algorithm: AlgorithmSection)
         return f"task.image_size: this model.network needs images of at least {size}x{size}, got {task_spec.input_shape[1]}"
     if model.inputs == "flat" and not task_spec.is_flat and task_spec.kind != "optimizee":
         return f"model.network: {model.network} needs flat inputs; task.name={task_name} has inputs of shape {shape} (use conv4)"
-    if getattr(model, "norm", None) == "support" and not algorithm.support_norm:
-        return f"model.norm: {algorithm.name} does not take support; leave model.norm at transductive"
+    problem = algorithm.model_problem(model)
+    if problem:
+        return problem
     if isinstance(model, MLPModel) and model.activation == "sigmoid" and not isinstance(algorithm, L2LAlgorithm):
         return f"model.activation: sigmoid is used only by l2l's MLP optimizee; {algorithm.name} networks use relu"
     return None
@@ -523,14 +551,15 @@ def network_problem(config: RunConfig) -> str | None:
     """What only the built network can tell, naming the key; None when fine.
 
     A ``module`` network must map two examples of the task's input shape to ``[2, outputs]``;
-    every glob of ``algorithm.adapt_params`` must match a parameter name.
+    every glob of ``algorithm.adapt_params`` must match a parameter name, and one not of
+    BatchNorm when ``algorithm.adapt_norm`` is false.
     """
     patterns = getattr(config.algorithm, "adapt_params", None)
     if config.algorithm.networks is None or not (patterns or isinstance(config.model, ModuleModel)):
         return None
     import torch  # imported here, as the algorithms and the builders (they import this module)
 
-    from pipeline.algorithms.maml import unmatched_patterns
+    from pipeline.algorithms.maml import adapted_names, unmatched_patterns
 
     network = config.model.build(config.task_spec)
     if isinstance(config.model, ModuleModel):
@@ -550,12 +579,17 @@ def network_problem(config: RunConfig) -> str | None:
         return None
     names = list(network.init(0))
     unmatched = unmatched_patterns(names, patterns)
-    if not unmatched:
-        return None
-    return (
-        f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
-        f" {config.model.network} (its parameters: {', '.join(names)})"
-    )
+    if unmatched:
+        return (
+            f"algorithm.adapt_params: {', '.join(map(repr, unmatched))} match no parameter of model.network"
+            f" {config.model.network} (its parameters: {', '.join(names)})"
+        )
+    if not getattr(config.algorithm, "adapt_norm", True) and set(adapted_names(names, patterns)) <= network.batch_norm_names():
+        return (
+            f"algorithm.adapt_params: {list(patterns)} match only BatchNorm parameters, and algorithm.adapt_norm: false"
+            " keeps those out of the inner loop: nothing would adapt; set algorithm.adapt_norm: true or widen adapt_params"
+        )
+    return None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

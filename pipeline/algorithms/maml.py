@@ -21,6 +21,12 @@ over parameter names (``("head.*",)``), restricts the inner loop to the paramete
 they match; the others stay at their meta-parameter values during adaptation and
 are meta-learned only (through the query loss, and second order through the
 inner gradients).
+
+``adapt_norm=False`` (cbfinn/maml's): the BatchNorm parameters stay out of the inner
+loop, like ANIL's non-adapted ones; they are meta-learned only. In cbfinn's ``maml.py``
+the inner step ``tf.gradients(task_lossa, list(weights.values()))`` covers the
+``weights`` dict (convolutions, biases, head), while ``tf.contrib.layers.batch_norm``'s
+offset is a variable of its own, trained only by the outer Adam.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
-from pipeline.nets.module import ModuleNet
+from pipeline.nets.module import ModuleNet, for_evaluation
 from pipeline.nets.norm import query_outputs
 from pipeline.optim.base import GradientTransformation, apply_updates
 from pipeline.optim.sgd import sgd
@@ -140,7 +146,9 @@ def predictor(
     In the network's ``transductive`` norm mode (MAML's) BatchNorm normalizes each call's
     queries with their own statistics: call the predictor on the whole query set at once.
     In ``support`` mode each query's prediction is independent of the others in the call.
+    A module network runs in eval mode (``for_evaluation``: dropout off), adapting and predicting.
     """
+    network = for_evaluation(network)
     detached = {k: v.detach() for k, v in params.items()}
     with torch.enable_grad():
         fast, _ = adapt_tasks(network, loss, optimizer, detached, support_x[None], support_y[None], steps, False, adapt)
@@ -166,8 +174,10 @@ def evaluate_tasks(
     """Per-episode query metrics before (``pre_``) and after ``steps`` of adaptation, ``chunk`` tasks at a time.
 
     Returns tensors of shape ``[len(episodes)]``: ``loss``, ``pre_loss`` and, for
-    classification, ``accuracy`` and ``pre_accuracy``.
+    classification, ``accuracy`` and ``pre_accuracy``. A module network runs in eval mode
+    (``for_evaluation``: dropout off).
     """
+    network = for_evaluation(network)
     detached = {k: v.detach() for k, v in params.items()}
     rows: list[dict[str, torch.Tensor]] = []
     for start in range(0, len(episodes), chunk):
@@ -216,6 +226,7 @@ class MAML:
     inner_loss_scale: float = 1.0
     adapt_params: tuple[str, ...] | None = None
     checkpoint: bool = False
+    adapt_norm: bool = True
 
     def __post_init__(self) -> None:
         if not self.inner_loss_scale > 0:
@@ -224,6 +235,8 @@ class MAML:
             unmatched = unmatched_patterns(self.network.init(0), self.adapt_params)
             if unmatched:
                 raise ValueError(f"MAML.adapt_params: {unmatched} match no parameter of the network")
+            if not self._adapted(self.network.init(0)):
+                raise ValueError(f"MAML.adapt_params: {list(self.adapt_params)} match only BatchNorm parameters, which adapt_norm=False keeps out")
         if self.checkpoint and self.batching == "vmap":
             raise ValueError("MAML.checkpoint recomputes inner steps with torch.utils.checkpoint: use batching loop or stacked, not vmap")
         if self.task_chunk is not None and self.task_chunk < 1:
@@ -241,14 +254,19 @@ class MAML:
         """The network's initial parameters (plus the Meta-SGD rates of the adapted ones, all ``inner_lr``)."""
         params = self.network.init(seed, dtype)
         if self.learn_inner_lr:
-            adapt = adapted_names(params, self.adapt_params)
+            adapt = self._adapted(params)
             params.update({LR_PREFIX + k: torch.full_like(v, self.inner_lr) for k, v in list(params.items()) if k in adapt})
         return params
+
+    def _adapted(self, names: Iterable[str]) -> frozenset[str]:
+        """The parameter names the inner loop adapts: ``adapt_params``' (all when None), less BatchNorm's unless ``adapt_norm``."""
+        adapt = adapted_names(names, self.adapt_params)
+        return adapt if self.adapt_norm else adapt - self.network.batch_norm_names()
 
     def _inner(self, params: Params) -> tuple[Params, GradientTransformation, frozenset[str]]:
         """The network's parameters, the inner SGD (with the Meta-SGD rates of ``params``) and the adapted names."""
         net = {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
-        adapt = adapted_names(net, self.adapt_params)
+        adapt = self._adapted(net)
         scale = self.inner_loss_scale  # SGD on scale * loss: the rates times scale
         if not self.learn_inner_lr:
             return net, sgd(scale * self.inner_lr), adapt

@@ -1,6 +1,7 @@
 """The Meta-learner LSTM of Ravi & Larochelle 2017 ("Optimization as a model for few-shot learning").
 
-The learner is the Conv4 of pipeline/nets/conv4.py. The meta-learner is
+The learner is the Conv4 of pipeline/nets/conv4.py or any module
+(pipeline/nets/module.py: ``model.network: module`` or ``resnet12``). The meta-learner is
 coordinate-wise, shared by every learner parameter:
 
 1. a plain LSTM over the preprocessed, detached inputs of each coordinate,
@@ -26,8 +27,11 @@ model/lstm/meta-learner-lstm.lua and lstm-helper.lua) by default:
   episode, then updated at each of the learner's support passes,
   ``running = (1 - m) running + m batch`` with momentum ``m = 0.9``
   (``BN_momentum``) and the unbiased batch variance, as torch7's BatchNorm.
-  A query's logits then depend on the support set only. ``"batch"``
-  normalizes the queries as one batch at meta-test too.
+  A query's logits then depend on the support set only; it needs the
+  hand-written Conv4 (whose BatchNorm takes given statistics). ``"batch"``
+  normalizes the queries as in meta-training, in the network's ``norm`` mode
+  (pipeline/nets/norm.py): as one batch (``transductive``) or with the
+  support set's statistics (``support``: independent of the other queries).
 
 Its initial cell state is the learner's learned initialization. The forget
 bias starts high and the input bias low, so training starts near gradient
@@ -41,7 +45,7 @@ first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -50,6 +54,8 @@ import torch.nn.functional as F
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.layers import Moments
+from pipeline.nets.module import ModuleNet, for_evaluation
+from pipeline.nets.norm import query_outputs
 from pipeline.types import Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
@@ -69,9 +75,9 @@ class GateTrace:
 
 @dataclass(frozen=True)
 class MetaLSTM:
-    """The Meta-learner LSTM as a MetaLearner over a Conv4 learner."""
+    """The Meta-learner LSTM as a MetaLearner over a Conv4 or module learner (``eval_norm="running"``: Conv4 only)."""
 
-    network: Conv4
+    network: Conv4 | ModuleNet
     inner_steps: int = 12
     eval_inner_steps: int | None = None
     hidden: int = 20
@@ -91,6 +97,11 @@ class MetaLSTM:
             raise ValueError(f"MetaLSTM.gate_input must be 'pre_sigmoid' or 'post_sigmoid', got {self.gate_input!r}")
         if self.eval_norm not in ("running", "batch"):
             raise ValueError(f"MetaLSTM.eval_norm must be 'running' or 'batch', got {self.eval_norm!r}")
+        if self.eval_norm == "running" and not isinstance(self.network, Conv4):
+            raise ValueError(
+                f"MetaLSTM.eval_norm 'running' needs the hand-written Conv4 (its BatchNorm takes given statistics),"
+                f" got a {type(self.network).__name__}; use eval_norm 'batch'"
+            )
         if not 0 < self.norm_momentum <= 1:
             raise ValueError(f"MetaLSTM.norm_momentum must lie in (0, 1], got {self.norm_momentum}")
         for name in ("forget_bias", "input_bias"):
@@ -122,8 +133,8 @@ class MetaLSTM:
         """Run ``steps`` meta-LSTM updates of the learner on B support sets ``x[B, N, C, H, W]``, ``y[B, N]``.
 
         Returns the learner's parameters (with a leading task dimension B), the
-        gate trace and each BatchNorm's running statistics after the support
-        passes (detached; see ``eval_norm``). ``differentiable=False``
+        gate trace and, with ``eval_norm="running"``, each BatchNorm's running
+        statistics after the support passes (detached; else []). ``differentiable=False``
         (evaluation) drops the graph at every step.
         """
         tasks = support_x.shape[0]
@@ -143,7 +154,7 @@ class MetaLSTM:
             if not theta.requires_grad:
                 theta = theta.requires_grad_()
             loss, moments = self._loss(theta, keys, shapes, sizes, support_x, support_y)
-            running = self._running(running, moments)
+            running = self._running(running, moments) if moments else None
             (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=differentiable)
             grad = grad.detach().reshape(-1) * scale
             loss_in = loss.detach()[:, None].expand(tasks, theta.shape[1]).reshape(-1)
@@ -179,14 +190,18 @@ class MetaLSTM:
     def _loss(
         self, theta: torch.Tensor, keys: list[str], shapes: list[torch.Size], sizes: list[int], x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, list[Moments]]:
-        logits, moments = self.network.apply_moments(self._unflatten(theta, keys, shapes, sizes), x)
+        params = self._unflatten(theta, keys, shapes, sizes)
+        if self.eval_norm == "running":
+            logits, moments = self.network.apply_moments(params, x)
+        else:
+            logits, moments = self.network.apply_tasks(params, x), []
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").reshape(y.shape).mean(1), moments
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean query cross-entropy after ``inner_steps`` updates on each support set."""
         with torch.enable_grad():
             fast, trace, _ = self.learn(params, episodes.support_x, episodes.support_y, self.inner_steps)
-        logits = self.network.apply_tasks(fast, episodes.query_x)
+        logits = query_outputs(self.network, fast, episodes.support_x, episodes.query_x)
         loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
         accuracy = (logits.argmax(-1) == episodes.query_y).float().mean().item()
         return loss, {
@@ -208,25 +223,35 @@ class MetaLSTM:
         """Learn on one support set (``eval_inner_steps`` updates); the predictor maps queries to logits.
 
         The queries are normalized with the running statistics of the support
-        passes (``eval_norm="running"``) or as one batch (``"batch"``).
+        passes (``eval_norm="running"``) or as in meta-training (``"batch"``: the
+        network's norm mode). A module learner runs in eval mode (dropout off).
         """
+        learner = self.evaluating()
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            fast, _, running = self.learn(
+            fast, _, running = learner.learn(
                 fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
             )
-        moments = running if self.eval_norm == "running" else None
+        network = learner.network
 
         def predict(x: torch.Tensor) -> torch.Tensor:
-            return self.network.apply_moments(fast, x[None], moments)[0][0]
+            if self.eval_norm == "running":
+                return network.apply_moments(fast, x[None], running)[0][0]
+            return query_outputs(network, fast, support_x[None], x[None])[0]
 
         return predict
+
+    def evaluating(self) -> MetaLSTM:
+        """This learner as evaluation runs it: a module learner in eval mode (``for_evaluation``: dropout off)."""
+        return replace(self, network=for_evaluation(self.network))
 
     def gate_trace(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> GateTrace:
         """Gate values over the updates on one support set (the paper's gate figure)."""
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            _, trace, _ = self.learn(fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False)
+            _, trace, _ = self.evaluating().learn(
+                fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
+            )
         return trace
 
     def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:

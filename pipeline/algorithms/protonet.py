@@ -6,9 +6,16 @@ prototypes, and the meta-loss is the mean query cross-entropy, differentiated
 with respect to the embedding network. Follows the authors' code
 (jakesnell/prototypical-networks, ``protonets/models/few_shot.py``: ``Protonet.loss``
 and ``protonets/utils.py``: ``euclidean_dist``): support and query images of an
-episode go through the encoder in one batch (so batch-norm normalizes them with
-the episode's statistics, as the reference's training pass does), prototypes are
-means, distances squared, ``log_softmax(-distances)``.
+episode go through the encoder in one batch, prototypes are means, distances
+squared, ``log_softmax(-distances)``.
+
+Batch-norm follows the network's ``norm`` mode (pipeline/nets/norm.py):
+``transductive`` normalizes support and queries with the statistics of their
+whole batch, as the reference's training pass does, so a query's prediction
+depends on the other queries of the call; ``support`` normalizes every example
+with the support set's statistics (the support embeddings are then those of the
+support set alone), so each query is predicted independently of the others. An
+export predicts in ``support`` mode by default (pipeline/export/directory.py).
 
 The embedding network is the built-in Conv4 without its head: ``Conv4.apply_tasks``
 with an identity head returns the features the head would read (the flattened
@@ -45,11 +52,14 @@ class ProtoNet:
         """The Conv4's initial parameters without its head (the same trunk weights as ``Conv4.init(seed)``)."""
         return {k: v for k, v in self.network.init(seed, dtype).items() if not k.startswith(HEAD)}
 
-    def embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings ``[T, N, D]`` of stacked tasks ``x[T, N, C, H, W]`` (D = ``network.features()``)."""
+    def embed(self, params: Params, x: torch.Tensor, stats: int | None = None) -> torch.Tensor:
+        """Embeddings ``[T, N, D]`` of stacked tasks ``x[T, N, C, H, W]`` (D = ``network.features()``).
+
+        ``stats``: batch-norm statistics over each task's first ``stats`` examples (None: all N).
+        """
         eye = torch.eye(self.network.features(), dtype=x.dtype, device=x.device)
         head = {HEAD + "weight": eye, HEAD + "bias": torch.zeros_like(eye[0])}
-        return self.network.apply_tasks({**params, **head}, x)
+        return self.network.apply_tasks({**params, **head}, x, stats)
 
     def logits(
         self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
@@ -58,10 +68,13 @@ class ProtoNet:
 
         ``support_x[T, S, C, H, W]`` with labels ``support_y[T, S]`` in ``0..ways-1`` (any
         order, every class present), ``query_x[T, Q, C, H, W]``; support and queries of a
-        task are embedded in one batch. Raises ValueError when a class has no support example.
+        task are embedded in one batch, its batch-norm statistics those of the whole batch
+        (``transductive``) or of the support set (``support`` norm mode). Raises ValueError
+        when a class has no support example.
         """
         s = support_x.shape[1]
-        z = self.embed(params, torch.cat([support_x, query_x], dim=1))
+        stats = s if self.network.norm == "support" else None
+        z = self.embed(params, torch.cat([support_x, query_x], dim=1), stats)
         z_support, z_query = z[:, :s], z[:, s:]
         onehot = F.one_hot(support_y, self.ways).to(z.dtype)  # [T, S, ways]
         counts = onehot.sum(1)  # [T, ways]
@@ -92,8 +105,9 @@ class ProtoNet:
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """The predictor of one task: query inputs ``[Q, C, H, W]`` -> logits ``[Q, ways]``.
 
-        The queries of a call are embedded together with the support set (one batch-norm
-        batch, as in training): call it on the whole query set at once.
+        In ``transductive`` norm mode the queries of a call are normalized together with the
+        support set (call it on the whole query set at once); in ``support`` mode each query's
+        logits depend on the support set and itself only.
         """
         params = {k: v.detach() for k, v in params.items()}
 

@@ -34,7 +34,10 @@ class Conv4:
     2x2 max-pool per block, then flatten. The convolutions have no bias (the
     BatchNorm that follows removes it). ``norm``: where the BatchNorm statistics of
     query passes come from (pipeline/nets/norm.py). Parameters: ``conv{i}.weight``,
-    ``bn{i}.weight`` (gamma, ones), ``bn{i}.bias`` (beta, zeros), ``head.weight``, ``head.bias``.
+    ``bn{i}.weight`` (gamma, ones; only with ``norm_scale``), ``bn{i}.bias`` (beta, zeros),
+    ``head.weight``, ``head.bias``. ``norm_scale=False`` is cbfinn/maml's BatchNorm
+    (``utils.py`` ``normalize``: ``tf.contrib.layers.batch_norm``, whose default is
+    ``scale=False``): an offset, no scale.
     """
 
     in_channels: int
@@ -44,6 +47,7 @@ class Conv4:
     downsample: Literal["stride", "maxpool"] = "stride"
     eps: float = 1e-5
     norm: NormMode = "transductive"
+    norm_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.norm not in NORM_MODES:
@@ -71,12 +75,17 @@ class Conv4:
             params[f"conv{i}.weight"] = init.xavier_uniform(
                 (self.filters, channels, 3, 3), channels * 9, self.filters * 9, gen, dtype
             )
-            params[f"bn{i}.weight"] = torch.ones(self.filters, dtype=dtype)
+            if self.norm_scale:
+                params[f"bn{i}.weight"] = torch.ones(self.filters, dtype=dtype)
             params[f"bn{i}.bias"] = torch.zeros(self.filters, dtype=dtype)
             channels = self.filters
         params["head.weight"] = init.xavier_uniform((self.ways, self.features()), self.features(), self.ways, gen, dtype)
         params["head.bias"] = torch.zeros(self.ways, dtype=dtype)
         return params
+
+    def batch_norm_names(self) -> frozenset[str]:
+        """The names of the BatchNorm parameters (``algorithm.adapt_norm: false`` keeps them out of the inner loop)."""
+        return frozenset(k for i in range(4) for k in (f"bn{i}.weight", f"bn{i}.bias") if self.norm_scale or k.endswith("bias"))
 
     def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """One task: ``x[N, C, H, W] -> logits[N, ways]``."""
@@ -102,7 +111,8 @@ class Conv4:
         for i in range(4):
             x = conv_tasks(x, params[f"conv{i}.weight"], stride)
             used.append(moments[i] if moments is not None else batch_moments(x if stats is None else x[:, :stats]))
-            x = F.relu(batch_norm_tasks(x, params[f"bn{i}.weight"], params[f"bn{i}.bias"], self.eps, used[-1]))
+            gamma = params[f"bn{i}.weight"] if self.norm_scale else None
+            x = F.relu(batch_norm_tasks(x, gamma, params[f"bn{i}.bias"], self.eps, used[-1]))
             if self.downsample == "maxpool":
                 t, n = x.shape[:2]
                 x = F.max_pool2d(x.flatten(0, 1), 2).unflatten(0, (t, n))

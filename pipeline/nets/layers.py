@@ -38,13 +38,14 @@ def conv_tasks(x: torch.Tensor, weight: torch.Tensor, stride: int) -> torch.Tens
 
 def batch_norm_tasks(
     x: torch.Tensor,
-    gamma: torch.Tensor,
+    gamma: torch.Tensor | None,
     beta: torch.Tensor,
     eps: float,
     moments: Moments | None = None,
     stats: int | None = None,
 ) -> torch.Tensor:
-    """Normalize ``x[T, N, F, H, W]`` with each task's mean and biased variance over (N, H, W).
+    """Normalize ``x[T, N, F, H, W]`` with each task's mean and biased variance over (N, H, W), then scale by
+    ``gamma`` (None: no scale, as cbfinn/maml's ``tf.contrib.layers.batch_norm``) and shift by ``beta``.
 
     ``moments``: given statistics in place of the batch's own (running statistics;
     see pipeline/algorithms/meta_lstm.py). ``stats``: take the batch's over its first
@@ -55,7 +56,7 @@ def batch_norm_tasks(
     """
     mean, var, _ = moments if moments is not None else batch_moments(x if stats is None else x[:, :stats])
     shape = (-1, 1, x.shape[2], 1, 1)
-    scale = torch.rsqrt(var + eps) * gamma.reshape(shape)
+    scale = torch.rsqrt(var + eps) if gamma is None else torch.rsqrt(var + eps) * gamma.reshape(shape)
     # (x - mean) * scale + beta with one full-size pass; scale and shift are [T, 1, F, 1, 1]
     return torch.addcmul(beta.reshape(shape) - mean * scale, x, scale)
 

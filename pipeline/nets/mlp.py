@@ -33,6 +33,10 @@ class MLP:
             params[f"layer{i}.bias"] = torch.zeros(fan_out, dtype=dtype)
         return params
 
+    def batch_norm_names(self) -> frozenset[str]:
+        """No BatchNorm: no names."""
+        return frozenset()
+
     def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """One task: ``x[N, in] -> [N, out]``."""
         return self.apply_tasks(params, x.unsqueeze(0)).squeeze(0)

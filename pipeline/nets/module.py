@@ -13,18 +13,22 @@ in ``support`` norm mode, queries with the support set's (pipeline/nets/norm.py)
 Either way a forward hook on each BatchNorm replaces its output, for the duration
 of one call, with the normalization written out (as pipeline/nets/layers.py does:
 native batch_norm under torch.func.vmap gives wrong second-order gradients). The module
-runs in training mode (dropout active in every pass, with its own randomness per
-task under vmap).
+runs in training mode in meta-training (dropout active in every pass, with its own
+randomness per task under vmap) and in eval mode wherever a learner is evaluated or
+predicts for a user (``for_evaluation``: validation, meta-test, exports, the served
+model): dropout and DropBlock off, so evaluation is deterministic. BatchNorm
+normalizes as the norm mode says in both modes (it has no running statistics).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.func import functional_call, replace_all_batch_norm_modules_
@@ -116,17 +120,32 @@ def batch_statistics(module: torch.nn.Module, stats: int | None) -> Iterator[Non
             handle.remove()
 
 
+@contextlib.contextmanager
+def module_mode(module: torch.nn.Module, training: bool) -> Iterator[None]:
+    """While open, ``module`` and its submodules are in training (``True``) or eval mode; their modes are restored after."""
+    modes = {m: m.training for m in module.modules()}
+    module.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
 @dataclass(frozen=True)
 class ModuleNet:
     """A user's ``torch.nn.Module`` behind the networks' interface: ``init``, ``apply``, ``apply_tasks``.
 
     ``factory``: ``"package.module:callable"``, importable wherever the network runs (the
     driver, every Ray worker, and where an export is loaded); ``kwargs``: its keyword arguments.
+    ``training``: the module's mode in every forward pass (False: dropout and the like off;
+    see ``for_evaluation``).
     """
 
     factory: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     norm: NormMode = "transductive"
+    training: bool = True
     module: torch.nn.Module = field(init=False, repr=False, compare=False)
     shapes: dict[str, torch.Size] = field(init=False, repr=False, compare=False)
 
@@ -149,6 +168,14 @@ class ModuleNet:
             fresh = build_module(self.factory, self.kwargs)
         return {k: p.detach().to(dtype) for k, p in fresh.named_parameters()}
 
+    def batch_norm_names(self) -> frozenset[str]:
+        """The names of the parameters of the module's BatchNorm layers (``algorithm.adapt_norm: false`` keeps them out of the inner loop)."""
+        return frozenset(
+            f"{name}.{key}" if name else key
+            for name, layer in self.module.named_modules() if isinstance(layer, _BatchNorm)
+            for key, _ in layer.named_parameters(recurse=False)
+        )
+
     def _buffers(self, like: torch.Tensor) -> Params:
         """The module's buffers on ``like``'s device, floating ones in its dtype."""
         return {
@@ -157,7 +184,7 @@ class ModuleNet:
 
     def apply(self, params: Params, x: torch.Tensor, stats: int | None = None) -> torch.Tensor:
         """One task: ``module(x)`` with ``params``, ``x[N, ...]``; ``stats``: BatchNorm statistics from the first ``stats`` examples."""
-        with batch_statistics(self.module, stats):
+        with batch_statistics(self.module, stats), module_mode(self.module, self.training):
             return functional_call(self.module, params | self._buffers(x), (x,), strict=True)
 
     def apply_tasks(self, params: Params, x: torch.Tensor, stats: int | None = None) -> torch.Tensor:
@@ -166,3 +193,16 @@ class ModuleNet:
         return torch.func.vmap(
             lambda p, xs: self.apply(p, xs, stats), in_dims=(dims, 0), randomness="different"
         )(params, x)
+
+
+Net = TypeVar("Net")
+
+
+def for_evaluation(network: Net) -> Net:
+    """``network`` as evaluation and prediction run it: a ModuleNet with its module in eval mode (dropout,
+    DropBlock off; the same built module, not a new one); the built-in networks, which have no dropout, unchanged."""
+    if not isinstance(network, ModuleNet) or not network.training:
+        return network
+    evaluating = copy.copy(network)
+    object.__setattr__(evaluating, "training", False)
+    return evaluating

@@ -40,10 +40,11 @@ def test_config_validates_and_builds_its_learner(name):
 def test_paper_settings():
     omniglot = build_learner(load_config(CONFIGS / "omniglot_maml_5w1s.yaml"))
     assert (omniglot.inner_lr, omniglot.inner_steps, omniglot.eval_inner_steps, omniglot.inner_loss_scale) == (0.4, 1, 10, 5.0)
-    assert not omniglot.first_order and omniglot.network == Conv4(1, 28, 5, 64, "stride")
+    assert not omniglot.first_order and omniglot.network == Conv4(1, 28, 5, 64, "stride", norm_scale=False)
+    assert not omniglot.adapt_norm  # cbfinn/maml's batch-norm: no scale, offsets meta-learned only
     assert build_learner(load_config(CONFIGS / "omniglot_fomaml_5w1s.yaml")).first_order
     mini = build_learner(load_config(CONFIGS / "miniimagenet_maml_5w1s.yaml"))
-    assert mini.network == Conv4(3, 84, 5, 32, "maxpool") and (mini.inner_steps, mini.eval_inner_steps) == (5, 10)
+    assert mini.network == Conv4(3, 84, 5, 32, "maxpool", norm_scale=False) and (mini.inner_steps, mini.eval_inner_steps) == (5, 10)
     sine = load_config(CONFIGS / "sinusoid_maml.yaml")
     assert (sine.algorithm.inner_lr, sine.train.meta_batch, sine.task.shots) == (0.01, 25, 10)
     assert build_learner(sine).loss == "mse"

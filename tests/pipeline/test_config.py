@@ -217,8 +217,11 @@ def test_a_bad_module_factory_is_refused_naming_it(model, message):
     assert ok.model.factory == USER
 
 
-@pytest.mark.parametrize("algorithm", ["meta_lstm", "protonet"])
-def test_support_norm_is_refused_by_algorithms_that_normalize_their_own_way(algorithm):
+def test_support_norm_is_refused_with_the_meta_lstms_running_statistics_and_taken_otherwise():
     images = {"task": {"name": "omniglot", "ways": 2, "shots": 1, "queries": 2, "image_size": 16}, "store": {"path": "e"}}
-    with pytest.raises(ConfigError, match=rf"model\.norm: {algorithm} does not take support"):
-        validate({**images, "model": {"network": "conv4", "norm": "support"}, "algorithm": {"name": algorithm}})
+    support = {"network": "conv4", "norm": "support"}
+    with pytest.raises(ConfigError, match=r"algorithm\.eval_norm: running .* model\.norm: support does not apply"):
+        validate({**images, "model": support, "algorithm": {"name": "meta_lstm"}})
+    meta_lstm = validate({**images, "model": support, "algorithm": {"name": "meta_lstm", "eval_norm": "batch"}})
+    protonet = validate({**images, "model": support, "algorithm": {"name": "protonet"}})
+    assert meta_lstm.model.norm == protonet.model.norm == "support"

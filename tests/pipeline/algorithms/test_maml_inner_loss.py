@@ -30,6 +30,18 @@ def cbfinn_unroll(params: dict, episodes, lr: float, steps: int) -> torch.Tensor
     return torch.stack(losses).mean()
 
 
+def assert_matches_reference(maml: MAML, params: dict, episodes, expected: torch.Tensor) -> dict:
+    """``maml``'s meta-loss and meta-gradient equal ``expected`` (a reference's loss, differentiable in ``params``)
+    and its gradient, in float64; returns the meta-gradient."""
+    expected_grads = torch.autograd.grad(expected, list(params.values()), retain_graph=True)
+    loss, _ = maml.meta_loss(params, episodes)
+    grads, _ = maml.meta_grad(params, episodes)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
+    for (k, g), e in zip(grads.items(), expected_grads):
+        assert torch.allclose(g, e, atol=1e-10), k
+    return grads
+
+
 @pytest.mark.parametrize("batching", ["loop", "stacked", "vmap"])
 def test_sum_over_shots_matches_cbfinn_inner_step(batching):
     net = CASES["conv4"][0]
@@ -37,12 +49,7 @@ def test_sum_over_shots_matches_cbfinn_inner_step(batching):
     params = leaf(maml.init(1, torch.float64))
     episodes = tiny_images(3, seed=5)
     expected = cbfinn_unroll(params, episodes, 0.3, 2)
-    expected_grads = torch.autograd.grad(expected, list(params.values()))
-    loss, _ = maml.meta_loss(params, episodes)
-    grads, _ = maml.meta_grad(params, episodes)
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-12)
-    for (k, g), e in zip(grads.items(), expected_grads):
-        assert torch.allclose(g, e, atol=1e-10), k
+    assert_matches_reference(maml, params, episodes, expected)
     mean = MAML(net, "cross_entropy", inner_lr=0.3, inner_steps=2, batching=batching)
     assert mean.meta_loss(params, episodes)[0].item() != pytest.approx(expected.item(), abs=1e-6)
 

@@ -14,6 +14,7 @@ from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.nets import lstm
 from pipeline.nets.conv4 import Conv4
+from pipeline.nets.module import ModuleNet
 from tasks.episodes import Episodes
 
 NET = Conv4(in_channels=1, image_size=8, ways=3, filters=4)
@@ -216,10 +217,10 @@ def test_from_config_builds_the_learner_the_config_names() -> None:
     assert learner.network.filters == 8 and learner.network.ways == 5
 
 
-def test_config_requires_a_conv4_learner() -> None:
+def test_config_requires_a_network_it_trains() -> None:
     raw = omniglot_config()
     raw["model"] = {"network": "mlp"}
-    with pytest.raises(ConfigError, match="model.network: meta_lstm trains conv4, got 'mlp'"):
+    with pytest.raises(ConfigError, match="model.network: meta_lstm trains conv4 or module or resnet12, got 'mlp'"):
         validate(raw)
 
 
@@ -250,3 +251,73 @@ def test_config_passes_the_reference_settings_and_names_a_bad_one() -> None:
         "pre_sigmoid", True, "running", 0.9)
     with pytest.raises(ConfigError, match="algorithm.eval_norm"):
         validate(omniglot_config(eval_norm="support"))
+
+
+CONV4_MODULE = "pipeline.nets.conv4_module:Conv4Module"
+USER_MODULE = "tests.pipeline.nets.user_module:ResidualGroupNormNet"
+
+
+@pytest.mark.parametrize("norm", ["transductive", "support"])
+def test_a_conv4_module_learner_equals_the_hand_written_conv4(norm: str) -> None:
+    """The same weights through functional_call and through the hand-batched Conv4: updates, meta-gradient, predictions."""
+    hand, module = (
+        MetaLSTM(network, inner_steps=2, hidden=3, eval_norm="batch", dtype=torch.float64)
+        for network in (Conv4(1, 8, 3, filters=4, norm=norm), ModuleNet(CONV4_MODULE, {"in_channels": 1, "ways": 3, "filters": 4}, norm))
+    )
+    params = hand.init(0)
+    batch = episodes(2, seed=7)
+    fast_hand, trace_hand, _ = hand.learn(params, batch.support_x, batch.support_y, 2)
+    fast_module, trace_module, _ = module.learn(params, batch.support_x, batch.support_y, 2)
+    torch.testing.assert_close(trace_module.input, trace_hand.input, rtol=0, atol=1e-12)
+    for key in fast_hand:
+        torch.testing.assert_close(fast_module[key], fast_hand[key], rtol=0, atol=1e-10)
+    grads_hand, metrics_hand = hand.meta_grad(params, batch)
+    grads_module, metrics_module = module.meta_grad(params, batch)
+    assert metrics_module["loss"] == pytest.approx(metrics_hand["loss"], abs=1e-10)
+    for key in grads_hand:
+        torch.testing.assert_close(grads_module[key], grads_hand[key], rtol=1e-6, atol=1e-10)
+    query = batch.query_x[0]
+    predict = module.adapt(params, batch.support_x[0], batch.support_y[0])
+    torch.testing.assert_close(predict(query), hand.adapt(params, batch.support_x[0], batch.support_y[0])(query), rtol=0, atol=1e-10)
+    if norm == "support":  # each query is predicted independently of the others
+        single = torch.cat([predict(query[i : i + 1]) for i in range(len(query))])
+        torch.testing.assert_close(single, predict(query), rtol=0, atol=1e-10)
+
+
+def test_a_user_module_learner_takes_gradient_descent_steps_and_meta_trains() -> None:
+    """A GroupNorm + residual module: the gradient-descent gates give hand-written SGD on it; a few meta-steps run."""
+    network = ModuleNet(USER_MODULE, {"in_channels": 1, "ways": 3, "width": 4})
+    learner = MetaLSTM(network, inner_steps=2, hidden=3, grad_over_batch=False, eval_norm="batch", dtype=torch.float64)
+    lr = 0.1
+    params = gradient_descent_gates(learner.init(0), lr)
+    batch = episodes(1, seed=8)
+    fast, _, _ = learner.learn(params, batch.support_x, batch.support_y, 2)
+    reference = network.module  # the user's module itself, run with the weights loaded in
+    theta = {k[len(INIT) :]: v.clone().requires_grad_() for k, v in params.items() if k.startswith(INIT)}
+    for _ in range(2):
+        loss = F.cross_entropy(torch.func.functional_call(reference, theta, (batch.support_x[0],)), batch.support_y[0])
+        grads = torch.autograd.grad(loss, list(theta.values()))
+        theta = {k: (v - lr * g).detach().requires_grad_() for (k, v), g in zip(theta.items(), grads)}
+    for key, value in theta.items():
+        torch.testing.assert_close(fast[key][0], value.detach(), rtol=1e-12, atol=1e-14)
+
+    leaves = {k: v.detach().requires_grad_() for k, v in learner.init(1).items()}
+    sgd = torch.optim.SGD(leaves.values(), lr=0.01)
+    batch = episodes(2, seed=9)
+    for _ in range(2):
+        grads, metrics = learner.meta_grad({k: v.detach() for k, v in leaves.items()}, batch)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+        for k, v in leaves.items():
+            v.grad = grads[k]
+        sgd.step()
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_running_statistics_are_refused_for_a_module_naming_both_keys() -> None:
+    module = {"network": "module", "factory": USER_MODULE, "kwargs": {"in_channels": 1, "ways": 5}}
+    with pytest.raises(ConfigError, match=r"algorithm\.eval_norm: running needs model\.network conv4 .* got model\.network 'module'"):
+        validate({**omniglot_config(), "model": module})
+    with pytest.raises(ValueError, match="eval_norm 'running' needs the hand-written Conv4"):
+        MetaLSTM(ModuleNet(USER_MODULE, {"in_channels": 1, "ways": 3}))
+    learner = build_learner(validate({**omniglot_config(eval_norm="batch"), "model": module}))
+    assert isinstance(learner.network, ModuleNet) and learner.eval_norm == "batch"

@@ -73,9 +73,16 @@ def test_a_protonet_export_loads_adapts_and_serves_like_the_learner(tmp_path):
     support_x = (torch.rand(6, 1, 16, 16, generator=gen) > 0.8).float()  # strokes: exact as PNG files
     query_x = (torch.rand(9, 1, 16, 16, generator=gen) > 0.8).float()
     support_y = torch.tensor([2, 0, 1, 1, 0, 2])
-    expected = build_learner(config).adapt(params, support_x, support_y)(query_x)
-    logits = pipeline.load(path).adapt(support_x, support_y)(query_x)
-    torch.testing.assert_close(logits, expected)
+    # an export predicts in support norm mode by default: each query independently of the others
+    support = config.model_copy(update={"model": config.model.model_copy(update={"norm": "support"})})
+    expected = build_learner(support).adapt(params, support_x, support_y)(query_x)
+    predict = pipeline.load(path).adapt(support_x, support_y)
+    torch.testing.assert_close(predict(query_x), expected)
+    torch.testing.assert_close(torch.cat([predict(query_x[i : i + 1]) for i in range(9)]), expected, rtol=0, atol=1e-5)
+    # norm="transductive": the training pass's behaviour, where a query's logits depend on the other queries
+    predict = pipeline.load(path, norm="transductive").adapt(support_x, support_y)
+    torch.testing.assert_close(predict(query_x), build_learner(config).adapt(params, support_x, support_y)(query_x))
+    assert not torch.allclose(torch.cat([predict(query_x[i : i + 1]) for i in range(9)]), predict(query_x), atol=1e-3)
     model = FewShotModel()
     model.load_context(SimpleNamespace(artifacts={"export": str(path)}))
     episode = Episodes(support_x[None], support_y[None], query_x[None], torch.zeros(1, 9, dtype=torch.long))

@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from pipeline.algorithms.maml import MAML
+from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.build import build_learner
 from pipeline.config import validate
+from pipeline.nets.module import ModuleNet
 from pipeline.nets.resnet12 import DropBlock, ResNet12
 from tasks.episodes import Episodes
 
@@ -41,3 +43,37 @@ def test_dropblock_drops_squares_in_training_only():
     dropped = block(x)
     assert (dropped == 0).any() and abs(dropped.mean().item() - 1) < 1e-5  # kept units rescaled: the mean stays
     assert torch.equal(block.eval()(x), x) and torch.equal(DropBlock(0.0, 3)(x), x)
+
+
+def dropblock_learners(drop_prob: float) -> tuple[MAML, MetaLSTM]:
+    """MAML and the Meta-LSTM over a tiny ResNet-12 whose DropBlock drops half of blocks 3 and 4 (or nothing)."""
+    kwargs = {"in_channels": 1, "ways": 2, "widths": [2, 2, 2, 2], "drop_prob": drop_prob, "block_size": 2}
+    network = ModuleNet("pipeline.nets.resnet12:ResNet12", kwargs)
+    maml = MAML(network, "cross_entropy", inner_lr=0.1, inner_steps=1, batching="loop")
+    return maml, MetaLSTM(network, inner_steps=1, hidden=2, eval_norm="batch", dtype=torch.float64)
+
+
+def test_dropblock_is_on_in_meta_training_and_off_at_evaluation_and_prediction():
+    (maml, meta_lstm), (plain_maml, plain_meta_lstm) = dropblock_learners(0.5), dropblock_learners(0.0)
+    gen = torch.Generator().manual_seed(0)
+    episodes = Episodes(torch.rand(2, 4, 1, 16, 16, generator=gen, dtype=torch.float64), torch.tensor([[0, 1, 0, 1]] * 2),
+                        torch.rand(2, 4, 1, 16, 16, generator=gen, dtype=torch.float64), torch.tensor([[0, 1, 1, 0]] * 2))
+    params = {k: v.requires_grad_() for k, v in maml.init(0, torch.float64).items()}
+    losses = set()
+    for seed in (1, 2):  # meta-training draws its blocks
+        torch.manual_seed(seed)
+        losses.add(maml.meta_loss(params, episodes)[0].item())
+    assert len(losses) == 2
+    # evaluation and a user's predictions: deterministic, exactly those of the same weights without DropBlock
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        metrics, plain = maml.evaluate(params, episodes), plain_maml.evaluate(params, episodes)
+        assert all(torch.equal(metrics[k], plain[k]) for k in plain)
+        predict = maml.adapt(params, episodes.support_x[0], episodes.support_y[0])
+        expected = plain_maml.adapt(params, episodes.support_x[0], episodes.support_y[0])(episodes.query_x[0])
+        assert torch.equal(predict(episodes.query_x[0]), expected)
+    lstm_params = meta_lstm.init(0)
+    predict = meta_lstm.adapt(lstm_params, episodes.support_x[0], episodes.support_y[0])
+    expected = plain_meta_lstm.adapt(lstm_params, episodes.support_x[0], episodes.support_y[0])(episodes.query_x[0])
+    assert torch.equal(predict(episodes.query_x[0]), expected)
+    assert maml.network.module.training  # the shared module's mode is restored after each pass
