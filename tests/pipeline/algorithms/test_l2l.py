@@ -192,12 +192,24 @@ def test_truncations_with_the_carry_match_a_hand_written_per_truncation_unroll(t
             assert int(carry["step"]) == truncation and not any(t.requires_grad for t in carry.values())
 
 
-def test_truncations_under_fixed_weights_sum_to_the_trajectory_gradient() -> None:
-    """With no update between them, the truncations' gradients (each a segment mean) add up to meta_grad's."""
-    learner = TruncatedL2L(Quadratic(), unroll=7, truncation=3, dtype=torch.float64)
+def mlp_episodes() -> Episodes:
+    x = torch.rand(2, 10, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 10), generator=torch.Generator().manual_seed(1))
+    return Episodes(x, y, x, y)
+
+
+@pytest.mark.parametrize(
+    "optimizee, episodes",
+    [(Quadratic(), lambda: quadratics(2, seed=5, dim=3)), (MLPClassifier(6, 3, (4,), batch_size=4), mlp_episodes)],
+    ids=["quadratic", "mlp-minibatches"],
+)
+def test_truncations_under_fixed_weights_sum_to_the_trajectory_gradient(optimizee, episodes) -> None:
+    """With no update between them, the truncations' gradients (each a segment mean) add up to meta_grad's; the
+    MLP's mini-batch order, rebuilt from the episodes at every truncation, goes on where it stopped."""
+    learner = TruncatedL2L(optimizee, unroll=7, truncation=3, dtype=torch.float64)
     params = learner.init(1)
-    episodes = quadratics(2, seed=5, dim=3)
-    whole, metrics = L2L(Quadratic(), unroll=7, truncation=3, dtype=torch.float64).meta_grad(params, episodes)
+    episodes = episodes()
+    whole, metrics = L2L(optimizee, unroll=7, truncation=3, dtype=torch.float64).meta_grad(params, episodes)
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     carry, losses, lengths = learner.begin(episodes), [], [3, 3, 1]
     for length in lengths:
