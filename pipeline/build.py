@@ -17,7 +17,13 @@ from typing import Callable
 
 import torch
 
-from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic, TruncatedL2L
+from pipeline.algorithms.l2l import (
+    L2L,
+    MLPClassifier,
+    Optimizee,
+    Quadratic,
+    TruncatedL2L,
+)
 from pipeline.algorithms.maml import MAML, Network
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
