@@ -18,7 +18,13 @@ from typing import Callable
 
 import torch
 
-from pipeline.algorithms.l2l import L2L, MLPClassifier, Optimizee, Quadratic
+from pipeline.algorithms.l2l import (
+    L2L,
+    MLPClassifier,
+    Optimizee,
+    Quadratic,
+    TruncatedL2L,
+)
 from pipeline.algorithms.maml import MAML, Network
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
@@ -98,7 +104,7 @@ def optimizee(config: RunConfig) -> Optimizee:
 
 def _l2l(config: RunConfig) -> L2L:
     algo: L2LAlgorithm = config.algorithm
-    return L2L(
+    return (TruncatedL2L if algo.update_per == "truncation" else L2L)(
         optimizee=optimizee(config),
         hidden=algo.hidden,
         layers=algo.layers,

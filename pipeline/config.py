@@ -267,8 +267,14 @@ class L2LAlgorithm(AlgorithmSection):
     name: Literal["l2l"] = "l2l"
     hidden: int = Field(20, ge=1, description="LSTM hidden units per layer")
     layers: int = Field(2, ge=1)
-    unroll: int = Field(100, ge=1, description="optimizee steps T per trajectory (one meta_grad call)")
+    unroll: int = Field(100, ge=1, description="optimizee steps T per trajectory")
     truncation: int = Field(20, ge=1, description="truncated BPTT every this many steps")
+    update_per: Literal["truncation", "trajectory"] = Field(
+        "truncation",
+        description="one server step per truncation, the optimizees carried on to the next (the paper's and"
+        " deepmind/learning-to-learn's; train.steps counts truncations), or per whole trajectory (the sum of its"
+        " truncations' gradients)",
+    )
     output_scale: float = Field(0.1, gt=0)
     preprocess_p: float = Field(10.0, gt=0)
     checkpoint: bool = Field(False, description="recompute each LSTM update in backward (less memory)")

@@ -20,6 +20,9 @@ Params = dict[str, torch.Tensor]
 Metrics = dict[str, float]
 """Scalar metrics of one computation, keyed by name (loss, accuracy, ...)."""
 
+Carry = dict[str, torch.Tensor]
+"""A Truncated learner's state between two truncations (detached tensors; opaque to everything else)."""
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps query inputs to logits (classification) or outputs (regression)."""
 
@@ -60,4 +63,26 @@ class Illustrated(Protocol):
 
     def figures(self, params: Params, episodes: Episodes) -> dict[str, Figure]:
         """Named matplotlib figures drawn on ``episodes`` (held-out test episodes)."""
+        ...
+
+
+@runtime_checkable
+class Truncated(Protocol):
+    """Optional for a MetaLearner: one meta-gradient per truncation of a trajectory that outlives a server step.
+
+    A worker (pipeline/runtime/worker.py) holding such a learner reads a batch of
+    episodes, ``begin``s their trajectories, and then calls ``truncation_grad``
+    with the same episodes and the latest carry once per server step until it
+    returns None (the trajectory ended), then reads new episodes. It reports the
+    carry with its reader position, so a checkpoint or a replacement worker
+    continues the trajectory exactly.
+    """
+
+    def begin(self, episodes: Episodes) -> Carry:
+        """The carry at the start of the trajectories of ``episodes``."""
+        ...
+
+    def truncation_grad(self, params: Params, episodes: Episodes, carry: Carry) -> tuple[Params, Metrics, Carry | None]:
+        """The next truncation's meta-gradient (keys of ``params``), its metrics, and the carry after it (None: the
+        trajectory ended)."""
         ...

@@ -11,17 +11,20 @@ mean over the steps of the optimizee's loss after each update (the paper's sum
 divided by T, which Adam does not notice). Optimizee gradients enter the LSTM
 detached: no second derivatives, as the paper assumes.
 
-Truncation and the stateless contract: ``meta_grad`` unrolls the whole
-trajectory in one call, in segments of ``truncation`` steps. At a segment's end
-the gradient of that segment's losses is taken and the optimizee and LSTM
-states are detached (truncated BPTT); the segments' gradients are summed. The
-sum is the truncated gradient of exactly the quantity ``meta_loss`` returns, so
-with ``truncation >= unroll`` it equals ``autograd.grad(meta_loss)``. The paper
-instead takes one Adam step per segment while the optimizee carries on; that
-needs state across server steps, which the MetaLearner contract (and a
-parameter server mixing workers' pushes) does not have. Here one server step =
-one whole trajectory of ``unroll`` steps, whose gradient is the sum of its
-``unroll / truncation`` segment gradients.
+Truncation (``algorithm.update_per``): a trajectory of ``unroll`` steps is cut
+into segments of ``truncation`` steps; at a segment's end the gradient of that
+segment's losses is taken and the optimizee and LSTM states are detached
+(truncated BPTT). ``TruncatedL2L`` (update_per: truncation, the paper's and
+deepmind/learning-to-learn's train.py / meta.py: one Adam step per unroll of 20,
+``num_steps / unroll_length`` unrolls per epoch on the same optimizees) makes one
+server step per segment: ``begin`` starts a trajectory's state (the *carry*:
+optimizee parameters, their gradient and loss, LSTM state, step), and
+``truncation_grad`` runs the next segment from it under the current LSTM weights
+and returns the next carry, detached, until the trajectory ends. ``L2L``
+(update_per: trajectory) unrolls the whole trajectory in one ``meta_grad`` call
+and sums its segments' gradients into one server step: the truncated gradient of
+exactly the quantity ``meta_loss`` returns, so with ``truncation >= unroll`` it
+equals ``autograd.grad(meta_loss)``.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from pipeline.nets import init, lstm
 from pipeline.optim.base import GradientTransformation, State, Tree, tree_map
-from pipeline.types import Metrics, Params, Predictor
+from pipeline.types import Carry, Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
 LSTMState = tuple[torch.Tensor, ...]
@@ -75,11 +78,15 @@ def lstm_layers(params: Params) -> int:
     return layers
 
 
+def zero_state(like: torch.Tensor, coordinates: int, hidden: int, layers: int) -> LSTMState:
+    """Zero hidden and cell states ``[coordinates, hidden]`` of ``layers`` layers (separate tensors), like ``like``."""
+    return tuple(like.new_zeros(coordinates, hidden) for _ in range(2 * layers))
+
+
 def init_state(params: Params, coordinates: int) -> LSTMState:
     """Zero hidden and cell state for ``coordinates`` coordinates."""
-    hidden = params["lstm0.weight_hh"].shape[1]
-    zeros = params["lstm0.weight_hh"].new_zeros(coordinates, hidden)
-    return tuple(zeros for _ in range(2 * lstm_layers(params)))
+    weight = params["lstm0.weight_hh"]
+    return zero_state(weight, coordinates, weight.shape[1], lstm_layers(params))
 
 
 def lstm_update(
@@ -219,7 +226,78 @@ def episode_generator(episodes: Episodes, salt: int = 0) -> torch.Generator:
 # ---- unrolling ----
 
 
+@dataclass(frozen=True)
+class Segment:
+    """What ``run_segment`` returns: the segment's summed mean losses (attached to the LSTM weights), the detached
+    losses after each update ``[stop - start, B]``, and the state at ``stop`` (detached): ``theta[B, P]``, its
+    gradient and loss ``[B]``, and the LSTM state."""
+
+    loss_sum: torch.Tensor
+    losses: torch.Tensor
+    theta: torch.Tensor
+    grad: torch.Tensor
+    loss: torch.Tensor
+    state: LSTMState
+
+
 @torch.enable_grad()
+def run_segment(
+    params: Params,
+    problem: Problem,
+    theta: torch.Tensor,
+    grad: torch.Tensor,
+    state: LSTMState,
+    start: int,
+    stop: int,
+    *,
+    p: float = 10.0,
+    output_scale: float = 0.1,
+    checkpoint: bool = False,
+) -> Segment:
+    """Optimizee steps ``start`` to ``stop - 1`` by the learned optimizer, from ``theta[B, P]`` at step ``start``
+    with its gradient ``grad`` and the LSTM ``state`` (all taken as constants: truncated BPTT).
+
+    ``checkpoint`` recomputes each LSTM update in the backward pass instead of
+    storing its activations. Runs with autograd on even under ``torch.no_grad()``:
+    the optimizee's own gradients need it.
+    """
+    keys = list(params)
+    values = [params[k] for k in keys]
+
+    def update(grad: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n_state = len(args) - len(keys)
+        step, new_state = lstm_update(
+            dict(zip(keys, args[n_state:])), grad, args[:n_state], p=p, output_scale=output_scale
+        )
+        return (step, *new_state)
+
+    theta = theta.detach().requires_grad_()
+    state = [s.detach() for s in state]
+    total = theta.new_zeros(())
+    losses = []
+    for t in range(start, stop):
+        if checkpoint:
+            step, *state = _checkpoint(update, grad, *state, *values, use_reentrant=False)
+        else:
+            step, *state = update(grad, *state, *values)
+        theta = theta + step.reshape(theta.shape)
+        loss = problem.loss(theta, t + 1)
+        (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
+        grad = grad.detach()
+        total = total + loss.mean()
+        losses.append(loss.detach())
+    return Segment(total, torch.stack(losses), theta.detach(), grad, losses[-1], tuple(s.detach() for s in state))
+
+
+def start_trajectory(problem: Problem, hidden: int, layers: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LSTMState]:
+    """``theta0[B, P]``, its gradient, its loss ``[B]`` and a zero LSTM state (one row per coordinate)."""
+    theta = problem.theta0.detach().requires_grad_()
+    with torch.enable_grad():
+        loss = problem.loss(theta, 0)
+        (grad,) = torch.autograd.grad(loss.sum(), theta)
+    return theta.detach(), grad.detach(), loss.detach(), zero_state(theta, theta.numel(), hidden, layers)
+
+
 def unroll(
     params: Params,
     problem: Problem,
@@ -231,53 +309,29 @@ def unroll(
     output_scale: float = 0.1,
     checkpoint: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the learned optimizer for ``steps`` steps on ``problem``.
+    """Run the learned optimizer for ``steps`` steps on ``problem``, in segments of ``truncation`` (``run_segment``).
 
     Returns the detached loss curve ``[steps + 1, B]`` and the final ``theta[B, P]``.
-    Every ``truncation`` steps (and at the end) ``segment_end`` receives that
-    segment's share of the meta-loss (sum of mean losses after each update,
-    divided by ``steps``), still attached to ``params``; then the optimizee and
-    LSTM states are detached. ``checkpoint`` recomputes each LSTM update in the
-    backward pass instead of storing its activations. Runs with autograd on even
-    under ``torch.no_grad()``: the optimizee's own gradients need it.
+    At each segment's end ``segment_end`` receives that segment's share of the
+    meta-loss (sum of mean losses after each update, divided by ``steps``), still
+    attached to ``params``. Raises ValueError for ``steps < 1``.
     """
     if steps < 1:
         raise ValueError(f"unroll: steps must be >= 1, got {steps}")
     truncation = truncation or steps
-    values = [params[k] for k in params]
-    keys = list(params)
-
-    def update(grad: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n_state = len(args) - len(keys)
-        step, new_state = lstm_update(
-            dict(zip(keys, args[n_state:])), grad, args[:n_state], p=p, output_scale=output_scale
+    hidden, layers = params["lstm0.weight_hh"].shape[1], lstm_layers(params)
+    theta, grad, loss, state = start_trajectory(problem, hidden, layers)
+    curve = [loss[None]]
+    for start in range(0, steps, truncation):
+        seg = run_segment(
+            params, problem, theta, grad, state, start, min(start + truncation, steps),
+            p=p, output_scale=output_scale, checkpoint=checkpoint,
         )
-        return (step, *new_state)
-
-    theta = problem.theta0.detach().requires_grad_()
-    loss = problem.loss(theta, 0)
-    (grad,) = torch.autograd.grad(loss.sum(), theta)
-    curve = [loss.detach()]
-    state = init_state(params, theta.numel())
-    segment = theta.new_zeros(())
-    for t in range(steps):
-        if checkpoint:
-            step, *state = _checkpoint(update, grad, *state, *values, use_reentrant=False)
-        else:
-            step, *state = update(grad, *state, *values)
-        theta = theta + step.reshape(theta.shape)
-        loss = problem.loss(theta, t + 1)
-        (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
-        grad = grad.detach()
-        segment = segment + loss.mean() / steps
-        curve.append(loss.detach())
-        if (t + 1) % truncation == 0 or t + 1 == steps:
-            if segment_end is not None:
-                segment_end(segment)
-            segment = theta.new_zeros(())
-            theta = theta.detach().requires_grad_()
-            state = [s.detach() for s in state]
-    return torch.stack(curve), theta.detach()
+        if segment_end is not None:
+            segment_end(seg.loss_sum / steps)
+        curve.append(seg.losses)
+        theta, grad, state = seg.theta, seg.grad, seg.state
+    return torch.cat(curve), theta
 
 
 # ---- the meta-learner ----
@@ -285,7 +339,8 @@ def unroll(
 
 @dataclass(frozen=True)
 class L2L:
-    """The LSTM optimizer as a MetaLearner: meta-parameters are the LSTM's weights only."""
+    """The LSTM optimizer as a MetaLearner: meta-parameters are the LSTM's weights only; one server step per
+    trajectory (``algorithm.update_per: trajectory``; ``TruncatedL2L`` steps per truncation)."""
 
     optimizee: Optimizee
     hidden: int = 20
@@ -305,13 +360,16 @@ class L2L:
         """Fresh LSTM weights, deterministic in ``seed``."""
         return init_lstm(seed, self.hidden, self.layers, dtype=self.dtype)
 
+    def problem(self, episodes: Episodes) -> Problem:
+        """The optimizee problems of ``episodes`` (initialization and mini-batches seeded by their content)."""
+        return self.optimizee.problem(episodes.support_x, episodes.support_y, self.unroll, episode_generator(episodes))
+
     def _run(
         self, params: Params, episodes: Episodes, truncation: int, segment_end: Callable[[torch.Tensor], None] | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        problem = self.optimizee.problem(episodes.support_x, episodes.support_y, self.unroll, episode_generator(episodes))
         return unroll(
             params,
-            problem,
+            self.problem(episodes),
             self.unroll,
             truncation=truncation,
             segment_end=segment_end,
@@ -405,3 +463,52 @@ class L2L:
         fixed = {k: v.detach() for k, v in params.items()}
         curve, _ = unroll(fixed, problem, steps, truncation=1, p=self.preprocess_p, output_scale=self.output_scale)
         return curve
+
+
+@dataclass(frozen=True)
+class TruncatedL2L(L2L):
+    """L2L with one meta-gradient per truncation (``algorithm.update_per: truncation``): pipeline.types.Truncated.
+
+    Follows deepmind/learning-to-learn's train.py (``num_unrolls = num_steps //
+    unroll_length`` Adam steps per epoch, the optimizees carried on between them;
+    new optimizees each epoch) and meta.py (the state after an unroll feeds the
+    next, ``stop_gradient``-ed). The carry is a dict of detached tensors:
+    ``theta[B, P]``, ``grad[B, P]`` (its gradient), ``loss[B]`` (its loss),
+    ``state.{k}`` (``[B * P, hidden]``, h and c of each layer) and ``step``
+    (a 0-d int64: optimizee steps done). The optimizee problem itself is rebuilt
+    from the episodes (seeded by their content), so the same episodes must come
+    with every truncation of a trajectory.
+    """
+
+    def begin(self, episodes: Episodes) -> Carry:
+        """The carry at step 0 of the trajectories of ``episodes``: theta_0, its gradient and loss, zero LSTM state."""
+        theta, grad, loss, state = start_trajectory(self.problem(episodes), self.hidden, self.layers)
+        carry = {"theta": theta, "grad": grad, "loss": loss, "step": torch.tensor(0, dtype=torch.int64)}
+        return carry | {f"state.{k}": s for k, s in enumerate(state)}
+
+    def truncation_grad(self, params: Params, episodes: Episodes, carry: Carry) -> tuple[Params, Metrics, Carry | None]:
+        """The gradient of the next segment's mean loss (steps ``step + 1`` to ``min(step + truncation, unroll)``,
+        averaged over the episodes) at ``params``, its metrics, and the carry after it (None: the trajectory ended).
+
+        Metrics: ``loss`` (that mean), ``initial_loss`` and ``final_loss`` (mean
+        loss before and after the segment). Raises ValueError for a carry of
+        another trajectory length (``step`` not below ``unroll``).
+        """
+        start = int(carry["step"])
+        if not 0 <= start < self.unroll:
+            raise ValueError(f"TruncatedL2L: carry at step {start}, outside a trajectory of unroll={self.unroll} steps")
+        stop = min(start + self.truncation, self.unroll)
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        state = tuple(carry[f"state.{k}"] for k in range(2 * self.layers))
+        seg = run_segment(
+            leaves, self.problem(episodes), carry["theta"], carry["grad"], state, start, stop,
+            p=self.preprocess_p, output_scale=self.output_scale, checkpoint=self.checkpoint,
+        )
+        loss = seg.loss_sum / (stop - start)
+        found = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), found)}
+        metrics = {"loss": loss.item(), "initial_loss": carry["loss"].mean().item(), "final_loss": seg.loss.mean().item()}
+        if stop == self.unroll:
+            return grads, metrics, None
+        after = {"theta": seg.theta, "grad": seg.grad, "loss": seg.loss, "step": torch.tensor(stop, dtype=torch.int64)}
+        return grads, metrics, after | {f"state.{k}": s for k, s in enumerate(seg.state)}

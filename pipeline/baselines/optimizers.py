@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="l2l run config YAML (its task, store and algorithm sections)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--meta-steps", type=int, default=300,
-                        help="in-process meta-training steps: train.steps of the run it makes (ignored with --export/--weights)")
+                        help="in-process meta-training steps: train.steps of the run it makes, server steps (truncations with"
+                        " algorithm.update_per: truncation, 5 per trajectory of the shipped configs; ignored with --export/--weights)")
     parser.add_argument("--export", help="evaluate the L2L weights of this export directory instead of training")
     parser.add_argument("--weights", help="evaluate these L2L weights (safetensors) instead of training")
     parser.add_argument("--save-weights", help="write the meta-trained L2L weights here (safetensors)")

@@ -3,7 +3,9 @@
 A checkpoint directory holds ``tensors.safetensors`` (meta-parameters as one flat
 buffer, Adam moments) and ``state.json`` (version, Adam step, counters, reader
 positions of every worker, best validation, the run config and a sha256 of the
-tensor file so an altered checkpoint is refused).
+tensor file so an altered checkpoint is refused). Tensors inside a worker's
+position (a Truncated learner's carry) go to the safetensors file as
+``positions.<worker>.<keys>``; the JSON holds ``{"safetensors": key}`` in their place.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
@@ -23,6 +26,7 @@ from tasks.store.filesystem import sha256_hex
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+REF = "safetensors"
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class Checkpoint:
     """The server's state plus where every worker's reader stands and the run's bookkeeping."""
 
     server: ServerState
-    positions: list[dict[str, Any]]
+    positions: list[dict[str, Any] | None]
+    """Every worker's position (EpisodeWorker.position; None: the start of its share)."""
     best_val: float | None
     config: dict[str, Any]
 
@@ -47,6 +52,7 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     s = checkpoint.server
     tensors = {"params": s.params.contiguous(), "adam.exp_avg": s.adam.exp_avg.contiguous(), "adam.exp_avg_sq": s.adam.exp_avg_sq.contiguous()}
+    positions = _tensors_out(checkpoint.positions, "positions", tensors)
     save_file(tensors, str(directory / TENSORS))
     state = {
         "format_version": FORMAT_VERSION,
@@ -55,7 +61,7 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
         "adam_step": s.adam.step,
         "rejected_nonfinite": s.rejected_nonfinite,
         "rejected_stale": s.rejected_stale,
-        "positions": checkpoint.positions,
+        "positions": positions,
         "best_val": checkpoint.best_val,
         "config": checkpoint.config,
     }
@@ -92,4 +98,28 @@ def load(directory: str | Path) -> Checkpoint:
         rejected_nonfinite=state["rejected_nonfinite"],
         rejected_stale=state["rejected_stale"],
     )
-    return Checkpoint(server, state["positions"], state["best_val"], state["config"])
+    return Checkpoint(server, _tensors_in(state["positions"], t), state["best_val"], state["config"])
+
+
+def _tensors_out(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """``value`` (JSON types and tensors, nested) with each tensor moved into ``tensors`` under its dotted ``key``
+    path (a copy on the CPU) and replaced by ``{REF: key}``."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {REF: key}
+    if isinstance(value, dict):
+        return {k: _tensors_out(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors_out(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    return value
+
+
+def _tensors_in(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``_tensors_out`` undone: each ``{REF: key}`` replaced by ``tensors[key]``."""
+    if isinstance(value, dict):
+        if set(value) == {REF}:
+            return tensors[value[REF]]
+        return {k: _tensors_in(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_tensors_in(v, tensors) for v in value]
+    return value

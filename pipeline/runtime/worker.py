@@ -2,7 +2,9 @@
 
 A plain class, run in-process by unit tests and wrapped with ``ray.remote`` by the
 driver (a GPU or a fraction of one each when the cluster has GPUs). It knows the
-MetaLearner contract and nothing of any one algorithm. It also evaluates its share
+MetaLearner contract and nothing of any one algorithm. A Truncated learner
+(pipeline.types) gets one call per truncation on the same episodes, its carry
+kept here between steps and reported with the reader position. It also evaluates its share
 of the validation and test episodes on its own device (``evaluate``), so the
 driver only aggregates scores. With ``train.dtype: bfloat16`` its forward and
 backward passes run under ``torch.autocast`` (bfloat16 matmuls and convolutions,
@@ -24,7 +26,7 @@ from pipeline.evaluation import EvalShare, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
 from pipeline.tracking.plots import regression_fits
-from pipeline.types import Illustrated
+from pipeline.types import Illustrated, Truncated
 from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
 
@@ -83,6 +85,12 @@ class EpisodeWorker:
         self.episodes_per_step = episodes_per_step
         self.store = open_store(self.config.store.path)
         self._eval_sets: dict[tuple[str, int, int], Episodes] = {}
+        self.truncated = isinstance(self.learner, Truncated)
+        if self.truncated:  # position = {"reader": where the trajectory's episodes start, "carry": its state or None}
+            position = position or {"reader": None, "carry": None}
+            self._carry = {k: v.to(self.device) for k, v in position["carry"].items()} if position["carry"] else None
+            self._trajectory: Episodes | None = None
+            self._trajectory_start = position = position["reader"]
         self.reader = self.store.reader(
             "train", batch_size=episodes_per_step, worker=worker_id, num_workers=num_workers, start=position, loop=True,
             augment=getattr(self.config.task, "augment", None),
@@ -100,17 +108,37 @@ class EpisodeWorker:
         t0 = time.perf_counter()
         version, flat = call(server, "pull_for", self.worker_id, share)
         t1 = time.perf_counter()
-        episodes = next(self.reader).to(self.device, self.dtype)
+        episodes = self._trajectory_episodes() if self.truncated else next(self.reader).to(self.device, self.dtype)
         t2 = time.perf_counter()
         params = {k: v.requires_grad_() for k, v in self._params(flat).items()}
         with self._compute():
-            grads, metrics = self.learner.meta_grad(params, episodes)
+            if self.truncated:
+                grads, metrics, self._carry = self.learner.truncation_grad(params, episodes, self._carry or self.learner.begin(episodes))
+            else:
+                grads, metrics = self.learner.meta_grad(params, episodes)
         grad = self.layout.flatten(grads).numpy()
         t3 = time.perf_counter()
         result = call(server, "push", Push(self.worker_id, share, version, grad, len(episodes)))
         t4 = time.perf_counter()
         timings = {"pull_s": t1 - t0, "read_s": t2 - t1, "compute_s": t3 - t2, "push_s": t4 - t3}
-        return StepReport(self.worker_id, version, len(episodes), metrics, timings, self.reader.position, result)
+        return StepReport(self.worker_id, version, len(episodes), metrics, timings, self.position, result)
+
+    def _trajectory_episodes(self) -> Episodes:
+        """A Truncated learner's episodes: those of the running trajectory, or the next batch when none runs."""
+        if self._carry is None or self._trajectory is None:
+            self._trajectory_start = self.reader.position
+            self._trajectory = next(self.reader).to(self.device, self.dtype)
+        return self._trajectory
+
+    @property
+    def position(self) -> dict[str, Any]:
+        """Where this worker stands after its last step: its reader position; for a Truncated learner, with the
+        running trajectory's carry (on the CPU) and the reader position of that trajectory's episodes."""
+        if not self.truncated:
+            return self.reader.position
+        if self._carry is None:
+            return {"reader": self.reader.position, "carry": None}
+        return {"reader": self._trajectory_start, "carry": {k: v.detach().cpu() for k, v in self._carry.items()}}
 
     def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray) -> EvalShare:
         """Scores (pipeline.evaluation.scores) of episodes ``start:stop`` of the store's ``split`` under the

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from pipeline.build import build_learner
 from pipeline.config import ALGORITHMS, MODELS, RunConfig, validate
 from pipeline.errors import ConfigError
+from pipeline.types import Truncated
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes
 from tasks.families import FAMILIES, family
@@ -64,7 +65,10 @@ ALGORITHM_FIELDS = {
          "batching": st.sampled_from(["auto", "loop", "stacked", "vmap"])},
         optional={"learn_inner_lr": st.booleans()},
     ),
-    "l2l": st.fixed_dictionaries({"hidden": st.integers(2, 3), "layers": st.integers(1, 2), "unroll": small, "truncation": small}),
+    "l2l": st.fixed_dictionaries(
+        {"hidden": st.integers(2, 3), "layers": st.integers(1, 2), "unroll": small, "truncation": small,
+         "update_per": st.sampled_from(["truncation", "trajectory"])}
+    ),
     "meta_lstm": st.fixed_dictionaries({"inner_steps": small, "hidden": st.integers(2, 3)}),
     "protonet": st.fixed_dictionaries({}),
     "metanet": st.fixed_dictionaries(
@@ -117,7 +121,11 @@ def test_a_config_validate_accepts_builds_and_computes_a_meta_gradient(raw):
         return
     learner = build_learner(config)
     params = {k: v.double().requires_grad_() for k, v in learner.init(config.seed).items()}  # as the worker does
-    grads, metrics = learner.meta_grad(params, episodes(config).to("cpu", torch.float64))
+    batch = episodes(config).to("cpu", torch.float64)
+    if isinstance(learner, Truncated):  # one step per truncation: the worker's call
+        grads, metrics, _ = learner.truncation_grad(params, batch, learner.begin(batch))
+    else:
+        grads, metrics = learner.meta_grad(params, batch)
     assert grads.keys() == params.keys() and all(g.shape == params[k].shape for k, g in grads.items())
     assert all(math.isfinite(float(v)) for v in metrics.values())
 

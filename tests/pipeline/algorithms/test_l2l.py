@@ -11,6 +11,7 @@ from pipeline.algorithms.l2l import (
     L2L,
     MLPClassifier,
     Quadratic,
+    TruncatedL2L,
     episode_generator,
     init_lstm,
     init_state,
@@ -20,6 +21,7 @@ from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ConfigError
 from pipeline.nets.lstm import preprocess
+from pipeline.types import Truncated
 from tasks.episodes import Episodes
 from tasks.families import quadratic
 from tasks.families.quadratic import QuadraticTask
@@ -94,8 +96,8 @@ def test_lstm_matches_torch_nn_lstm() -> None:
         torch.testing.assert_close(step, expected[t])
 
 
-def reference_meta_grad(params: dict[str, torch.Tensor], w: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor, steps: int, truncation: int):
-    """Hand-written truncated BPTT with torch.nn.LSTM and the analytic quadratic gradient 2 W^T (W theta - y)."""
+def torch_lstm(params: dict[str, torch.Tensor]) -> tuple[torch.nn.LSTM, torch.nn.Linear]:
+    """``params`` copied into torch.nn.LSTM (2 layers, 20 hidden, float64) and its linear head."""
     lstm = torch.nn.LSTM(2, 20, num_layers=2, dtype=torch.float64)
     head = torch.nn.Linear(20, 1, dtype=torch.float64)
     with torch.no_grad():
@@ -103,9 +105,25 @@ def reference_meta_grad(params: dict[str, torch.Tensor], w: torch.Tensor, y: tor
             getattr(lstm, f"weight_ih_l{k}").copy_(params[f"lstm{k}.weight_ih"])
             getattr(lstm, f"weight_hh_l{k}").copy_(params[f"lstm{k}.weight_hh"])
             getattr(lstm, f"bias_ih_l{k}").copy_(params[f"lstm{k}.bias"])
-            getattr(lstm, f"bias_hh_l{k}").zero_()
+            getattr(lstm, f"bias_hh_l{k}").zero_().requires_grad_(False)  # one bias, as in params
         head.weight.copy_(params["out.weight"])
         head.bias.copy_(params["out.bias"])
+    return lstm, head
+
+
+def torch_lstm_grads(lstm: torch.nn.LSTM, head: torch.nn.Linear) -> dict[str, torch.Tensor]:
+    grads = {}
+    for k in range(2):
+        grads[f"lstm{k}.weight_ih"] = getattr(lstm, f"weight_ih_l{k}").grad
+        grads[f"lstm{k}.weight_hh"] = getattr(lstm, f"weight_hh_l{k}").grad
+        grads[f"lstm{k}.bias"] = getattr(lstm, f"bias_ih_l{k}").grad
+    grads["out.weight"], grads["out.bias"] = head.weight.grad, head.bias.grad
+    return grads
+
+
+def reference_meta_grad(params: dict[str, torch.Tensor], w: torch.Tensor, y: torch.Tensor, theta0: torch.Tensor, steps: int, truncation: int):
+    """Hand-written truncated BPTT with torch.nn.LSTM and the analytic quadratic gradient 2 W^T (W theta - y)."""
+    lstm, head = torch_lstm(params)
     n = theta0.numel()
     hc = (torch.zeros(2, n, 20, dtype=torch.float64), torch.zeros(2, n, 20, dtype=torch.float64))
     theta = theta0.clone()
@@ -121,13 +139,94 @@ def reference_meta_grad(params: dict[str, torch.Tensor], w: torch.Tensor, y: tor
             segment = 0.0
             theta = theta.detach()
             hc = (hc[0].detach(), hc[1].detach())
-    grads = {}
-    for k in range(2):
-        grads[f"lstm{k}.weight_ih"] = getattr(lstm, f"weight_ih_l{k}").grad
-        grads[f"lstm{k}.weight_hh"] = getattr(lstm, f"weight_hh_l{k}").grad
-        grads[f"lstm{k}.bias"] = getattr(lstm, f"bias_ih_l{k}").grad
-    grads["out.weight"], grads["out.bias"] = head.weight.grad, head.bias.grad
-    return total, grads
+    return total, torch_lstm_grads(lstm, head)
+
+
+def reference_per_truncation(params, w, y, theta0, steps: int, truncation: int, lr: float):
+    """deepmind/learning-to-learn's loop written out: after each truncation's backward pass, an SGD step on the LSTM
+    (``lr``); the next truncation goes on from the detached theta and LSTM state under the new weights. Returns each
+    truncation's (mean loss, gradient)."""
+    lstm, head = torch_lstm(params)
+    n = theta0.numel()
+    hc = (torch.zeros(2, n, 20, dtype=torch.float64), torch.zeros(2, n, 20, dtype=torch.float64))
+    theta, out_ = theta0.clone(), []
+    for start in range(0, steps, truncation):
+        stop = min(start + truncation, steps)
+        segment = 0.0
+        for _ in range(start, stop):
+            grad = 2 * torch.einsum("bji,bj->bi", w, torch.einsum("bij,bj->bi", w, theta) - y).detach()
+            out, hc = lstm(preprocess(grad.reshape(1, -1)), hc)
+            theta = theta + 0.1 * head(out[0]).reshape(theta.shape)
+            segment = segment + (torch.einsum("bij,bj->bi", w, theta) - y).square().sum(-1).mean() / (stop - start)
+        lstm.zero_grad()
+        head.zero_grad()
+        segment.backward()
+        grads = {k: g.clone() for k, g in torch_lstm_grads(lstm, head).items()}
+        out_.append((segment.item(), grads))
+        with torch.no_grad():
+            for parameter in [*lstm.parameters(), *head.parameters()]:
+                if parameter.grad is not None:
+                    parameter -= lr * parameter.grad
+        theta, hc = theta.detach(), (hc[0].detach(), hc[1].detach())
+    return out_
+
+
+@pytest.mark.parametrize("truncation", [3, 4], ids=["trunc3-even", "trunc4-uneven"])
+def test_truncations_with_the_carry_match_a_hand_written_per_truncation_unroll(truncation: int) -> None:
+    """Two truncations of a 6-step trajectory, an SGD step on the LSTM between them, in float64."""
+    learner = TruncatedL2L(Quadratic(), unroll=6, truncation=truncation, dtype=torch.float64)
+    params = learner.init(3)
+    episodes = quadratics(3, seed=4, dim=4)
+    theta0 = learner.problem(episodes).theta0
+    expected = reference_per_truncation(params, episodes.support_x, episodes.support_y, theta0, 6, truncation, lr=0.05)
+    carry = learner.begin(episodes)
+    assert int(carry["step"]) == 0 and not any(t.requires_grad for t in carry.values())
+    for i, (loss, reference) in enumerate(expected):
+        grads, metrics, carry = learner.truncation_grad(params, episodes, carry)
+        assert metrics["loss"] == pytest.approx(loss, rel=1e-10), i
+        for key in params:
+            torch.testing.assert_close(grads[key], reference[key], rtol=1e-9, atol=1e-12)
+        params = {k: v - 0.05 * grads[k] for k, v in params.items()}
+        assert (carry is None) == (i == len(expected) - 1)
+        if carry is not None:
+            assert int(carry["step"]) == truncation and not any(t.requires_grad for t in carry.values())
+
+
+def mlp_episodes() -> Episodes:
+    x = torch.rand(2, 10, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 10), generator=torch.Generator().manual_seed(1))
+    return Episodes(x, y, x, y)
+
+
+@pytest.mark.parametrize(
+    "optimizee, episodes",
+    [(Quadratic(), lambda: quadratics(2, seed=5, dim=3)), (MLPClassifier(6, 3, (4,), batch_size=4), mlp_episodes)],
+    ids=["quadratic", "mlp-minibatches"],
+)
+def test_truncations_under_fixed_weights_sum_to_the_trajectory_gradient(optimizee, episodes) -> None:
+    """With no update between them, the truncations' gradients (each a segment mean) add up to meta_grad's; the
+    MLP's mini-batch order, rebuilt from the episodes at every truncation, goes on where it stopped."""
+    learner = TruncatedL2L(optimizee, unroll=7, truncation=3, dtype=torch.float64)
+    params = learner.init(1)
+    episodes = episodes()
+    whole, metrics = L2L(optimizee, unroll=7, truncation=3, dtype=torch.float64).meta_grad(params, episodes)
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    carry, losses, lengths = learner.begin(episodes), [], [3, 3, 1]
+    for length in lengths:
+        grads, m, carry = learner.truncation_grad(params, episodes, carry)
+        losses.append(m["loss"] * length / 7)
+        total = {k: total[k] + grads[k] * length / 7 for k in total}
+    assert carry is None and sum(losses) == pytest.approx(metrics["loss"], rel=1e-12)
+    for key in params:
+        torch.testing.assert_close(total[key], whole[key], rtol=1e-10, atol=1e-13)
+
+
+def test_a_carry_outside_the_trajectory_is_refused() -> None:
+    learner = TruncatedL2L(Quadratic(), unroll=4, truncation=2, dtype=torch.float64)
+    episodes = quadratics(1, seed=0, dim=3)
+    carry = learner.begin(episodes) | {"step": torch.tensor(4)}
+    with pytest.raises(ValueError, match="carry at step 4, outside a trajectory of unroll=4"):
+        learner.truncation_grad(learner.init(0), episodes, carry)
 
 
 @pytest.mark.parametrize("truncation", [2, 3, 6], ids=["trunc2", "trunc3-uneven", "trunc6-full"])
@@ -256,8 +355,12 @@ def run_config(**algorithm: object) -> dict:
 
 def test_from_config_builds_the_learner_the_config_names() -> None:
     learner = build_learner(validate(run_config(unroll=40, truncation=10, checkpoint=True)))
-    assert isinstance(learner, L2L) and isinstance(learner.optimizee, Quadratic)
+    assert isinstance(learner, TruncatedL2L) and isinstance(learner, Truncated) and isinstance(learner.optimizee, Quadratic)
     assert (learner.unroll, learner.truncation, learner.checkpoint) == (40, 10, True)
+    whole = build_learner(validate(run_config(update_per="trajectory")))
+    assert type(whole) is L2L and not isinstance(whole, Truncated)
+    with pytest.raises(ConfigError, match="update_per"):
+        validate(run_config(update_per="epoch"))
 
 
 def test_config_rejects_l2l_on_an_image_task() -> None:

@@ -24,6 +24,21 @@ def test_roundtrip(tmp_path):
     assert back.positions == ck.positions and back.best_val == 0.5 and back.config == {"seed": 0}
 
 
+def test_tensors_in_a_position_go_to_safetensors_and_come_back(tmp_path):
+    """A Truncated learner's carry (shared storage, a 0-d step) beside a plain position; the JSON holds no numbers of it."""
+    state = torch.randn(6, 4)
+    carry = {"theta": torch.randn(2, 3), "state.0": state, "state.1": state, "step": torch.tensor(40)}
+    ck = checkpoint.Checkpoint(sample().server, [{"reader": {"unit": 1, "row": 3}, "carry": carry}, {"reader": None, "carry": None}], None, {})
+    path = checkpoint.save(tmp_path / "c", ck)
+    written = json.loads((path / checkpoint.STATE).read_text())["positions"][0]
+    assert written == {"reader": {"unit": 1, "row": 3}, "carry": {k: {"safetensors": f"positions.0.carry.{k}"} for k in carry}}
+    back = checkpoint.load(path)
+    assert back.positions[1] == {"reader": None, "carry": None} and back.positions[0]["reader"] == {"unit": 1, "row": 3}
+    assert set(back.positions[0]["carry"]) == set(carry)
+    for key, value in carry.items():
+        assert torch.equal(back.positions[0]["carry"][key], value) and back.positions[0]["carry"][key].dtype == value.dtype
+
+
 def test_a_checkpoint_written_with_an_extra_key_still_loads(tmp_path):
     path = checkpoint.save(tmp_path / "c", sample())
     state = json.loads((path / checkpoint.STATE).read_text())
