@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,10 +57,11 @@ class TaskDistribution:
         self.pixels, self.starts = self.pixels.to(device), self.starts.to(device)
 
     @classmethod
-    def load(cls, task: TaskConfig) -> TaskDistribution:
-        """Read the data set the task needs (image sets decode every image once)."""
+    def load(cls, task: TaskConfig, out: Path | None = None) -> TaskDistribution:
+        """Read the data set the task needs (image sets decode every image once: in memory, or with ``out``
+        into that ``.npy`` file a chunk at a time, then mapped; array families ignore ``out``)."""
         task_family = family(task)
-        return cls(task, task_family.load(task) if isinstance(task_family, ImageFamily) else None)
+        return cls(task, task_family.load(task, out) if isinstance(task_family, ImageFamily) else None)
 
     @property
     def is_image(self) -> bool:
