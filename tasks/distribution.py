@@ -19,7 +19,7 @@ import torch
 from tasks import fewshot
 from tasks.episodes import Episodes
 from tasks.families import TaskConfig, family
-from tasks.family import ArrayFamily, ImageFamily, normalize
+from tasks.family import ArrayFamily, ImageFamily, to_inputs
 from tasks.images import ImageTable
 
 SPLITS = ("train", "val", "test")
@@ -108,10 +108,12 @@ class TaskDistribution:
             support, query = fewshot.gather(fields, self.pixels, self.starts, self.task.shots)
         if augment is not None:
             support, query = augment(torch.cat([support, query], dim=1)).split([support.shape[1], query.shape[1]], dim=1)
-        episodes = fewshot.to_episodes(support, query, self.task.ways)
-        normalize(episodes.support_x, self._normalization)
-        normalize(episodes.query_x, self._normalization)
-        return episodes
+        return fewshot.to_episodes(self.inputs(support), self.inputs(query), self.task.ways)
+
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[..., C, H, W]`` of the table as the learner gets them (image sets): float32 in
+        [0, 1], normalized when the task normalizes (``tasks.family.to_inputs``; what ``decode`` does)."""
+        return to_inputs(pixels, self._normalization)
 
     def episodes(self, split: str, rng: np.random.Generator, count: int) -> Episodes:
         """``count`` fresh episodes, sampled and decoded in process (no store)."""

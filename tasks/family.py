@@ -147,16 +147,19 @@ class ImageFamily:
         """
         if not images:
             raise ValueError("preprocess needs at least one image")
-        pixels = torch.from_numpy(np.stack([self.to_array(im, task) for im in images])).float().div_(255.0)
-        return normalize(pixels, self.normalization(task))
+        return to_inputs(torch.from_numpy(np.stack([self.to_array(im, task) for im in images])), self.normalization(task))
 
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 """Per-channel (mean, std) of pixels in [0, 1]."""
 
 
-def normalize(images: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
-    """``(images - mean) / std`` per channel, in place, for float ``[..., C, H, W]``; unchanged without one."""
+def to_inputs(pixels: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
+    """uint8 images ``[..., C, H, W]`` as a learner gets them: float32 scaled to [0, 1], then
+    ``(x - mean) / std`` per channel when the task normalizes. The one transform from table pixels to
+    model inputs: episodes (``TaskDistribution.decode``), the fine-tuning baseline's pretraining images
+    and ``ImageFamily.preprocess`` (exports) all go through it."""
+    images = pixels.to(torch.float32).div_(255.0)
     if normalization is None:
         return images
     mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in normalization)

@@ -12,6 +12,7 @@ from tasks.errors import StoreError
 from tasks.families import miniimagenet, omniglot
 from tasks.families.miniimagenet import MiniImageNetTask
 from tasks.families.omniglot import OmniglotTask
+from tasks.family import to_inputs
 from tasks.images import ImageTable, from_parquet, write_parquet
 
 
@@ -38,6 +39,18 @@ def test_preprocess_is_the_table_transform_scaled_to_unit_range():
     assert x.shape == (3, 1, 28, 28) and x.dtype == torch.float32
     expected = torch.from_numpy(np.stack([omniglot.to_array(im, task) for im in images])).float() / 255
     assert torch.equal(x, expected)
+
+
+def test_inputs_are_pixels_scaled_to_unit_range_then_normalized_per_channel():
+    pixels = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 2, 2)
+    scaled = to_inputs(pixels, None)
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, pixels.float() / 255)
+    normed = to_inputs(pixels, ((0.5, 0.2, 0.9), (0.25, 0.5, 0.1)))
+    reference = (pixels.double() / 255 - torch.tensor([0.5, 0.2, 0.9]).double().view(3, 1, 1)) / torch.tensor(
+        [0.25, 0.5, 0.1]
+    ).double().view(3, 1, 1)
+    assert torch.allclose(normed.double(), reference, atol=1e-6)
+    assert pixels.dtype == torch.uint8 and int(pixels.max()) == 255  # the table is not touched
 
 
 def test_preprocess_needs_images():
