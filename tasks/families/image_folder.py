@@ -269,7 +269,11 @@ def find_classes(task: ImageFolderTask) -> dict[str, Classes]:
     """Each split's classes and their image files, checked against the task (nothing decoded yet)."""
     root = dataset_root(task)
     if not root.is_dir():
-        raise DatasetError(f"{root}: task.root does not exist")
+        relative = "" if Path(task.root).expanduser().is_absolute() else (
+            f" (task.root {task.root!r} is relative, so it is read under the data root {data_root(task.data_root)}:"
+            " task.data_root, else $METAPIPE_DATA, else ../shared/data; give an absolute path to read it elsewhere)"
+        )
+        raise DatasetError(f"{root}: task.root does not exist{relative}")
     sources = split_sources(task, root)
     images = root / task.images
     splits: dict[str, Classes] = {}
@@ -309,7 +313,10 @@ def decode(file: ImageFile, task: ImageFolderTask) -> np.ndarray:
     image = open_image(file)
     modes = task.file_modes or FILE_MODES[task.mode]
     if image.mode not in modes:
-        raise DatasetError(f"{file.where}: image mode is {image.mode}, task.file_modes allows {list(modes)}")
+        raise DatasetError(
+            f"{file.where}: image mode is {image.mode}, task.file_modes allows {list(modes)}"
+            f" (list {image.mode} in task.file_modes to convert such files to {task.mode})"
+        )
     return to_array(image, task)
 
 

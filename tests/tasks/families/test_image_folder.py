@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from tasks import images
@@ -89,6 +90,12 @@ def test_relative_root_is_under_the_data_root(tmp_path):
     write_split_folders(tmp_path / "mine")
     config = ImageFolderTask(root="mine", data_root=str(tmp_path), ways=2, shots=1, queries=2, image_size=8)
     assert image_folder.load(config).pixels.shape[0] == 7 * PER_CLASS
+    missing = ImageFolderTask(root="other/mine", data_root=str(tmp_path), ways=2, shots=1, queries=2, image_size=8)
+    with pytest.raises(DatasetError, match=f"{tmp_path}/other/mine: task.root does not exist \\(task.root 'other/mine' is relative,"
+                                           f" so it is read under the data root {tmp_path}: .* give an absolute path"):
+        image_folder.load(missing)
+    with pytest.raises(DatasetError, match=f"{tmp_path}/nowhere: task.root does not exist$"):
+        image_folder.load(task(tmp_path / "nowhere"))
 
 
 def test_normalization_applies_to_decoded_episodes_and_preprocess(tmp_path):
@@ -170,7 +177,8 @@ def test_an_image_of_the_wrong_mode_names_the_file(tmp_path):
     write_split_folders(tmp_path)
     odd = tmp_path / "val" / "fox" / "img0.png"
     Image.fromarray(np.zeros((10, 10), np.uint8), "L").save(odd)
-    with pytest.raises(DatasetError, match=f"{odd}: image mode is L, task.file_modes allows \\['RGB'\\]"):
+    with pytest.raises(DatasetError, match=f"{odd}: image mode is L, task.file_modes allows \\['RGB'\\] \\(list L in task.file_modes"
+                                           " to convert such files to RGB\\)"):
         image_folder.load(task(tmp_path))
     assert image_folder.load(task(tmp_path, file_modes=["RGB", "L"])).pixels.shape[1] == 3
 
@@ -258,6 +266,23 @@ def test_precompute_never_holds_the_table_in_memory(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert peak < table_bytes / 4 and peak_in_memory > table_bytes
     assert np.array_equal(store.distribution.table.pixels, in_memory.table.pixels)
+
+
+def test_the_readme_example_precomputes_on_a_folder_in_its_layout(tmp_path):
+    """The YAML of README.md's "Your own data set", its root pointed at a generated folder."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("## Your own data set") :]
+    start = section.index("```yaml") + len("```yaml")
+    raw = yaml.safe_load(section[start : section.index("```", start)])
+    for split, count in {"train": 5, "val": 5, "test": 5}.items():
+        write_class_folders(tmp_path / "mine" / split, {f"{split}{i}": 16 for i in range(count)})
+    raw["task"]["root"] = str(tmp_path / "mine")
+    raw["store"] |= {"path": str(tmp_path / raw["store"]["path"]), "train_episodes": 10, "val_episodes": 2, "test_episodes": 2}
+    config = EpisodeConfig.model_validate(raw)
+    store = precompute(config, progress=False)
+    assert config.task.augment is not None and config.task.normalize is not None
+    with store.reader("train", 2, augment=config.task.augment) as reader:
+        assert next(reader).support_x.shape == (2, 5, 3, 84, 84)
 
 
 def test_config_errors_name_the_key():
