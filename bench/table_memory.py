@@ -43,19 +43,15 @@ def task_config(size: int):  # an ImageFolderTask
 
 def make_table(key: str, images: int, size: int) -> None:
     """Write the synthetic table as the node's copy ``key`` (chunk by chunk, never whole in memory)."""
-    from tasks.images import ImageTable
+    from tasks.images import ImageTable, assemble
     from tasks.store import table as node_table
 
     names = tuple(f"{split}/c{i:03d}" for split, n in zip(("train", "val", "test"), CLASSES) for i in range(n))
     classes = np.minimum(np.arange(images) * len(names) // images, len(names) - 1).astype(np.int32)
-    with tempfile.TemporaryDirectory() as scratch:
-        pixels = np.lib.format.open_memmap(Path(scratch) / "p.npy", mode="w+", dtype=np.uint8, shape=(images, 3, size, size))
-        rng = np.random.default_rng(0)
-        for start in range(0, images, 2000):
-            stop = min(images, start + 2000)
-            pixels[start:stop] = rng.integers(0, 256, (stop - start, 3, size, size), dtype=np.uint8)
-        node_table.publish(key, ImageTable(pixels, classes, names))
-        del pixels
+    rng = np.random.default_rng(0)
+    blocks = (rng.integers(0, 256, (min(2000, images - start), 3, size, size), dtype=np.uint8) for start in range(0, images, 2000))
+    with node_table.scratch() as path:
+        node_table.adopt(key, path, ImageTable(assemble(blocks, (images, 3, size, size), path), classes, names))
 
 
 def worker(key: str, size: int, mode: str, batches: int, ready, go) -> None:

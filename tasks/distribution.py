@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from tasks import fewshot
 from tasks.episodes import Episodes
 from tasks.families import TaskConfig, family
-from tasks.family import ArrayFamily, ImageFamily, normalize
+from tasks.family import ArrayFamily, ImageFamily, to_inputs
 from tasks.images import ImageTable
 
 SPLITS = ("train", "val", "test")
@@ -56,10 +57,11 @@ class TaskDistribution:
         self.pixels, self.starts = self.pixels.to(device), self.starts.to(device)
 
     @classmethod
-    def load(cls, task: TaskConfig) -> TaskDistribution:
-        """Read the data set the task needs (image sets decode every image once)."""
+    def load(cls, task: TaskConfig, out: Path | None = None) -> TaskDistribution:
+        """Read the data set the task needs (image sets decode every image once: in memory, or with ``out``
+        into that ``.npy`` file a chunk at a time, then mapped; array families ignore ``out``)."""
         task_family = family(task)
-        return cls(task, task_family.load(task) if isinstance(task_family, ImageFamily) else None)
+        return cls(task, task_family.load(task, out) if isinstance(task_family, ImageFamily) else None)
 
     @property
     def is_image(self) -> bool:
@@ -106,10 +108,12 @@ class TaskDistribution:
             support, query = fewshot.gather(fields, self.pixels, self.starts, self.task.shots)
         if augment is not None:
             support, query = augment(torch.cat([support, query], dim=1)).split([support.shape[1], query.shape[1]], dim=1)
-        episodes = fewshot.to_episodes(support, query, self.task.ways)
-        normalize(episodes.support_x, self._normalization)
-        normalize(episodes.query_x, self._normalization)
-        return episodes
+        return fewshot.to_episodes(self.inputs(support), self.inputs(query), self.task.ways)
+
+    def inputs(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 images ``[..., C, H, W]`` of the table as the learner gets them (image sets): float32 in
+        [0, 1], normalized when the task normalizes (``tasks.family.to_inputs``; what ``decode`` does)."""
+        return to_inputs(pixels, self._normalization)
 
     def episodes(self, split: str, rng: np.random.Generator, count: int) -> Episodes:
         """``count`` fresh episodes, sampled and decoded in process (no store)."""

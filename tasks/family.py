@@ -9,7 +9,7 @@ Two shapes of family exist:
 - ``ArrayFamily``: episodes sampled as numpy arrays and stored as they are (sinusoid,
   quadratic, digits): ``sample(task, rng, count) -> fields`` and ``decode(task, fields)``.
 - ``ImageFamily``: an image data set decoded once into an ``ImageTable``, episodes stored
-  as indices into it (Omniglot, Mini-ImageNet): ``load(task)``, ``split_classes(task, table)``
+  as indices into it (Omniglot, Mini-ImageNet): ``load(task, out)``, ``split_classes(task, table)``
   and ``to_array(image, task)``, the one transform from a PIL image to a table row.
 """
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.episodes import Episodes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from tasks.images import ImageTable
@@ -126,8 +128,10 @@ class ImageFamily:
 
     config: type[ImageTask]
     spec: Callable[[Any], TaskSpec]
-    load: Callable[[Any], ImageTable]
-    """``load(task)``: the decoded data set; raises DatasetError naming the file when it cannot be read."""
+    load: Callable[[Any, Path | None], ImageTable]
+    """``load(task, out)``: the decoded data set; with a path ``out`` (precompute), written to that ``.npy``
+    file a chunk at a time and mapped, never whole in memory (``build_table`` does it); raises DatasetError
+    naming the file when it cannot be read."""
     split_classes: Callable[[Any, ImageTable], dict[str, np.ndarray]]
     """``split_classes(task, table)``: class ids of the train, val and test splits."""
     to_array: Callable[[Image.Image, Any], np.ndarray]
@@ -143,16 +147,19 @@ class ImageFamily:
         """
         if not images:
             raise ValueError("preprocess needs at least one image")
-        pixels = torch.from_numpy(np.stack([self.to_array(im, task) for im in images])).float().div_(255.0)
-        return normalize(pixels, self.normalization(task))
+        return to_inputs(torch.from_numpy(np.stack([self.to_array(im, task) for im in images])), self.normalization(task))
 
 
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 """Per-channel (mean, std) of pixels in [0, 1]."""
 
 
-def normalize(images: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
-    """``(images - mean) / std`` per channel, in place, for float ``[..., C, H, W]``; unchanged without one."""
+def to_inputs(pixels: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
+    """uint8 images ``[..., C, H, W]`` as a learner gets them: float32 scaled to [0, 1], then
+    ``(x - mean) / std`` per channel when the task normalizes. The one transform from table pixels to
+    model inputs: episodes (``TaskDistribution.decode``), the fine-tuning baseline's pretraining images
+    and ``ImageFamily.preprocess`` (exports) all go through it."""
+    images = pixels.to(torch.float32).div_(255.0)
     if normalization is None:
         return images
     mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in normalization)

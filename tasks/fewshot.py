@@ -100,11 +100,12 @@ def labels(batch: int, ways: int, per_class: int) -> torch.Tensor:
 
 
 def to_episodes(support: torch.Tensor, query: torch.Tensor, ways: int) -> Episodes:
-    """uint8 support/query images [B, N*K, C, H, W] as float episodes in [0, 1] with their labels."""
+    """Support/query inputs ``[B, N*K, C, H, W]`` / ``[B, N*Q, C, H, W]`` (float, as the learner gets them:
+    ``tasks.family.to_inputs``) as episodes with their labels."""
     b = support.shape[0]
     return Episodes(
-        support.to(torch.float32).mul_(1.0 / 255.0),
+        support,
         labels(b, ways, support.shape[1] // ways).to(support.device),
-        query.to(torch.float32).mul_(1.0 / 255.0),
+        query,
         labels(b, ways, query.shape[1] // ways).to(query.device),
     )

@@ -7,9 +7,11 @@ for each held-out episode, a fresh zero N-way head on the pretrained trunk,
 ``steps`` Adam steps at ``lr`` on the support set (the head only, or the whole
 network), then the queries are classified. BatchNorm uses each batch's own
 statistics, as in the learners: a pretraining mini-batch, an episode's support
-set, an episode's query set. As in the paper, the fine-tuning hyperparameters
-are picked on the store's val episodes from a small grid, and test accuracy is
-reported on the same test episodes as the meta-learners.
+set, an episode's query set. Pretraining images get the episodes' transform
+(scaled to [0, 1], then ``task.normalize`` when set: ``TaskDistribution.inputs``).
+As in the paper, the fine-tuning hyperparameters are picked on the store's val
+episodes from a small grid, and test accuracy is reported on the same test
+episodes as the meta-learners.
 
 ``python -m pipeline baseline finetune CONFIG`` runs it all and prints the table;
 ``--mlflow-run RUN_ID`` adds it to a training run.
@@ -80,13 +82,16 @@ class TrainingSet:
     labels: torch.Tensor
     """int64 [M]: class of each row, ``character position * turns + rotation``"""
     classes: int
+    inputs: Callable[[torch.Tensor], torch.Tensor]
+    """uint8 images to model inputs: the distribution's own (``TaskDistribution.inputs``, what episodes get)"""
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images float32 in [0, 1] and labels of the pool entries ``index``."""
-        return self.pixels[self.rows[index]].float().div_(255.0), self.labels[index]
+        """Images ``[len(index), C, H, W]`` as the episodes' (float32 in [0, 1], normalized when the task
+        normalizes) and labels ``[len(index)]`` of the pool entries ``index``."""
+        return self.inputs(self.pixels[self.rows[index]]), self.labels[index]
 
 
 def progress(line: str) -> None:
@@ -124,7 +129,7 @@ def training_set(distribution: TaskDistribution) -> TrainingSet:
     position = np.searchsorted(train, table_classes[members])
     rows = torch.from_numpy(members).repeat(turns) + torch.arange(turns).repeat_interleave(len(members)) * n
     labels = torch.from_numpy(position).repeat(turns) * turns + torch.arange(turns).repeat_interleave(len(members))
-    return TrainingSet(pool.flatten(0, 1), rows, labels, len(train) * turns)
+    return TrainingSet(pool.flatten(0, 1), rows, labels, len(train) * turns, distribution.inputs)
 
 
 def networks(config: RunConfig, classes: int) -> tuple[Conv4, Conv4]:

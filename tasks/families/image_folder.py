@@ -23,6 +23,7 @@ import csv
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from pydantic import Field, model_validator
 from tasks.datasets import data_root
 from tasks.errors import DatasetError
 from tasks.family import ImageFamily, ImageTask, Strict, TaskSpec
-from tasks.images import ImageTable, resized
+from tasks.images import ImageTable, assemble, chunks, resized
 
 SPLITS = ("train", "val", "test")
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -94,12 +95,18 @@ class ImageFolderTask(ImageTask):
         return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageFile:
-    """One image of a data set: where it is (for messages) and how to read its bytes."""
+    """One image of a data set: where it is (for messages) and how to read its bytes. A data set may list
+    hundreds of thousands, so a plain file keeps only its path (about 150 bytes each, not 450 with a Path)."""
 
     where: str
-    read: Callable[[], bytes]
+    read: Callable[[], bytes] | None = None
+    """reads the bytes (e.g. of a zip member); None: ``where`` is the file's path"""
+
+    def data(self) -> bytes:
+        """The file's bytes; FileNotFoundError when it is absent."""
+        return Path(self.where).read_bytes() if self.read is None else self.read()
 
 
 Classes = dict[str, list[ImageFile]]
@@ -109,7 +116,7 @@ Classes = dict[str, list[ImageFile]]
 def open_image(file: ImageFile, missing: str = "missing") -> Image.Image:
     """The decoded PIL image of ``file``; DatasetError naming it when it is absent or unreadable."""
     try:
-        data = file.read()
+        data = file.data()
     except FileNotFoundError:
         raise DatasetError(f"{file.where}: {missing}") from None
     try:
@@ -120,26 +127,23 @@ def open_image(file: ImageFile, missing: str = "missing") -> Image.Image:
     return image
 
 
-def build_table(classes: list[tuple[str, list[ImageFile]]], to_row: Callable[[ImageFile], np.ndarray]) -> ImageTable:
+def build_table(
+    classes: list[tuple[str, list[ImageFile]]], to_row: Callable[[ImageFile], np.ndarray], out: Path | None = None
+) -> ImageTable:
     """Decode every image into one table, classes in the order given (their names as given).
 
-    ``to_row`` maps one file to a uint8 ``[C, H, W]`` row (raising DatasetError naming it). The table is
-    allocated once and filled row by row, so decoding needs one copy of the pixels, not two.
+    ``to_row`` maps one file to a uint8 ``[C, H, W]`` row (raising DatasetError naming it). Without
+    ``out`` the table is held in memory; with ``out`` it is written to that ``.npy`` file a chunk at a
+    time and mapped read-only, so memory holds one chunk of pixels (tasks.images.assemble), plus the
+    file list. Raises DatasetError when there is no image.
     """
-    total = sum(len(files) for _, files in classes)
-    pixels: np.ndarray | None = None
-    ids = np.empty(total, dtype=np.int32)
-    row = 0
-    for cls, (_, files) in enumerate(classes):
-        for file in files:
-            image = to_row(file)
-            if pixels is None:
-                pixels = np.empty((total, *image.shape), dtype=np.uint8)
-            pixels[row] = image
-            ids[row] = cls
-            row += 1
-    if pixels is None:
+    sizes = [len(files) for _, files in classes]
+    rows = (to_row(file) for _, files in classes for file in files)
+    first = next(rows, None)
+    if first is None:
         raise DatasetError("no images found")
+    pixels = assemble(chunks(chain([first], rows), first.shape), (sum(sizes), *first.shape), out)
+    ids = np.repeat(np.arange(len(classes), dtype=np.int32), sizes)
     return ImageTable(pixels, ids, tuple(name for name, _ in classes))
 
 
@@ -190,7 +194,7 @@ def check_disjoint(splits: dict[str, Classes], files: dict[str, Path]) -> None:
 
 
 def _file(path: Path) -> ImageFile:
-    return ImageFile(str(path), path.read_bytes)
+    return ImageFile(str(path))
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -265,7 +269,11 @@ def find_classes(task: ImageFolderTask) -> dict[str, Classes]:
     """Each split's classes and their image files, checked against the task (nothing decoded yet)."""
     root = dataset_root(task)
     if not root.is_dir():
-        raise DatasetError(f"{root}: task.root does not exist")
+        relative = "" if Path(task.root).expanduser().is_absolute() else (
+            f" (task.root {task.root!r} is relative, so it is read under the data root {data_root(task.data_root)}:"
+            " task.data_root, else $METAPIPE_DATA, else ../shared/data; give an absolute path to read it elsewhere)"
+        )
+        raise DatasetError(f"{root}: task.root does not exist{relative}")
     sources = split_sources(task, root)
     images = root / task.images
     splits: dict[str, Classes] = {}
@@ -305,13 +313,17 @@ def decode(file: ImageFile, task: ImageFolderTask) -> np.ndarray:
     image = open_image(file)
     modes = task.file_modes or FILE_MODES[task.mode]
     if image.mode not in modes:
-        raise DatasetError(f"{file.where}: image mode is {image.mode}, task.file_modes allows {list(modes)}")
+        raise DatasetError(
+            f"{file.where}: image mode is {image.mode}, task.file_modes allows {list(modes)}"
+            f" (list {image.mode} in task.file_modes to convert such files to {task.mode})"
+        )
     return to_array(image, task)
 
 
-def load(task: ImageFolderTask) -> ImageTable:
-    """Every image of every split's classes, decoded once (errors name the file or class)."""
-    return build_table(by_split(find_classes(task)), lambda file: decode(file, task))
+def load(task: ImageFolderTask, out: Path | None = None) -> ImageTable:
+    """Every image of every split's classes, decoded once (errors name the file or class); with ``out``,
+    into that ``.npy`` file a chunk at a time (``build_table``)."""
+    return build_table(by_split(find_classes(task)), lambda file: decode(file, task), out)
 
 
 def normalization(task: ImageFolderTask) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -7,6 +7,7 @@ holds only the layout (``miniimagenet/`` under the data root, CSVs beside ``imag
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -27,8 +28,9 @@ class MiniImageNetTask(ImageTask):
     image_size: int = Field(84, ge=8)
 
 
-def load(task: MiniImageNetTask) -> ImageTable:
-    """Every listed image; classes ``<split>/<label>`` ordered by split (train, val, test), then label."""
+def load(task: MiniImageNetTask, out: Path | None = None) -> ImageTable:
+    """Every listed image; classes ``<split>/<label>`` ordered by split (train, val, test), then label;
+    with ``out``, decoded into that ``.npy`` file a chunk at a time (``image_folder.build_table``)."""
     base = data_root(task.data_root) / "miniimagenet"
     if not (base / "images").is_dir():
         raise DatasetError(f"{base / 'images'}: missing (expected Mini-ImageNet images/ plus train/val/test.csv)")
@@ -36,7 +38,9 @@ def load(task: MiniImageNetTask) -> ImageTable:
     splits = {split: image_folder.csv_classes(path, base / "images") for split, path in files.items()}
     image_folder.check_disjoint(splits, files)
     return image_folder.build_table(
-        image_folder.by_split(splits), lambda file: to_array(image_folder.open_image(file, "image listed in the CSV is missing"), task)
+        image_folder.by_split(splits),
+        lambda file: to_array(image_folder.open_image(file, "image listed in the CSV is missing"), task),
+        out,
     )
 
 

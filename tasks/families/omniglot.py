@@ -105,7 +105,7 @@ def _folder_members(path: Path) -> Iterator[Member]:
         parts = file.relative_to(path).parts
         if len(parts) != 3 or file.suffix != ".png":
             raise DatasetError(f"{path}: unexpected file {file} (expected <Alphabet>/<characterNN>/<id>.png)")
-        yield parts[0], parts[1], ImageFile(str(file), file.read_bytes)
+        yield parts[0], parts[1], ImageFile(str(file))
 
 
 def _members(layout: str, paths: list[Path]) -> Iterator[Member]:
@@ -120,8 +120,9 @@ def _decode(file: ImageFile, task: OmniglotTask) -> np.ndarray:
     return to_array(image, task)
 
 
-def load(task: OmniglotTask) -> ImageTable:
-    """Every drawing, one class per character, checked against ``task.characters`` and ``task.drawings``."""
+def load(task: OmniglotTask, out: Path | None = None) -> ImageTable:
+    """Every drawing, one class per character, checked against ``task.characters`` and ``task.drawings``;
+    with ``out``, decoded into that ``.npy`` file a chunk at a time (``build_table``)."""
     layout, paths = locate(data_root(task.data_root))
     by_character: dict[tuple[str, str], list[ImageFile]] = {}
     for alphabet, character, drawing in _members(layout, paths):
@@ -139,7 +140,7 @@ def load(task: OmniglotTask) -> ImageTable:
             folder = files[0].where.rsplit("/", 1)[0]
             raise DatasetError(f"{folder}: {len(files)} drawings, expected {task.drawings}")
         classes.append(("/".join(key), files))
-    return build_table(classes, lambda file: _decode(file, task))
+    return build_table(classes, lambda file: _decode(file, task), out)
 
 
 def split_classes(task: OmniglotTask, table: ImageTable) -> dict[str, np.ndarray]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
+from contextlib import suppress
 from typing import BinaryIO
 
 import pyarrow as pa
@@ -27,14 +29,45 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path``, then move it into place."""
+class _Hashing:
+    """A writable file that forwards to ``out`` and keeps the sha256 and size of what passed."""
+
+    def __init__(self, out: pa.NativeFile) -> None:
+        self.out, self.digest, self.size, self.closed = out, hashlib.sha256(), 0, False
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def write_streamed(fs: pafs.FileSystem, path: str, write: Callable[[BinaryIO], None]) -> tuple[str, int]:
+    """Write ``path`` through ``write(file)`` to a temporary name beside it, then move it into place;
+    the hex sha256 and size of what was written. Nothing needs to be whole in memory."""
     parent = path.rsplit("/", 1)[0]
     fs.create_dir(parent, recursive=True)
     temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with fs.open_output_stream(temporary) as out:
-        out.write(data)
+    try:
+        with fs.open_output_stream(temporary) as out:
+            sink = _Hashing(out)
+            write(sink)
+    except BaseException:
+        with suppress(*ArrowError):  # the error that stopped the write is the one to report
+            delete(fs, temporary)
+        raise
     fs.move(temporary, path)
+    return sink.digest.hexdigest(), sink.size
+
+
+def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, then move it into place."""
+    write_streamed(fs, path, lambda file: file.write(data))
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

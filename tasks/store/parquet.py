@@ -24,6 +24,8 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +40,9 @@ from tasks.config import ROW_GROUP, EpisodeConfig
 from tasks.distribution import SPLITS, TaskDistribution
 from tasks.episodes import Episodes
 from tasks.errors import StoreError
-from tasks.family import Augment
-from tasks.images import to_parquet
+from tasks.families import TaskConfig, family
+from tasks.family import Augment, ImageFamily
+from tasks.images import write_parquet
 from tasks.store import table as node_table
 from tasks.store.filesystem import (
     ArrowError,
@@ -49,6 +52,7 @@ from tasks.store.filesystem import (
     resolve,
     sha256_hex,
     write_atomic,
+    write_streamed,
 )
 
 SCHEMA_VERSION = 1
@@ -509,18 +513,29 @@ def precompute(
                 f"{path.rstrip('/')}/{MANIFEST}: store made for another config ({'; '.join(differences)});"
                 " use --force to replace it"
             )
-    distribution = TaskDistribution.load(config.task)  # data set errors come before anything is written
-    try:
-        delete(fs, f"{root}/{MANIFEST}")
-        if old is not None:
-            for split in old["splits"].values():
-                for shard in split["shards"]:
-                    delete(fs, f"{root}/{shard['file']}")
-        manifest = _write_shards(config, distribution, fs, root, progress)
-        write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
-    except ArrowError as e:
-        raise StoreError(f"{path}: cannot write the store ({e})") from None
+    with _decoded(config.task) as (distribution, decoded):  # data set errors come before anything is written
+        try:
+            delete(fs, f"{root}/{MANIFEST}")
+            if old is not None:
+                for split in old["splits"].values():
+                    for shard in split["shards"]:
+                        delete(fs, f"{root}/{shard['file']}")
+            manifest = _write_shards(config, distribution, decoded, fs, root, progress)
+            write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        except ArrowError as e:
+            raise StoreError(f"{path}: cannot write the store ({e})") from None
     return Store(path, manifest)
+
+
+@contextmanager
+def _decoded(task: TaskConfig) -> Iterator[tuple[TaskDistribution, Path | None]]:
+    """The task's distribution and, for an image set, the ``.npy`` file its table was decoded into, a chunk
+    at a time (a scratch file of the node's table cache, removed on exit unless the store adopted it)."""
+    if not isinstance(family(task), ImageFamily):
+        yield TaskDistribution.load(task), None
+        return
+    with node_table.scratch() as decoded:
+        yield TaskDistribution.load(task, decoded), decoded
 
 
 def _stored(config: EpisodeConfig) -> dict[str, Any]:
@@ -531,7 +546,9 @@ def _stored(config: EpisodeConfig) -> dict[str, Any]:
     return dumped
 
 
-def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any, root: str, progress: bool | None) -> dict:
+def _write_shards(
+    config: EpisodeConfig, distribution: TaskDistribution, decoded: Path | None, fs: Any, root: str, progress: bool | None
+) -> dict:
     store = config.store
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -542,15 +559,10 @@ def _write_shards(config: EpisodeConfig, distribution: TaskDistribution, fs: Any
         "splits": {},
     }
     if distribution.table is not None:
-        data = to_parquet(distribution.table)
-        write_atomic(fs, f"{root}/{TABLE}", data)
-        manifest["image_table"] = {
-            "file": TABLE,
-            "sha256": sha256_hex(data),
-            "images": len(distribution.table.pixels),
-            "shape": list(distribution.table.pixels.shape[1:]),
-        }
-        node_table.publish(node_table.cache_key(store.path, manifest["image_table"]["sha256"]), distribution.table)
+        table = distribution.table
+        digest, _ = write_streamed(fs, f"{root}/{TABLE}", lambda file: write_parquet(table, file))
+        manifest["image_table"] = {"file": TABLE, "sha256": digest, "images": len(table.pixels), "shape": list(table.pixels.shape[1:])}
+        node_table.adopt(node_table.cache_key(store.path, digest), decoded, table)
     counts = {"train": store.train_episodes, "val": store.val_episodes, "test": store.test_episodes}
     bar = tqdm(total=sum(counts.values()), unit="ep", desc=f"precompute {store.path}", file=sys.stderr,
                disable=None if progress is None else not progress)

@@ -7,7 +7,9 @@ process does it while the others wait; every reader then maps the ``.npy`` read-
 share one copy of the pixels in the page cache and a table larger than memory is paged in as episodes
 touch it. The key is a hash of the store path and the table's sha256, so a store rewritten in place
 gets a fresh copy. ``<cache>`` is ``$METAPIPE_TABLE_CACHE``, else ``<temp dir>/metapipe-tables``
-(node-local; give it room for the table: 1.3 GB for Mini-ImageNet at 84x84, 16.5 GB for tiered-ImageNet).
+(node-local, on disk rather than a RAM-backed tmpfs; give it room for the table: 1.3 GB for Mini-ImageNet
+at 84x84, 16.5 GB for tiered-ImageNet). Precompute decodes the data set into this folder a chunk at a
+time (``scratch``) and makes the result the node's copy (``adopt``), so the precompute node never decodes twice.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,19 +53,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _write(folder: Path, key: str, fill: Callable[[Callable[[tuple[int, ...]], np.ndarray]], ImageTable]) -> None:
-    """Write ``<key>.npy`` through a memory map that ``fill`` fills, then ``<key>.json`` (its presence
-    marks the copy complete); both under temporary names first, then moved into place."""
+def _write(folder: Path, key: str, fill: Callable[[Path], ImageTable]) -> None:
+    """Write ``<key>.npy`` with ``fill(path)`` (a temporary path beside it), then install it (``_install``);
+    a failed ``fill`` leaves nothing behind."""
     temporary = folder / f"{key}.npy.tmp-{os.getpid()}"
+    try:
+        table = fill(temporary)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _install(folder, key, temporary, table)
 
-    def allocate(shape: tuple[int, ...]) -> np.ndarray:
-        return np.lib.format.open_memmap(temporary, mode="w+", dtype=np.uint8, shape=shape)
 
-    table = fill(allocate)
-    table.pixels.flush()
+def _install(folder: Path, key: str, npy: Path, table: ImageTable) -> None:
+    """Move the finished ``npy`` (``table``'s pixels) to ``<key>.npy``, then write ``<key>.json`` (its
+    presence marks the copy complete) under a temporary name first."""
     meta = {"sizes": table.sizes.tolist(), "class_names": list(table.class_names), "shape": list(table.pixels.shape)}
-    del table
-    os.replace(temporary, folder / f"{key}.npy")
+    os.replace(npy, folder / f"{key}.npy")
     (folder / f"{key}.json.tmp-{os.getpid()}").write_text(json.dumps(meta))
     os.replace(folder / f"{key}.json.tmp-{os.getpid()}", folder / f"{key}.json")
 
@@ -89,7 +96,7 @@ def mapped_table(key: str, open_verified: Callable[[], pa.NativeFile], where: st
             with _locked(folder / f"{key}.lock"):
                 if not (folder / f"{key}.json").exists():
                     with open_verified() as source:
-                        _write(folder, key, lambda allocate: from_parquet(source, where, allocate))
+                        _write(folder, key, lambda path: from_parquet(source, where, path))
     except OSError as e:
         raise _unwritable(folder, e) from None
     return _open(folder, key)
@@ -102,18 +109,29 @@ def _unwritable(folder: Path, error: OSError) -> StoreError:
     )
 
 
-def publish(key: str, table: ImageTable) -> None:
-    """Write the node's copy of a table just decoded (precompute), so readers here need not decode it again."""
-    def fill(allocate: Callable[[tuple[int, ...]], np.ndarray]) -> ImageTable:
-        pixels = allocate(table.pixels.shape)
-        pixels[:] = table.pixels
-        return ImageTable(pixels, table.classes, table.class_names)
-
+@contextmanager
+def scratch() -> Iterator[Path]:
+    """A fresh ``.npy`` path in the node's cache folder to decode a table into (precompute), removed on exit
+    unless ``adopt`` has made it the node's copy. Raises StoreError when the folder cannot be written."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(folder, e) from None
+    path = folder / f"decoded-{uuid.uuid4().hex}.npy.tmp"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def adopt(key: str, npy: Path, table: ImageTable) -> None:
+    """Make ``npy`` (in the cache folder, from ``scratch``), the table precompute just decoded, the node's copy
+    ``key``, so readers here need not decode it again; left where it is if the node has that copy already."""
+    folder = cache_dir()
+    try:
         with _locked(folder / f"{key}.lock"):
             if not (folder / f"{key}.json").exists():
-                _write(folder, key, fill)
+                _install(folder, key, npy, table)
     except OSError as e:
         raise _unwritable(folder, e) from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,7 +15,8 @@ from pipeline.errors import ConfigError
 from pipeline.nets.conv4 import Conv4
 from tasks.distribution import TaskDistribution
 from tasks.episodes import Episodes
-from tests.helpers import small_omniglot_task, write_omniglot
+from tasks.families.image_folder import ImageFolderTask
+from tests.helpers import small_omniglot_task, write_class_folders, write_omniglot
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,6 +79,24 @@ def test_training_set_has_one_class_per_train_character_and_rotation(distributio
         drawing = int(data.rows[i]) % len(table) - int(starts[character])
         expected = torch.rot90(table[int(starts[character]) + drawing], int(y) % 4, dims=(-2, -1))
         assert torch.equal((x[0] * 255).round().to(torch.uint8), expected)
+
+
+def test_pretraining_images_are_normalized_as_the_episodes_are(tmp_path) -> None:
+    """With task.normalize, pretraining sees (x / 255 - mean) / std, as the learners' episodes and the val/test
+    episodes the baseline is scored on do."""
+    for split, names in {"train": ["a", "b"], "val": ["c", "d"], "test": ["e", "f"]}.items():
+        write_class_folders(tmp_path / split, {n: 3 for n in names}, size=8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.5)
+    task = ImageFolderTask(root=str(tmp_path), ways=2, queries=2, image_size=8, normalize={"mean": mean, "std": std})
+    distribution = TaskDistribution.load(task)
+    data = finetune.training_set(distribution)
+    x, y = data.batch(torch.arange(len(data)))
+    pixels = torch.from_numpy(distribution.table.pixels[:6]).double()  # the train classes come first
+    reference = (pixels / 255 - torch.tensor(mean).double().view(3, 1, 1)) / torch.tensor(std).double().view(3, 1, 1)
+    assert torch.allclose(x.double(), reference, atol=1e-6) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    episode = distribution.episodes("train", np.random.default_rng(0), 1)
+    image = episode.support_x[0, 0]
+    assert any(torch.equal(image, row) for row in x)  # the very same float32 values as an episode's image
 
 
 def test_pretraining_lowers_the_loss_with_a_head_per_class(distribution) -> None:

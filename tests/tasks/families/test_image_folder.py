@@ -1,17 +1,21 @@
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from tasks import images
 from tasks.config import EpisodeConfig
 from tasks.distribution import TaskDistribution
 from tasks.errors import DatasetError
 from tasks.families import image_folder
 from tasks.families.image_folder import ImageFolderTask
-from tasks.store.parquet import precompute
+from tasks.store import table as node_table
+from tasks.store.parquet import open_store, precompute
 from tests.helpers import write_class_folders
 
 SPLIT_CLASSES = {"train": ["cat", "dog", "eel"], "val": ["fox", "gnu"], "test": ["hen", "ibis"]}
@@ -86,6 +90,12 @@ def test_relative_root_is_under_the_data_root(tmp_path):
     write_split_folders(tmp_path / "mine")
     config = ImageFolderTask(root="mine", data_root=str(tmp_path), ways=2, shots=1, queries=2, image_size=8)
     assert image_folder.load(config).pixels.shape[0] == 7 * PER_CLASS
+    missing = ImageFolderTask(root="other/mine", data_root=str(tmp_path), ways=2, shots=1, queries=2, image_size=8)
+    with pytest.raises(DatasetError, match=f"{tmp_path}/other/mine: task.root does not exist \\(task.root 'other/mine' is relative,"
+                                           f" so it is read under the data root {tmp_path}: .* give an absolute path"):
+        image_folder.load(missing)
+    with pytest.raises(DatasetError, match=f"{tmp_path}/nowhere: task.root does not exist$"):
+        image_folder.load(task(tmp_path / "nowhere"))
 
 
 def test_normalization_applies_to_decoded_episodes_and_preprocess(tmp_path):
@@ -167,7 +177,8 @@ def test_an_image_of_the_wrong_mode_names_the_file(tmp_path):
     write_split_folders(tmp_path)
     odd = tmp_path / "val" / "fox" / "img0.png"
     Image.fromarray(np.zeros((10, 10), np.uint8), "L").save(odd)
-    with pytest.raises(DatasetError, match=f"{odd}: image mode is L, task.file_modes allows \\['RGB'\\]"):
+    with pytest.raises(DatasetError, match=f"{odd}: image mode is L, task.file_modes allows \\['RGB'\\] \\(list L in task.file_modes"
+                                           " to convert such files to RGB\\)"):
         image_folder.load(task(tmp_path))
     assert image_folder.load(task(tmp_path, file_modes=["RGB", "L"])).pixels.shape[1] == 3
 
@@ -194,13 +205,84 @@ def test_a_class_in_two_split_files(tmp_path):
         image_folder.load(task(tmp_path, split="files", images="images"))
 
 
-def test_dataset_errors_come_before_anything_is_written(tmp_path):
+def store_config(root: Path, path: Path, **store) -> EpisodeConfig:
+    return EpisodeConfig.model_validate({"task": task(root).model_dump(), "store": {"path": str(path), **store}})
+
+
+def test_dataset_errors_come_before_anything_is_written(tmp_path, monkeypatch):
+    """The last image is broken: every other one is decoded (a chunk at a time) before the error, and
+    still neither a new store nor the store it would replace, nor the node's table cache, is touched."""
+    monkeypatch.setattr(images, "CHUNK_BYTES", 2 * 3 * 8 * 8)
+    monkeypatch.setenv(node_table.CACHE_ENV, str(tmp_path / "cache"))
     write_split_folders(tmp_path / "data")
-    (tmp_path / "data" / "train" / "eel" / "img0.png").write_bytes(b"broken")
-    config = EpisodeConfig.model_validate({"task": task(tmp_path / "data").model_dump(), "store": {"path": str(tmp_path / "s")}})
-    with pytest.raises(DatasetError, match="eel/img0.png: unreadable image"):
-        precompute(config, progress=False)
+    replaced = precompute(store_config(tmp_path / "data", tmp_path / "old", train_episodes=50), progress=False)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.joinpath("old").rglob("*")) if p.is_file()}
+    cache = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    bad = tmp_path / "data" / "test" / "ibis" / f"img{PER_CLASS - 1}.png"
+    bad.write_bytes(b"broken")
+    with pytest.raises(DatasetError, match=f"{bad}: unreadable image"):
+        precompute(store_config(tmp_path / "data", tmp_path / "s"), progress=False)
     assert not (tmp_path / "s").exists()
+    with pytest.raises(DatasetError, match=f"{bad}: unreadable image"):
+        precompute(store_config(tmp_path / "data", tmp_path / "old"), force=True, progress=False)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.joinpath("old").rglob("*")) if p.is_file()} == before
+    assert open_store(replaced.path).episodes("train") == 50
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == cache  # no scratch file left
+
+
+def test_a_table_decoded_into_a_file_is_the_table_decoded_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "CHUNK_BYTES", 3 * 3 * 8 * 8 + 1)  # 3 images a chunk
+    config = task(write_split_folders(tmp_path / "data"))
+    in_memory, mapped = image_folder.load(config), image_folder.load(config, tmp_path / "table.npy")
+    assert isinstance(mapped.pixels, np.memmap) and not isinstance(in_memory.pixels, np.memmap)
+    assert np.array_equal(mapped.pixels, in_memory.pixels) and np.array_equal(mapped.classes, in_memory.classes)
+    assert mapped.class_names == in_memory.class_names
+
+
+def test_precompute_never_holds_the_table_in_memory(tmp_path, monkeypatch):
+    """Decoding and writing images.parquet go a chunk / row group at a time: the memory precompute
+    allocates at its peak (tracemalloc sees numpy's buffers) stays far below the table's size, while
+    decoding into memory needs all of it."""
+    monkeypatch.setattr(images, "CHUNK_BYTES", 8 * 3 * 48 * 48)
+    monkeypatch.setattr(images, "ROW_GROUP_BYTES", 8 * 3 * 48 * 48)
+    root = tmp_path / "data"
+    for split, names in SPLIT_CLASSES.items():
+        write_class_folders(root / split, {n: 40 for n in names}, size=48)
+    table_bytes = 7 * 40 * 3 * 48 * 48
+
+    def config(path: Path) -> EpisodeConfig:
+        store = {"path": str(path), "train_episodes": 20, "val_episodes": 2, "test_episodes": 2}
+        return EpisodeConfig.model_validate({"task": task(root, image_size=48).model_dump(), "store": store})
+
+    precompute(config(tmp_path / "warm-up"), progress=False)  # modules pyarrow and PIL import on first use
+    tracemalloc.start()
+    try:
+        store = precompute(config(tmp_path / "s"), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        in_memory = TaskDistribution.load(config(tmp_path / "s").task)
+        peak_in_memory = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < table_bytes / 4 and peak_in_memory > table_bytes
+    assert np.array_equal(store.distribution.table.pixels, in_memory.table.pixels)
+
+
+def test_the_readme_example_precomputes_on_a_folder_in_its_layout(tmp_path):
+    """The YAML of README.md's "Your own data set", its root pointed at a generated folder."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("## Your own data set") :]
+    start = section.index("```yaml") + len("```yaml")
+    raw = yaml.safe_load(section[start : section.index("```", start)])
+    for split, count in {"train": 5, "val": 5, "test": 5}.items():
+        write_class_folders(tmp_path / "mine" / split, {f"{split}{i}": 16 for i in range(count)})
+    raw["task"]["root"] = str(tmp_path / "mine")
+    raw["store"] |= {"path": str(tmp_path / raw["store"]["path"]), "train_episodes": 10, "val_episodes": 2, "test_episodes": 2}
+    config = EpisodeConfig.model_validate(raw)
+    store = precompute(config, progress=False)
+    assert config.task.augment is not None and config.task.normalize is not None
+    with store.reader("train", 2, augment=config.task.augment) as reader:
+        assert next(reader).support_x.shape == (2, 5, 3, 84, 84)
 
 
 def test_config_errors_name_the_key():
