@@ -483,8 +483,7 @@ class TruncatedL2L(L2L):
     def begin(self, episodes: Episodes) -> Carry:
         """The carry at step 0 of the trajectories of ``episodes``: theta_0, its gradient and loss, zero LSTM state."""
         theta, grad, loss, state = start_trajectory(self.problem(episodes), self.hidden, self.layers)
-        carry = {"theta": theta, "grad": grad, "loss": loss, "step": torch.tensor(0, dtype=torch.int64)}
-        return carry | {f"state.{k}": s for k, s in enumerate(state)}
+        return _carry(theta, grad, loss, state, 0)
 
     def truncation_grad(self, params: Params, episodes: Episodes, carry: Carry) -> tuple[Params, Metrics, Carry | None]:
         """The gradient of the next segment's mean loss (steps ``step + 1`` to ``min(step + truncation, unroll)``,
@@ -510,5 +509,10 @@ class TruncatedL2L(L2L):
         metrics = {"loss": loss.item(), "initial_loss": carry["loss"].mean().item(), "final_loss": seg.loss.mean().item()}
         if stop == self.unroll:
             return grads, metrics, None
-        after = {"theta": seg.theta, "grad": seg.grad, "loss": seg.loss, "step": torch.tensor(stop, dtype=torch.int64)}
-        return grads, metrics, after | {f"state.{k}": s for k, s in enumerate(seg.state)}
+        return grads, metrics, _carry(seg.theta, seg.grad, seg.loss, seg.state, stop)
+
+
+def _carry(theta: torch.Tensor, grad: torch.Tensor, loss: torch.Tensor, state: LSTMState, step: int) -> Carry:
+    """A TruncatedL2L carry: the optimizee at optimizee step ``step`` and the LSTM state, as one flat dict of tensors."""
+    carry = {"theta": theta, "grad": grad, "loss": loss, "step": torch.tensor(step, dtype=torch.int64)}
+    return carry | {f"state.{k}": s for k, s in enumerate(state)}
