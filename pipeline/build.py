@@ -29,7 +29,7 @@ from pipeline.algorithms.maml import MAML, Network
 from pipeline.algorithms.meta_lstm import MetaLSTM
 from pipeline.algorithms.metanet import MetaNet
 from pipeline.algorithms.protonet import ProtoNet
-from pipeline.algorithms.reptile import Reptile
+from pipeline.algorithms.reptile import CarriedReptile, Reptile
 from pipeline.config import (
     L2LAlgorithm,
     MAMLAlgorithm,
@@ -79,7 +79,7 @@ def inner_loss_scale(algo: MAMLAlgorithm, task: TaskSpec) -> float:
 
 def _reptile(config: RunConfig) -> Reptile:
     algo: ReptileAlgorithm = config.algorithm
-    return Reptile(
+    return (CarriedReptile if algo.inner_state == "carried" else Reptile)(
         network=build_network(config),
         loss=config.task_spec.loss,
         inner_lr=algo.inner_lr,

@@ -256,6 +256,26 @@ class ReptileAlgorithm(GradientMetaLearner):
     batching: Literal["auto", "loop", "stacked"] = Field(
         "auto", description="how tasks of a meta-batch are batched (auto: stacked on a GPU, else loop)"
     )
+    inner_state: Literal["per_task", "carried"] = Field(
+        "per_task",
+        description="the inner Adam's moments and step count: fresh for every task, or carried from task to task"
+        " through each worker's tasks in order, across server steps (openai/supervised-reptile's); evaluation"
+        " starts every test task fresh in both",
+    )
+
+    @model_validator(mode="after")
+    def _carried_adam(self) -> ReptileAlgorithm:
+        if self.inner_state == "carried" and self.inner_optimizer != "adam":
+            raise ValueError(
+                f"algorithm.inner_state: carried needs algorithm.inner_optimizer: adam (got {self.inner_optimizer!r}:"
+                " SGD has no state to carry)"
+            )
+        if self.inner_state == "carried" and self.batching == "stacked":
+            raise ValueError(
+                "algorithm.inner_state: carried adapts a worker's tasks one after the other; algorithm.batching"
+                " must be auto or loop, not stacked"
+            )
+        return self
 
 
 class L2LAlgorithm(AlgorithmSection):

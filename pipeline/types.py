@@ -5,7 +5,7 @@ tensors, so the server, the workers and export never special-case one.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -21,7 +21,7 @@ Metrics = dict[str, float]
 """Scalar metrics of one computation, keyed by name (loss, accuracy, ...)."""
 
 Carry = dict[str, torch.Tensor]
-"""A Truncated learner's state between two truncations (detached tensors; opaque to everything else)."""
+"""A Truncated learner's state between two server steps (detached tensors; opaque to everything else)."""
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 """Maps query inputs to logits (classification) or outputs (regression)."""
@@ -68,15 +68,20 @@ class Illustrated(Protocol):
 
 @runtime_checkable
 class Truncated(Protocol):
-    """Optional for a MetaLearner: one meta-gradient per truncation of a trajectory that outlives a server step.
+    """Optional for a MetaLearner: a state (the *carry*) that outlives a server step; one meta-gradient per truncation.
 
     A worker (pipeline/runtime/worker.py) holding such a learner reads a batch of
-    episodes, ``begin``s their trajectories, and then calls ``truncation_grad``
-    with the same episodes and the latest carry once per server step until it
-    returns None (the trajectory ended), then reads new episodes. It reports the
-    carry with its reader position, so a checkpoint or a replacement worker
-    continues the trajectory exactly.
+    episodes, ``begin``s a carry on them, and then calls ``truncation_grad`` with
+    episodes and the latest carry once per server step. With ``keeps_episodes``
+    (L2L's trajectories) every truncation gets the episodes the trajectory began
+    with until it returns None (the trajectory ended); then come new episodes and a
+    new ``begin``. Without (Reptile's inner Adam carried from task to task) new
+    episodes come at every step and the carry goes on. The worker reports the carry
+    with its reader position, so a checkpoint or a replacement worker continues exactly.
     """
+
+    keeps_episodes: ClassVar[bool]
+    """True: the same episodes until the carry ends; False: new episodes at every step, the carry going on."""
 
     def begin(self, episodes: Episodes) -> Carry:
         """The carry at the start of the trajectories of ``episodes``."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Protocol
+from typing import Callable, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -477,8 +477,10 @@ class TruncatedL2L(L2L):
     ``state.{k}`` (``[B * P, hidden]``, h and c of each layer) and ``step``
     (a 0-d int64: optimizee steps done). The optimizee problem itself is rebuilt
     from the episodes (seeded by their content), so the same episodes must come
-    with every truncation of a trajectory.
+    with every truncation of a trajectory (``keeps_episodes``).
     """
+
+    keeps_episodes: ClassVar[bool] = True
 
     def begin(self, episodes: Episodes) -> Carry:
         """The carry at step 0 of the trajectories of ``episodes``: theta_0, its gradient and loss, zero LSTM state."""

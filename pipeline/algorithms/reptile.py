@@ -15,6 +15,14 @@ without replacement, reshuffled at each pass). The shuffles are drawn from a
 generator seeded with the episodes' content, so ``meta_grad`` stays a pure function.
 Evaluation and ``adapt`` take full-batch steps on the support set.
 
+The inner Adam starts afresh at each task (``algorithm.inner_state: per_task``), or,
+in ``CarriedReptile`` (``carried``), keeps its moments and step count from task to
+task, as openai's ``train_step`` does (its ``minimize_op``'s Adam slots are not among
+the variables it resets between tasks: reptile.py ``_model_state``, models.py). A
+worker adapts its tasks one after the other in episode order, and the state goes on
+into its next server step (pipeline.types.Truncated, ``keeps_episodes`` False).
+Evaluation and ``adapt`` start every test task from a fresh Adam in both settings.
+
 With ``adapt_params`` (ANIL's globs, see pipeline/algorithms/maml.py) only the
 matching parameters are adapted and get Reptile's direction; Reptile gives the
 others none (they do not move in the inner loop), so they get the first-order
@@ -23,7 +31,7 @@ MAML gradient instead: the query-loss gradient at the adapted parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -31,7 +39,6 @@ from pipeline.algorithms.l2l import episode_generator
 from pipeline.algorithms.maml import (
     LossKind,
     Network,
-    adapt_tasks,
     adapted_names,
     evaluate_tasks,
     predictor,
@@ -40,11 +47,11 @@ from pipeline.algorithms.maml import (
     unmatched_patterns,
 )
 from pipeline.nets.norm import query_outputs
-from pipeline.optim.adam import adam
-from pipeline.optim.base import GradientTransformation
+from pipeline.optim.adam import AdamState, adam
+from pipeline.optim.base import GradientTransformation, State
 from pipeline.optim.sgd import sgd
-from pipeline.optim.unroll import unroll
-from pipeline.types import Metrics, Params, Predictor
+from pipeline.optim.unroll import unroll_from
+from pipeline.types import Carry, Metrics, Params, Predictor
 from tasks.episodes import Episodes
 
 ReptileBatching = Literal["auto", "loop", "stacked"]
@@ -119,42 +126,53 @@ class Reptile:
         return order.view(len(episodes), self.inner_steps, self.inner_batch).transpose(0, 1)
 
     def _adapt(
-        self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, adapt: frozenset[str]
-    ) -> tuple[Params, torch.Tensor]:
-        """Stacked tasks adapted on ``x``/``y``, full batch or the mini-batches ``order`` names; only the
-        parameters in ``adapt`` move (and come back per task)."""
-        if order is None:
-            return adapt_tasks(self.network, self.loss, self.optimizer(), params, x, y, self.inner_steps, False, adapt)
+        self, params: Params, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor | None, adapt: frozenset[str],
+        state: State | None = None,
+    ) -> tuple[Params, torch.Tensor, State]:
+        """Stacked tasks adapted on ``x``/``y``, full batch or the mini-batches ``order`` names, from the inner
+        optimizer's ``state`` (None: a fresh one); only the parameters in ``adapt`` move (and come back per task).
+        Returns them, the tasks' first training losses and the optimizer's state after the last step."""
         tasks = x.shape[0]
         rows = torch.arange(tasks, device=x.device).unsqueeze(1)
-        batches = iter(order)
+        batches = iter(order) if order is not None else None
         frozen = {k: v for k, v in params.items() if k not in adapt}
 
         def losses(p: Params) -> torch.Tensor:
+            if batches is None:
+                return task_losses(self.loss, self.network.apply_tasks(frozen | p, x), y)
             index = next(batches)  # the next step's mini-batch of every task
             return task_losses(self.loss, self.network.apply_tasks(frozen | p, x[rows, index]), y[rows, index])
 
         fast = {k: v.expand(tasks, *v.shape) for k, v in params.items() if k in adapt}
-        fast, first = unroll(losses, fast, self.optimizer(), self.inner_steps, False)
-        return frozen | fast, first
+        optimizer = self.optimizer()
+        fast, state, first = unroll_from(losses, fast, optimizer, optimizer.init(fast) if state is None else state, self.inner_steps, False)
+        return frozen | fast, first, state
 
     def adapt_tasks(self, params: Params, episodes: Episodes) -> tuple[Params, torch.Tensor]:
         """Each task's adapted parameters (leading task dimension) and its training loss before adapting
-        (on the first mini-batch with ``inner_batch``)."""
+        (on the first mini-batch with ``inner_batch``), each task from a fresh inner optimizer."""
+        fast, first, _ = self._adapt_tasks(params, episodes, None)
+        return fast, first
+
+    def _adapt_tasks(self, params: Params, episodes: Episodes, state: State | None) -> tuple[Params, torch.Tensor, State | None]:
+        """``adapt_tasks``; with an inner optimizer ``state`` the tasks adapt one after the other in episode order,
+        each from the state the one before left (the first from ``state``), and the last one's state comes back."""
         batching = self.batching
         if batching == "auto":
             batching = "stacked" if episodes.support_x.device.type == "cuda" else "loop"
         adapt = adapted_names(params, self.adapt_params)
         x, y = self.training_set(episodes)
         order = self.minibatches(episodes, x.shape[1])
-        if batching == "stacked":
-            return self._adapt(params, x, y, order, adapt)
-        parts = [
-            self._adapt(params, x[i : i + 1], y[i : i + 1], None if order is None else order[:, i : i + 1], adapt)
-            for i in range(len(episodes))
-        ]
+        if batching == "stacked" and state is None:
+            fast, first, _ = self._adapt(params, x, y, order, adapt)
+            return fast, first, None
+        parts = []
+        for i in range(len(episodes)):
+            fast, first, after = self._adapt(params, x[i : i + 1], y[i : i + 1], None if order is None else order[:, i : i + 1], adapt, state)
+            parts.append((fast, first))
+            state = None if state is None else after
         fast = {k: torch.cat([p[0][k] for p in parts]) if k in adapt else params[k] for k in params}
-        return fast, torch.cat([p[1] for p in parts])
+        return fast, torch.cat([p[1] for p in parts]), state
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean query loss at the adapted parameters (first-order: differentiable through the update path only)."""
@@ -169,10 +187,15 @@ class Reptile:
         Parameters left out of ``adapt_params`` get the mean over tasks of the query-loss
         gradient at the adapted parameters (first-order MAML's) instead.
         """
+        grads, metrics, _ = self._meta_grad(params, episodes, None)
+        return grads, metrics
+
+    def _meta_grad(self, params: Params, episodes: Episodes, state: State | None) -> tuple[Params, Metrics, State | None]:
+        """``meta_grad``, the tasks adapted from the inner optimizer ``state`` as ``_adapt_tasks`` says; and the state after."""
         detached = {k: v.detach() for k, v in params.items()}
         adapt = adapted_names(params, self.adapt_params)
         with torch.enable_grad():
-            fast, pre = self.adapt_tasks(detached, episodes)
+            fast, pre, state = self._adapt_tasks(detached, episodes, state)
         fast = {k: v.detach() if k in adapt else v.requires_grad_() for k, v in fast.items()}
         frozen = [k for k in params if k not in adapt]
         with torch.set_grad_enabled(bool(frozen)):
@@ -182,7 +205,7 @@ class Reptile:
         if frozen:
             grads |= dict(zip(frozen, torch.autograd.grad(losses.mean(), [fast[k] for k in frozen])))
         metrics = query_metrics(self.loss, losses.detach(), out.detach(), episodes.query_y, pre)
-        return {k: grads[k] for k in params}, metrics
+        return {k: grads[k] for k in params}, metrics, state
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``maml.predictor``."""
@@ -200,3 +223,64 @@ class Reptile:
         return evaluate_tasks(
             self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk, adapt
         )
+
+
+@dataclass(frozen=True)
+class CarriedReptile(Reptile):
+    """Reptile whose inner Adam keeps its moments and step count from task to task (``algorithm.inner_state:
+    carried``), as openai/supervised-reptile's: pipeline.types.Truncated with new episodes at every server step.
+
+    The carry is the inner Adam's state after the worker's last task, detached:
+    ``exp_avg.<name>`` and ``exp_avg_sq.<name>`` (shaped like parameter ``<name>``,
+    for each adapted parameter) and ``step`` (a 0-d int64: inner steps taken). Each
+    server step adapts the episodes' tasks one after the other from it (so
+    ``batching: stacked`` does not apply to meta-training). ``meta_grad`` and
+    ``meta_loss`` take every task from a fresh state (no carry), like ``Reptile``'s;
+    evaluation and ``adapt`` too.
+    """
+
+    keeps_episodes: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.inner_optimizer != "adam":
+            raise ValueError(f"CarriedReptile needs inner_optimizer 'adam' (SGD has no state to carry), got {self.inner_optimizer!r}")
+
+    def begin(self, episodes: Episodes) -> Carry:
+        """A fresh inner Adam's state (step 0, zero moments) on the episodes' device and dtype."""
+        params = self.init(0, episodes.support_x.dtype)
+        adapt = adapted_names(params, self.adapt_params)
+        zero = {k: torch.zeros(1, *v.shape, dtype=v.dtype, device=episodes.support_x.device) for k, v in params.items() if k in adapt}
+        return _carry(AdamState(0, zero, zero))
+
+    def truncation_grad(self, params: Params, episodes: Episodes, carry: Carry) -> tuple[Params, Metrics, Carry]:
+        """``meta_grad`` with the tasks adapted one after the other from the carried inner Adam state, and that
+        state after the last task (never None: it goes on into the worker's next step).
+
+        Raises ValueError naming the keys when ``carry`` does not hold the state of every adapted parameter
+        (a carry of another network or ``adapt_params``).
+        """
+        adapt = adapted_names(params, self.adapt_params)
+        expected = {"step"} | {f"{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in adapt}
+        if set(carry) != expected:
+            raise ValueError(
+                f"CarriedReptile: the carry's keys differ from the inner Adam state of this network:"
+                f" missing {sorted(expected - set(carry))}, unexpected {sorted(set(carry) - expected)}"
+            )
+        names = sorted(adapt)
+        state = AdamState(
+            int(carry["step"]),
+            {k: carry[f"exp_avg.{k}"][None] for k in names},
+            {k: carry[f"exp_avg_sq.{k}"][None] for k in names},
+        )
+        grads, metrics, state = self._meta_grad(params, episodes, state)
+        return grads, metrics, _carry(state)
+
+
+def _carry(state: AdamState) -> Carry:
+    """A CarriedReptile carry: the inner Adam ``state`` of one task (moments ``[1, *shape]``, the task dimension
+    dropped) as one flat dict of detached tensors."""
+    carry: Carry = {"step": torch.tensor(state.step, dtype=torch.int64)}
+    for moment, tree in (("exp_avg", state.exp_avg), ("exp_avg_sq", state.exp_avg_sq)):
+        carry |= {f"{moment}.{k}": v.detach()[0] for k, v in tree.items()}
+    return carry

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from pipeline.optim.base import GradientTransformation, apply_updates
+from pipeline.optim.base import GradientTransformation, State, apply_updates
 from pipeline.types import Params
 
 
@@ -18,7 +18,23 @@ def unroll(
     create_graph: bool,
     checkpoint: bool = False,
 ) -> tuple[Params, torch.Tensor]:
-    """Take ``steps`` optimizer steps on ``task_losses(params)``; return the adapted params and the first losses.
+    """``unroll_from`` a fresh optimizer state (``optimizer.init(params)``): the adapted params and the first losses."""
+    params, _, first = unroll_from(task_losses, params, optimizer, optimizer.init(params), steps, create_graph, checkpoint)
+    return params, first
+
+
+def unroll_from(
+    task_losses: Callable[[Params], torch.Tensor],
+    params: Params,
+    optimizer: GradientTransformation,
+    state: State,
+    steps: int,
+    create_graph: bool,
+    checkpoint: bool = False,
+) -> tuple[Params, State, torch.Tensor]:
+    """Take ``steps`` optimizer steps on ``task_losses(params)`` from the optimizer state ``state`` (an earlier
+    unroll's, as Reptile's carried inner Adam); return the adapted params, the optimizer state after them and
+    the first losses.
 
     ``task_losses`` returns one loss per task ``[T]`` (or a scalar for one task);
     its sum is differentiated, which gives each task its own gradient when the
@@ -41,7 +57,6 @@ def unroll(
         updates, state = optimizer.update(dict(zip(at, grads)), state)
         return apply_updates(params, updates), state, losses.detach()
 
-    state = optimizer.init(params)
     first = None
     for _ in range(steps):
         if checkpoint and create_graph:
@@ -50,4 +65,4 @@ def unroll(
             params, state, losses = step(params, state)
         if first is None:
             first = losses
-    return params, first
+    return params, state, first

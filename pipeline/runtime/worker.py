@@ -3,8 +3,9 @@
 A plain class, run in-process by unit tests and wrapped with ``ray.remote`` by the
 driver (a GPU or a fraction of one each when the cluster has GPUs). It knows the
 MetaLearner contract and nothing of any one algorithm. A Truncated learner
-(pipeline.types) gets one call per truncation on the same episodes, its carry
-kept here between steps and reported with the reader position. It also evaluates its share
+(pipeline.types) gets one call per server step, its carry kept here between steps
+and reported with the reader position: on the same episodes until the carry ends
+(``keeps_episodes``), or on new episodes each step with the carry going on. It also evaluates its share
 of the validation and test episodes on its own device (``evaluate``), so the
 driver only aggregates scores. With ``train.dtype: bfloat16`` its forward and
 backward passes run under ``torch.autocast`` (bfloat16 matmuls and convolutions,
@@ -86,7 +87,7 @@ class EpisodeWorker:
         self.store = open_store(self.config.store.path)
         self._eval_sets: dict[tuple[str, int, int], Episodes] = {}
         self.truncated = isinstance(self.learner, Truncated)
-        if self.truncated:  # position = {"reader": where the trajectory's episodes start, "carry": its state or None}
+        if self.truncated:  # position = {"reader": where the next step's episodes start, "carry": its state or None}
             position = position or {"reader": None, "carry": None}
             self._carry = {k: v.to(self.device) for k, v in position["carry"].items()} if position["carry"] else None
             self._trajectory: Episodes | None = None
@@ -114,6 +115,8 @@ class EpisodeWorker:
         with self._compute():
             if self.truncated:
                 grads, metrics, self._carry = self.learner.truncation_grad(params, episodes, self._carry or self.learner.begin(episodes))
+                if self._carry is None or not self.learner.keeps_episodes:
+                    self._trajectory = None  # the next step reads new episodes
             else:
                 grads, metrics = self.learner.meta_grad(params, episodes)
         grad = self.layout.flatten(grads).numpy()
@@ -125,20 +128,19 @@ class EpisodeWorker:
 
     def _trajectory_episodes(self) -> Episodes:
         """A Truncated learner's episodes: those of the running trajectory, or the next batch when none runs."""
-        if self._carry is None or self._trajectory is None:
+        if self._trajectory is None:
             self._trajectory_start = self.reader.position
             self._trajectory = next(self.reader).to(self.device, self.dtype)
         return self._trajectory
 
     @property
     def position(self) -> dict[str, Any]:
-        """Where this worker stands after its last step: its reader position; for a Truncated learner, with the
-        running trajectory's carry (on the CPU) and the reader position of that trajectory's episodes."""
+        """Where this worker stands after its last step: its reader position; for a Truncated learner, with its
+        carry (on the CPU) and the reader position of the episodes its next step takes (the running trajectory's)."""
         if not self.truncated:
             return self.reader.position
-        if self._carry is None:
-            return {"reader": self.reader.position, "carry": None}
-        return {"reader": self._trajectory_start, "carry": {k: v.detach().cpu() for k, v in self._carry.items()}}
+        reader = self.reader.position if self._trajectory is None else self._trajectory_start
+        return {"reader": reader, "carry": None if self._carry is None else {k: v.detach().cpu() for k, v in self._carry.items()}}
 
     def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray) -> EvalShare:
         """Scores (pipeline.evaluation.scores) of episodes ``start:stop`` of the store's ``split`` under the

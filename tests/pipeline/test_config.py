@@ -225,3 +225,15 @@ def test_support_norm_is_refused_with_the_meta_lstms_running_statistics_and_take
     meta_lstm = validate({**images, "model": support, "algorithm": {"name": "meta_lstm", "eval_norm": "batch"}})
     protonet = validate({**images, "model": support, "algorithm": {"name": "protonet"}})
     assert meta_lstm.model.norm == protonet.model.norm == "support"
+
+
+def test_reptile_inner_state_carried_needs_adam_and_tasks_one_after_the_other():
+    reptile = {"name": "reptile", "inner_optimizer": "adam"}
+    assert validate({**BASE, "algorithm": reptile}).algorithm.inner_state == "per_task"
+    assert validate({**BASE, "algorithm": {**reptile, "inner_state": "carried"}}).algorithm.inner_state == "carried"
+    with pytest.raises(ConfigError, match=r"algorithm\.inner_state: carried needs algorithm\.inner_optimizer: adam \(got 'sgd'"):
+        validate({**BASE, "algorithm": {"name": "reptile", "inner_state": "carried"}})
+    with pytest.raises(ConfigError, match=r"algorithm\.batching must be auto or loop, not stacked"):
+        validate({**BASE, "algorithm": {**reptile, "inner_state": "carried", "batching": "stacked"}})
+    with pytest.raises(ConfigError, match=r"algorithm\.inner_state.*'per_task' or 'carried'.*'whole_run'"):
+        validate({**BASE, "algorithm": {**reptile, "inner_state": "whole_run"}})
