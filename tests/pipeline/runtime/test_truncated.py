@@ -1,5 +1,6 @@
-"""A Truncated learner (L2L, one server step per truncation) in process: trajectories span server steps, new
-episodes come only when one ends, and a replaced pool or a resumed run goes on with the same losses."""
+"""Truncated learners in process: L2L's trajectories span server steps and new episodes come only when one ends;
+carried Reptile reads new episodes every step while its inner Adam state goes on; for both, a replaced pool or a
+resumed run goes on with the same losses."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,9 @@ from pipeline.runtime.local import LocalPool
 from pipeline.runtime.server import ParameterServer
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from tasks.store.parquet import precompute
-from tests.pipeline.runtime.truncated_run import l2l_config
+from tests.pipeline.runtime.truncated_run import carried_reptile_config, l2l_config
+
+CONFIGS = {"l2l": l2l_config, "reptile-carried": carried_reptile_config}
 
 
 def fresh_pool(config) -> LocalPool:
@@ -38,9 +41,21 @@ def test_a_trajectory_spans_its_truncations_and_reads_new_episodes_only_at_its_e
     pool.stop()
 
 
-def test_workers_replaced_mid_trajectory_go_on_with_the_same_losses(tmp_path):
-    """Every worker replaced (as a dead one is) at step 4, in its second trajectory: nothing lost or repeated."""
-    config = l2l_config(tmp_path, steps=8)
+def test_carried_reptile_reads_new_episodes_every_step_and_its_inner_adam_goes_on(tmp_path):
+    pool = fresh_pool(carried_reptile_config(tmp_path, steps=3))
+    seen = []
+    for _ in range(3):
+        pool.step_all()
+        seen.append([(p["reader"]["episodes"], int(p["carry"]["step"])) for p in pool.positions])
+    # 2 episodes a worker a step, 2 inner steps a task: 4 more Adam steps each server step
+    assert seen == [[(2, 4), (2, 4)], [(4, 8), (4, 8)], [(6, 12), (6, 12)]]
+    pool.stop()
+
+
+@pytest.mark.parametrize("config_of", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_workers_replaced_mid_trajectory_go_on_with_the_same_losses(tmp_path, config_of):
+    """Every worker replaced (as a dead one is) at step 4 (L2L: in its second trajectory): nothing lost or repeated."""
+    config = config_of(tmp_path, steps=8)
     undisturbed = fresh_pool(config)
     expected = losses(undisturbed, 8)
     undisturbed.stop()
@@ -53,11 +68,12 @@ def test_workers_replaced_mid_trajectory_go_on_with_the_same_losses(tmp_path):
     assert got == expected
 
 
-def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(tmp_path):
-    """A run stopped at step 4 (mid-trajectory: the checkpoint holds the carries) and resumed to step 8."""
+@pytest.mark.parametrize("config_of", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(tmp_path, config_of):
+    """A run stopped at step 4 (L2L: mid-trajectory; the checkpoint holds the carries) and resumed to step 8."""
 
     def train(path, steps, resume=None):
-        config = l2l_config(path, steps=steps, val_every=4, checkpoint_every=4)
+        config = config_of(path, steps=steps, val_every=4, checkpoint_every=4)
         tracker = MlflowTracker(config.tracking, config.name, run_id=resume)
         run(config, precompute(config, progress=False), tracker, lambda s, p, _: LocalPool(config, s, p), resumed=resume is not None, progress=False)
         return {m.step: m.value for m in MlflowClient(config.tracking.uri).get_metric_history(tracker.run_id, "train/loss")}, tracker.run_id
