@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.algorithms.maml import MAML
 from pipeline.algorithms.protonet import ProtoNet
-from pipeline.algorithms.reptile import Reptile
+from pipeline.algorithms.reptile import CarriedReptile, Reptile
 from pipeline.build import build_learner, build_network
 from pipeline.config import load_config, load_episode_config, validate
 from pipeline.nets.conv4 import Conv4
@@ -48,6 +48,9 @@ def test_paper_settings():
     sine = load_config(CONFIGS / "sinusoid_maml.yaml")
     assert (sine.algorithm.inner_lr, sine.train.meta_batch, sine.task.shots) == (0.01, 25, 10)
     assert build_learner(sine).loss == "mse"
+    reptile = build_learner(load_config(CONFIGS / "omniglot_reptile_5w1s.yaml"))
+    assert isinstance(reptile, CarriedReptile) and (reptile.inner_optimizer, reptile.train_shots, reptile.inner_batch) == ("adam", 10, 10)
+    assert type(build_learner(load_config(CONFIGS / "sinusoid_reptile.yaml"))) is Reptile  # SGD: nothing to carry
 
 
 def test_overrides_reach_the_learner():
