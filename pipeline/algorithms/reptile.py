@@ -170,7 +170,7 @@ class Reptile:
         for i in range(len(episodes)):
             fast, first, after = self._adapt(params, x[i : i + 1], y[i : i + 1], None if order is None else order[:, i : i + 1], adapt, state)
             parts.append((fast, first))
-            state = None if state is None else after
+            state = None if state is None else after  # per task (None): every task from a fresh optimizer
         fast = {k: torch.cat([p[0][k] for p in parts]) if k in adapt else params[k] for k in params}
         return fast, torch.cat([p[1] for p in parts]), state
 
