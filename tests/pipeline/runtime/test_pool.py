@@ -13,7 +13,7 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
 from pipeline.runtime.pool import eval_slices, split_batch
 from pipeline.runtime.server import ParameterServer, PushResult
-from pipeline.runtime.worker import EpisodeWorker
+from pipeline.runtime.worker import EpisodeWorker, compute_device
 from tasks.store.parquet import precompute
 from tests.helpers import small_omniglot_run
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
@@ -40,13 +40,16 @@ def trained_pool(config, steps: int = 2):
 
 @pytest.mark.parametrize("task", ["sinusoid", "omniglot"])
 def test_workers_evaluate_to_the_numbers_of_one_place(tmp_path, task, one_thread):
-    """Validation and test scored by 2 workers (and by 3, one of them idle) equal ``evaluate`` of the whole set."""
+    """Validation and test scored by 2 workers (and by 3, one of them idle) equal ``evaluate`` of the whole set.
+
+    The workers compute on the CPU (``gpus_per_worker: 0``) like ``evaluate`` here: a GPU's numbers differ in the last bits.
+    """
     if task == "sinusoid":
-        config = sinusoid_config(tmp_path, train_episodes=1000)
+        config = sinusoid_config(tmp_path, train_episodes=1000, gpus_per_worker=0)
     else:
         raw = small_omniglot_run(tmp_path, "eval", model={"network": "conv4", "filters": 4})
         raw["store"] |= {"val_episodes": 5, "test_episodes": 2}
-        config = validate(raw | {"train": {**raw["train"], "workers": 2}})
+        config = validate(raw | {"train": {**raw["train"], "workers": 2, "gpus_per_worker": 0}})
     store = precompute(config, progress=False)
     pool, learner, layout = trained_pool(config)
     try:
@@ -59,6 +62,14 @@ def test_workers_evaluate_to_the_numbers_of_one_place(tmp_path, task, one_thread
             assert expected.metric == ("mse" if task == "sinusoid" else "accuracy") and expected.n == count
     finally:
         pool.stop()
+
+
+def test_a_worker_computes_on_its_gpu_share_and_on_the_cpu_without_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device(0.25).type == "cuda" and compute_device(1.0).type == "cuda"
+    assert compute_device(0.0).type == "cpu"  # train.gpus_per_worker: 0 on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device(1.0).type == "cpu"
 
 
 class Recorder:
