@@ -218,6 +218,7 @@ class RayPool:
         return self._finish(i, self._report(i, handle))
 
     def _report(self, i: int, handle: Hashable) -> StepReport:
+        """Worker ``i``'s report for ``handle``, the worker replaced while it dies or hangs (``_get``)."""
         return self._get(i, handle, lambda: self._step(i))
 
     def _finish(self, i: int, report: StepReport) -> StepReport:

@@ -165,26 +165,27 @@ class ParameterServer:
         """Accept or reject one worker's share; apply an update when a step is complete.
 
         A share the server already has (a redo, or the late push of a worker taken for dead or hung) is not applied
-        again: it gets the answer the first push got; a share older than the slot's last is refused.
-        Raises ValueError when the gradient's shape is not the parameters'.
+        again: it gets the answer the first push got; a share older than the slot's last is refused. A share pushed
+        after the last step is refused and not recorded. Raises ValueError when the gradient's shape is not the
+        parameters'.
         """
-        seen = self._s.received.get(push.worker_id)
+        s = self._s
+        seen = s.received.get(push.worker_id)
         if seen is not None and push.share <= seen.share:
             self._duplicates += 1
             if push.share == seen.share:
                 return seen.result
-            version = self._s.version
             reason = f"share {push.share} of worker {push.worker_id} is older than its last, {seen.share}"
-            return PushResult(False, reason, version, False, version - push.version)
+            return PushResult(False, reason, s.version, False, s.version - push.version)
+        if s.version >= self._total_steps:  # not recorded: a run resumed from here for more steps applies it
+            return PushResult(False, "run complete", s.version, False, s.version - push.version)
         result = self._accept(push)
-        self._s.received[push.worker_id] = Received(push.share, push.version, result)
+        s.received[push.worker_id] = Received(push.share, push.version, result)
         return result
 
     def _accept(self, push: Push) -> PushResult:
         s = self._s
         staleness = s.version - push.version
-        if s.version >= self._total_steps:
-            return PushResult(False, "run complete", s.version, False, staleness)
         grad = torch.from_numpy(np.array(push.grad, dtype=np.float32))
         if grad.shape != s.params.shape:
             raise ValueError(

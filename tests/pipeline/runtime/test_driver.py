@@ -6,7 +6,6 @@ from pathlib import Path
 
 import mlflow.pyfunc
 import pytest
-import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
@@ -119,58 +118,3 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
         resume(algorithm={"inner_lr": 0.02})
     state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
     assert state.version == 3
-
-
-
-class InterruptedWithACallOut(LocalPool):
-    """At server version ``at`` the run is interrupted while worker ``worker``'s call is out: after its push
-    landed (``lands``) or before, so the interrupt's checkpoint is written with a share the driver has no report of
-    or, in sync mode, with worker 0's report of a step that never completed."""
-
-    at, worker, lands = 3, 1, True
-
-    def _report(self, i, handle):
-        if self.server.version() == self.at and i == self.worker:
-            if self.lands:
-                super()._report(i, handle)
-            raise KeyboardInterrupt
-        return super()._report(i, handle)
-
-
-def train_to_6(tmp_path, mode: str, pool_class=LocalPool, resume: str | None = None):
-    """The sinusoid run to step 6 in ``mode`` (checkpoints every 3 steps): its tracker and every logged step's loss."""
-    config = sinusoid_config(tmp_path, train_episodes=1000, steps=6, val_every=6, checkpoint_every=3, mode=mode, max_staleness=1)
-    tracker = MlflowTracker(config.tracking, config.name, run_id=resume)
-    run(config, precompute(config, progress=False), tracker, lambda s, p, _: pool_class(config, s, p), resumed=resume is not None, progress=False)
-    return tracker, dict(tracker.metric_history("train/loss"))
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """``train_to_6`` in each mode, run once for the module."""
-    return {mode: train_to_6(tmp_path_factory.mktemp(mode), mode) for mode in ("sync", "async")}
-
-
-@pytest.mark.parametrize(
-    "mode, at, worker, lands, unlogged",
-    [("sync", 3, 1, False, []), ("sync", 3, 1, True, [4]), ("async", 2, 0, True, [3])],
-    ids=["sync-step-pending", "sync-step-applied", "async"],
-)
-def test_a_run_resumed_from_an_interrupt_applies_every_share_once(tmp_path, uninterrupted, mode, at, worker, lands, unlogged):
-    """Resumed to step 6, it has the losses and the final parameters of the uninterrupted run: no share applied
-    twice (the checkpoint holds the server's record of the shares it has, and the resumed pool redoes the landed
-    one with its number, first: the in-process pool's async order is the undisturbed one), none lost (no report of
-    an incomplete sync step counts). A step none of whose reports reached the driver is not logged (``unlogged``)."""
-    from pipeline.runtime import checkpoint
-
-    full, full_losses = uninterrupted[mode]
-    with pytest.raises(KeyboardInterrupt):
-        train_to_6(tmp_path, mode, type("Interrupted", (InterruptedWithACallOut,), {"at": at, "worker": worker, "lands": lands}))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (killed,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
-    resumed, losses = train_to_6(tmp_path, mode, resume=killed.info.run_id)
-    assert sorted(losses) == [s for s in range(1, 7) if s not in unlogged]
-    assert [losses[s] for s in sorted(losses)] == pytest.approx([full_losses[s] for s in sorted(losses)], rel=1e-6)
-    a, b = (checkpoint.load(t.download("checkpoints/latest", tmp_path / name)).server for t, name in ((full, "a"), (resumed, "b")))
-    assert a.version == b.version == 6
-    torch.testing.assert_close(b.params, a.params, rtol=1e-6, atol=1e-7)

@@ -194,3 +194,13 @@ def test_the_state_leaves_out_a_sync_share_waiting_for_its_step_and_its_record()
     s.push(Push(0, 2, 1, grads(1)[0], 1))
     state = s.state()
     assert state.pending == {} and set(state.received) == {1} and state.before[0] == 0
+
+
+def test_a_share_refused_because_the_run_was_complete_counts_in_a_longer_resumed_run():
+    """``train.steps`` may grow on --resume: a push the shorter run refused is applied by the longer one."""
+    g = grads(2)
+    s = server(mode="async", steps=1)
+    s.push(Push(0, 1, 0, g[0], 1))
+    assert s.push(Push(1, 1, 0, g[1], 1)).reason == "run complete"
+    longer = ParameterServer(s.state(), OPT, 2, 2, "async", 1)
+    assert longer.push(Push(1, 1, 0, g[1], 1)).applied and longer.version() == 2
