@@ -9,8 +9,8 @@ position (a Truncated learner's carry) go to the safetensors file as
 The server's record of the shares it has (``received``: per worker slot, the share number, the version it was
 computed at and the server's answer) is in the JSON, and the parameters a redo of one of them pulls
 (``before``) in the tensor file, so a resumed server never applies a share twice. A checkpoint written without
-them (before they existed) loads with no record: a share whose push had landed when it was written, but
-whose report had not reached the driver, is applied once more when resumed.
+them (before they existed) loads with no record and resumes as it did then: a share whose push had landed when
+it was written, but whose report had not reached the driver, is applied once more.
 """
 from __future__ import annotations
 

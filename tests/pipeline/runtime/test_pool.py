@@ -13,13 +13,8 @@ from pipeline.config import validate
 from pipeline.evaluation import evaluate
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
-from pipeline.runtime.pool import (
-    checkpoint_state,
-    eval_slices,
-    share_counters,
-    split_batch,
-)
-from pipeline.runtime.server import ParameterServer, PushResult, Received
+from pipeline.runtime.pool import eval_slices, split_batch
+from pipeline.runtime.server import ParameterServer, PushResult
 from pipeline.runtime.worker import EpisodeWorker
 from tasks.store.parquet import precompute
 from tests.helpers import small_omniglot_run
@@ -140,6 +135,9 @@ def test_a_checkpoint_keeps_the_record_of_the_shares_the_pool_has_no_report_of()
     """Worker 0's share 4 was reported (its position is after it), worker 1's share 7 landed unreported: only the
     latter stays, the parameters before the last update only while it was computed at them, and a pool started
     from that state numbers worker 1's next call 7 (its redo) and worker 0's from 1."""
+    from pipeline.runtime.pool import checkpoint_state, share_counters
+    from pipeline.runtime.server import Received
+
     answer = PushResult(True, "", 4, True, 0)
     state = ParameterServer.fresh(torch.zeros(2))
     for version, kept in ((3, True), (2, False)):
