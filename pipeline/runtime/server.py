@@ -14,8 +14,8 @@ never applied again: it gets the first push's answer (a share older than the slo
 last is refused), and ``pull_for`` hands a redo the parameters the lost call had, so
 the redo reproduces it (exactly while those are the current ones or the ones before
 the last update: always in sync mode). That record is part of the server's state, so a
-checkpoint carries it (pipeline.runtime.pool.checkpoint_state) and a restored server does not apply again a share
-it had applied before the checkpoint.
+checkpoint carries it (pipeline.runtime.pool.checkpoint_state) and a server restored from
+one does not apply again a share it had applied before it was written.
 """
 from __future__ import annotations
 
