@@ -426,7 +426,9 @@ class TrainConfig(Strict):
     steps: int = Field(1000, ge=1, description="meta-iterations (server updates)")
     meta_batch: int = Field(32, ge=1, description="episodes per meta-iteration, summed over workers")
     workers: int = Field(1, ge=1)
-    gpus_per_worker: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
+    gpus_per_worker: float = Field(
+        1.0, ge=0, description="GPU (or share of one) each worker reserves and computes on where the cluster has GPUs; 0: CPU"
+    )
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(2, ge=0, description="async: pushes older than this many versions are rejected")
     val_every: int = Field(100, ge=1)

@@ -155,15 +155,22 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 def to_inputs(pixels: torch.Tensor, normalization: Normalization | None) -> torch.Tensor:
-    """uint8 images ``[..., C, H, W]`` as a learner gets them: float32 scaled to [0, 1], then
+    """uint8 images ``[..., C, H, W]`` as a learner gets them: float32 ``x / 255`` in [0, 1], then
     ``(x - mean) / std`` per channel when the task normalizes. The one transform from table pixels to
     model inputs: episodes (``TaskDistribution.decode``), the fine-tuning baseline's pretraining images
-    and ``ImageFamily.preprocess`` (exports) all go through it."""
-    images = pixels.to(torch.float32).div_(255.0)
+    and ``ImageFamily.preprocess`` (exports) all go through it.
+
+    The 256 values a pixel can take are computed on the CPU and looked up on the pixels' device,
+    so a GPU worker's inputs equal a CPU's bit for bit (CUDA divides by a Python number as a
+    multiplication by its reciprocal, which differs from ``x / 255`` in the last bit for some pixels).
+    """
+    values = torch.arange(256, dtype=torch.float32).div_(255.0)
     if normalization is None:
-        return images
-    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(-1, 1, 1) for v in normalization)
-    return images.sub_(mean).div_(std)
+        return values.to(pixels.device)[pixels.int()]
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1) for v in normalization)
+    table = values.expand(len(mean), -1).sub(mean).div_(std)  # [C, 256]
+    channels = torch.arange(len(mean), device=pixels.device).view(-1, 1, 1)  # broadcast over [..., C, H, W]
+    return table.to(pixels.device)[channels, pixels.int()]
 
 
 Family = ArrayFamily | ImageFamily

@@ -140,7 +140,7 @@ class Quadratic:
     def problem(self, x: torch.Tensor, y: torch.Tensor, steps: int, generator: torch.Generator) -> Problem:
         if x.dim() != 3 or y.dim() != 2 or x.shape[:2] != y.shape or x.shape[1] != x.shape[2]:
             raise ValueError(f"quadratic episodes need W[B, D, D] and y[B, D], got {list(x.shape)} and {list(y.shape)}")
-        theta0 = init.normal(tuple(y.shape), 1.0, generator, y.dtype)
+        theta0 = init.normal(tuple(y.shape), 1.0, generator, y.dtype).to(y.device)  # drawn on the CPU: same on any device
 
         def loss(theta: torch.Tensor, t: int) -> torch.Tensor:
             return (torch.einsum("bij,bj->bi", x, theta) - y).square().sum(-1)
@@ -197,10 +197,10 @@ class MLPClassifier:
             )
         tasks, n = x.shape[:2]
         chunks = [init.uniform((tasks, o * i + o), 1.0 / math.sqrt(i), generator, x.dtype) for o, i in self.shapes]
-        theta0 = torch.cat(chunks, dim=1)
+        theta0 = torch.cat(chunks, dim=1).to(x.device)  # drawn on the CPU: the same optimizee on any device
         batch = min(self.batch_size, n)
         # one mini-batch (without replacement) per step, for every problem
-        order = torch.rand(steps + 1, tasks, n, generator=generator).argsort(-1)[..., :batch]
+        order = torch.rand(steps + 1, tasks, n, generator=generator).argsort(-1)[..., :batch].to(x.device)
 
         def loss(theta: torch.Tensor, t: int) -> torch.Tensor:
             idx = order[t]

@@ -6,12 +6,17 @@ positions of every worker, best validation, the run config and a sha256 of the
 tensor file so an altered checkpoint is refused). Tensors inside a worker's
 position (a Truncated learner's carry) go to the safetensors file as
 ``positions.<worker>.<keys>``; the JSON holds ``{"safetensors": key}`` in their place.
+The server's record of the shares it has (``received``: per worker slot, the share number, the version it was
+computed at and the server's answer) is in the JSON, and the parameters a redo of one of them pulls
+(``before``) in the tensor file, so a resumed server never applies a share twice. A checkpoint written without
+them (before they existed) loads with no record and resumes as it did then: a share whose push had landed when
+it was written, but whose report had not reached the driver, is applied once more.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import CheckpointError
 from pipeline.optim import adam
-from pipeline.runtime.server import ServerState
+from pipeline.runtime.server import PushResult, Received, ServerState
 from tasks.store.filesystem import sha256_hex
 
 FORMAT_VERSION = 1
@@ -52,6 +57,8 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     s = checkpoint.server
     tensors = {"params": s.params.contiguous(), "adam.exp_avg": s.adam.exp_avg.contiguous(), "adam.exp_avg_sq": s.adam.exp_avg_sq.contiguous()}
+    if s.before is not None:
+        tensors["before.params"] = s.before[1].contiguous()
     positions = _tensors_out(checkpoint.positions, "positions", tensors)
     save_file(tensors, str(directory / TENSORS))
     state = {
@@ -61,6 +68,8 @@ def save(directory: str | Path, checkpoint: Checkpoint) -> Path:
         "adam_step": s.adam.step,
         "rejected_nonfinite": s.rejected_nonfinite,
         "rejected_stale": s.rejected_stale,
+        "received": {str(w): asdict(r) for w, r in s.received.items()},
+        "before_version": None if s.before is None else s.before[0],
         "positions": positions,
         "best_val": checkpoint.best_val,
         "config": checkpoint.config,
@@ -97,6 +106,8 @@ def load(directory: str | Path) -> Checkpoint:
         version=state["version"],
         rejected_nonfinite=state["rejected_nonfinite"],
         rejected_stale=state["rejected_stale"],
+        received={int(w): Received(r["share"], r["version"], PushResult(**r["result"])) for w, r in state.get("received", {}).items()},
+        before=None if state.get("before_version") is None else (state["before_version"], t["before.params"]),
     )
     return Checkpoint(server, _tensors_in(state["positions"], t), state["best_val"], state["config"])
 

@@ -9,7 +9,12 @@ of its last finished step and redoes the lost call with its share number (each
 worker slot's step calls are numbered), so it recomputes exactly the gradient the
 dead one was computing, at the parameters that one had; the server applies a share
 once, also when the lost call's push landed (its reply lost, e.g. a node that died
-after the push) or arrives late (ParameterServer.push). A worker that answers no
+after the push) or arrives late (ParameterServer.push). The same holds across a
+checkpoint: the pool's state for one (``checkpoint_state``) keeps the server's record of
+the shares whose push landed but whose report the pool has not taken, and a pool
+started from it redoes those with their numbers (``share_counters``). A sync step's
+reports count (positions advance) only when every worker's has come, so a checkpoint
+never holds half a step. A worker that answers no
 call within ``train.call_timeout_s`` is taken for hung, named, killed and replaced
 the same way. A call that fails because the *server* died raises ServerLost: the
 loop then restores the server with ``restore``.
@@ -21,6 +26,7 @@ per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, Sequence
@@ -64,6 +70,22 @@ def eval_slices(episodes: int, workers: int) -> list[tuple[int, int]]:
     return list(zip([0, *stops[:-1]], stops))
 
 
+def checkpoint_state(state: ServerState, finished: Sequence[int]) -> ServerState:
+    """The server's ``state`` as a checkpoint holds it beside the pool's positions: of its record, only the shares
+    of slot ``i`` numbered above ``finished[i]`` (the share whose report the pool took last, the one its position
+    is after): their push landed, their report did not come; the parameters before the last update only when
+    one of those was computed at them."""
+    received = {w: r for w, r in state.received.items() if r.share > finished[w]}
+    before = state.before if state.before and any(r.version == state.before[0] for r in received.values()) else None
+    return dataclasses.replace(state, received=received, before=before)
+
+
+def share_counters(state: ServerState, workers: int) -> list[int]:
+    """Each worker slot's share counter for a pool starting from ``state`` (its next call takes the number above):
+    one below the share of the slot the server's record holds (``checkpoint_state``: the call to redo), else 0."""
+    return [state.received[i].share - 1 if i in state.received else 0 for i in range(workers)]
+
+
 def server_options(config: RunConfig) -> tuple[OptimizerConfig, int, int, str, int]:
     """ParameterServer's arguments after its state: optimizer, total steps, workers, mode, staleness bound."""
     t = config.train
@@ -84,7 +106,7 @@ class Pool(Protocol):
         ...
 
     def step_all(self) -> list[StepReport]:
-        """One synchronous step of every worker, in worker order."""
+        """One synchronous step of every worker, in worker order; positions advance once every report has come."""
         ...
 
     def submit(self, i: int) -> Hashable:
@@ -113,7 +135,7 @@ class Pool(Protocol):
         ...
 
     def state(self) -> ServerState:
-        """The server's full state, for a checkpoint."""
+        """The server's state for a checkpoint beside ``positions`` (``checkpoint_state``)."""
         ...
 
     def pull(self) -> tuple[int, np.ndarray]:
@@ -153,7 +175,8 @@ class RayPool:
         self._deadlines: dict[Hashable, float] = {}
         self._policy = policy
         self.positions = list(positions)
-        self._shares = [0] * t.workers  # each worker slot's number for its current step call
+        self._shares = share_counters(state, t.workers)  # each worker slot's number for its current step call
+        self._finished = list(self._shares)  # each slot's share whose report the pool took last
         self.restarts = 0
         self.server = self._server_class.remote(state, *self._server_args)
         self.workers = [self._start(i) for i in range(t.workers)]
@@ -192,8 +215,15 @@ class RayPool:
 
         Raises ServerLost when the worker lost the server, TrainingError when the policy gives up.
         """
-        report: StepReport = self._get(i, handle, lambda: self._step(i))
-        self.positions[i] = report.position
+        return self._finish(i, self._report(i, handle))
+
+    def _report(self, i: int, handle: Hashable) -> StepReport:
+        """Worker ``i``'s report for ``handle``, the worker replaced while it dies or hangs (``_get``)."""
+        return self._get(i, handle, lambda: self._step(i))
+
+    def _finish(self, i: int, report: StepReport) -> StepReport:
+        """Take worker ``i``'s report of its current share: its position advances."""
+        self.positions[i], self._finished[i] = report.position, self._shares[i]
         return report
 
     def _get(self, i: int, handle: Hashable, again: Callable[[], ray.ObjectRef]) -> Any:
@@ -220,7 +250,8 @@ class RayPool:
 
     def step_all(self) -> list[StepReport]:
         refs = [self.submit(i) for i in range(self.size)]
-        return [self.result(i, ref) for i, ref in enumerate(refs)]
+        reports = [self._report(i, ref) for i, ref in enumerate(refs)]
+        return [self._finish(i, report) for i, report in enumerate(reports)]
 
     def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
         shared = ray.put(flat)  # one copy in the object store for every worker
@@ -249,7 +280,7 @@ class RayPool:
         return self._server_call("stats")
 
     def state(self) -> ServerState:
-        return self._server_call("state")
+        return checkpoint_state(self._server_call("state"), self._finished)
 
     def pull(self) -> tuple[int, np.ndarray]:
         return self._server_call("pull")
@@ -257,6 +288,8 @@ class RayPool:
     def restore(self, state: ServerState, positions: Positions) -> None:
         self.stop()
         self.positions = list(positions)
+        self._shares = share_counters(state, self.size)
+        self._finished = list(self._shares)
         self.server = self._server_class.remote(state, *self._server_args)
         self.workers = [self._start(i) for i in range(self.size)]
 

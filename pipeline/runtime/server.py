@@ -13,7 +13,9 @@ same number) and the version it was computed at. A share the server already has 
 never applied again: it gets the first push's answer (a share older than the slot's
 last is refused), and ``pull_for`` hands a redo the parameters the lost call had, so
 the redo reproduces it (exactly while those are the current ones or the ones before
-the last update: always in sync mode).
+the last update: always in sync mode). That record is part of the server's state, so a
+checkpoint carries it (pipeline.runtime.pool.checkpoint_state) and a server restored from
+one does not apply again a share it had applied before it was written.
 """
 from __future__ import annotations
 
@@ -53,6 +55,15 @@ class PushResult:
     staleness: int
 
 
+@dataclass(frozen=True)
+class Received:
+    """A worker slot's last share: its number, the version it was computed at and the server's answer to it."""
+
+    share: int
+    version: int
+    result: PushResult
+
+
 @dataclass
 class ServerState:
     """Everything a checkpoint needs to restore the server exactly."""
@@ -66,15 +77,10 @@ class ServerState:
     bad_in_a_row: int = 0
     grad_norm: float = 0.0
     pending: dict[int, Push] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Received:
-    """A worker slot's last share: its number, the version it was computed at and the server's answer to it."""
-
-    share: int
-    version: int
-    result: PushResult
+    received: dict[int, Received] = field(default_factory=dict)
+    """Each worker slot's last share (a share pushed again is answered from here, not applied again)."""
+    before: tuple[int, torch.Tensor] | None = None
+    """The version and parameters before the last update (what ``pull_for`` hands the redo of a share computed there)."""
 
 
 def learning_rate(optimizer: OptimizerConfig, total_steps: int) -> float | Schedule:
@@ -107,9 +113,6 @@ class ParameterServer:
         # the schedule runs on Adam's step count, which equals the version (both advance in _apply)
         self._lr = learning_rate(optimizer, total_steps)
         self._adam = adam(self._lr, tuple(optimizer.betas), optimizer.eps, eps_root=0.0)  # torch.optim's update, never differentiated
-        # per server life, like ``pending``: a restored server starts with none (the pool's share numbers go on)
-        self._received: dict[int, Received] = {}
-        self._before: tuple[int, torch.Tensor] | None = None  # the version and parameters before the last update
         self._duplicates = 0
 
     @staticmethod
@@ -126,9 +129,9 @@ class ParameterServer:
         """The version and a copy of the parameters that worker slot ``worker_id``'s share ``share`` is computed at:
         the current ones, or, when the server already has that share from the version before its last update (the
         redo of a call whose push landed and whose reply was lost), that version's, as the lost call had them."""
-        seen = self._received.get(worker_id)
-        if seen is not None and seen.share == share and self._before is not None and seen.version == self._before[0]:
-            return self._before[0], self._before[1].numpy().copy()
+        seen, before = self._s.received.get(worker_id), self._s.before
+        if seen is not None and seen.share == share and before is not None and seen.version == before[0]:
+            return before[0], before[1].numpy().copy()
         return self.pull()
 
     def version(self) -> int:
@@ -149,34 +152,40 @@ class ParameterServer:
         }
 
     def state(self) -> ServerState:
-        """The full state (for checkpoints); pending sync pushes are not part of a checkpoint."""
+        """The full state (for checkpoints) but the sync pushes still waiting for their step, and with them the
+        records of their slots: restored, the server takes their redo as a new share."""
         s = self._s
-        return ServerState(s.params.clone(), s.adam, s.version, s.rejected_nonfinite, s.rejected_stale, s.bad_in_a_row, s.grad_norm)
+        received = {w: r for w, r in s.received.items() if w not in s.pending}
+        return ServerState(
+            s.params.clone(), s.adam, s.version, s.rejected_nonfinite, s.rejected_stale, s.bad_in_a_row, s.grad_norm,
+            received=received, before=s.before,
+        )
 
     def push(self, push: Push) -> PushResult:
         """Accept or reject one worker's share; apply an update when a step is complete.
 
         A share the server already has (a redo, or the late push of a worker taken for dead or hung) is not applied
-        again: it gets the answer the first push got; a share older than the slot's last is refused.
-        Raises ValueError when the gradient's shape is not the parameters'.
+        again: it gets the answer the first push got; a share older than the slot's last is refused. A share pushed
+        after the last step is refused and not recorded. Raises ValueError when the gradient's shape is not the
+        parameters'.
         """
-        seen = self._received.get(push.worker_id)
+        s = self._s
+        seen = s.received.get(push.worker_id)
         if seen is not None and push.share <= seen.share:
             self._duplicates += 1
             if push.share == seen.share:
                 return seen.result
-            version = self._s.version
             reason = f"share {push.share} of worker {push.worker_id} is older than its last, {seen.share}"
-            return PushResult(False, reason, version, False, version - push.version)
+            return PushResult(False, reason, s.version, False, s.version - push.version)
+        if s.version >= self._total_steps:  # not recorded: a run resumed from here for more steps applies it
+            return PushResult(False, "run complete", s.version, False, s.version - push.version)
         result = self._accept(push)
-        self._received[push.worker_id] = Received(push.share, push.version, result)
+        s.received[push.worker_id] = Received(push.share, push.version, result)
         return result
 
     def _accept(self, push: Push) -> PushResult:
         s = self._s
         staleness = s.version - push.version
-        if s.version >= self._total_steps:
-            return PushResult(False, "run complete", s.version, False, staleness)
         grad = torch.from_numpy(np.array(push.grad, dtype=np.float32))
         if grad.shape != s.params.shape:
             raise ValueError(
@@ -224,7 +233,7 @@ class ParameterServer:
 
     def _apply(self, grad: torch.Tensor) -> None:
         s = self._s
-        self._before = (s.version, s.params)  # the update makes new parameters; these stay as they are
+        s.before = (s.version, s.params)  # the update makes new parameters; these stay as they are
         grad, s.grad_norm = clip_by_global_norm(grad, self._opt.clip_norm)
         if self._opt.name == "sgd":
             rate = self._lr(s.adam.step) if callable(self._lr) else self._lr

@@ -39,6 +39,12 @@ FITS_SHOWN = 4
 """Test episodes drawn in the regression fits."""
 
 
+def compute_device(gpus_per_worker: float) -> torch.device:
+    """Where a worker computes: its GPU when it has a share of one (``train.gpus_per_worker`` > 0) and CUDA sees
+    one, else the CPU (a worker given no GPU share stays off a GPU it can see: Ray does not hide GPUs from it)."""
+    return torch.device("cuda" if gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What one worker did in one step, tagged with the worker that did it."""
@@ -80,7 +86,7 @@ class EpisodeWorker:
         self.config = validate(config, f"worker {worker_id}")
         self.learner = build_learner(self.config)
         self.layout = Layout.of(self.learner.init(self.config.seed))
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device(self.config.train.gpus_per_worker)
         self.dtype = getattr(torch, self.config.train.param_dtype)
         self.autocast = self.config.train.dtype == "bfloat16"
         self.episodes_per_step = episodes_per_step

@@ -53,6 +53,19 @@ def test_inputs_are_pixels_scaled_to_unit_range_then_normalized_per_channel():
     assert pixels.dtype == torch.uint8 and int(pixels.max()) == 255  # the table is not touched
 
 
+def test_inputs_are_the_cpus_float32_arithmetic_bit_for_bit_on_the_pixels_device():
+    """Every pixel value: the looked-up input equals float32 ``x / 255`` (and ``(x - m) / s``) computed on the CPU,
+    and the lookup happens where the pixels are (a GPU worker's table; "meta" stands in for it here)."""
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(2, 3, 16, 16)
+    mean, std = (0.5, 0.2, 0.9), (0.25, 0.5, 0.1)
+    assert torch.equal(to_inputs(pixels, None), pixels.to(torch.float32).div_(255.0))
+    by_hand = pixels.to(torch.float32).div_(255.0).sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+    assert torch.equal(to_inputs(pixels, (mean, std)), by_hand)
+    for normalization in (None, (mean, std)):
+        moved = to_inputs(pixels.to("meta"), normalization)
+        assert moved.device.type == "meta" and moved.shape == pixels.shape and moved.dtype == torch.float32
+
+
 def test_preprocess_needs_images():
     with pytest.raises(ValueError, match="at least one image"):
         omniglot.FAMILY.preprocess([], OmniglotTask())

@@ -368,3 +368,16 @@ def test_config_rejects_l2l_on_an_image_task() -> None:
     raw["task"] = {"name": "omniglot"}
     with pytest.raises(ConfigError, match="algorithm.name: l2l meta-learns optimizee tasks; task.name='omniglot' is classification"):
         validate(raw)
+
+
+@pytest.mark.parametrize("optimizee", [Quadratic(), MLPClassifier(in_features=4, classes=3, hidden=(5,), batch_size=2)])
+def test_an_optimizees_problem_lives_on_its_episodes_device(optimizee) -> None:
+    """The optimizee's start and mini-batch order are drawn on the CPU (the same on any device) and moved to the
+    episodes' device, so a GPU worker's problem does not mix devices ("meta" stands in for the GPU here)."""
+    if isinstance(optimizee, Quadratic):
+        x, y = torch.randn(2, 3, 3), torch.randn(2, 3)
+    else:
+        x, y = torch.randn(2, 6, 4), torch.randint(0, 3, (2, 6))
+    problem = optimizee.problem(x.to("meta"), y.to("meta"), steps=2, generator=torch.Generator().manual_seed(0))
+    assert problem.theta0.device.type == "meta"
+    assert problem.loss(problem.theta0, 1).device.type == "meta"

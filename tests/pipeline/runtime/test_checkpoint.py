@@ -1,4 +1,5 @@
-"""Checkpoints round-trip exactly and refuse altered or foreign files."""
+"""Checkpoints round-trip exactly (the server's record of shares too) and refuse altered or foreign files."""
+import dataclasses
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from pipeline.optim.adam import AdamState
 from pipeline.runtime import checkpoint
-from pipeline.runtime.server import ServerState
+from pipeline.runtime.server import PushResult, Received, ServerState
 
 
 def sample():
@@ -66,3 +67,27 @@ def test_missing_file_and_wrong_version(tmp_path):
     (path / checkpoint.TENSORS).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint file missing"):
         checkpoint.load(path)
+
+
+def with_record():
+    """A sample checkpoint whose server holds worker 1's share 5 and the parameters before its last update."""
+    ck = sample()
+    result = PushResult(True, "", 7, True, 0)
+    server = dataclasses.replace(ck.server, received={1: Received(5, 6, result)}, before=(6, torch.randn(10)))
+    return dataclasses.replace(ck, server=server)
+
+
+def test_the_record_of_shares_round_trips(tmp_path):
+    ck = with_record()
+    back = checkpoint.load(checkpoint.save(tmp_path / "c", ck)).server
+    assert back.received == ck.server.received and back.before[0] == 6 and torch.equal(back.before[1], ck.server.before[1])
+
+
+def test_a_checkpoint_written_before_the_record_loads_with_none(tmp_path):
+    """Written by the previous code: no ``received`` nor ``before_version`` key (nor a ``before.params`` tensor)."""
+    path = checkpoint.save(tmp_path / "c", sample())
+    state = json.loads((path / checkpoint.STATE).read_text())
+    assert state.pop("received") == {} and state.pop("before_version") is None
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    back = checkpoint.load(path).server
+    assert back.received == {} and back.before is None and back.version == 7

@@ -1,6 +1,8 @@
-"""The step loop on the in-process pool: the same losses as the steps done by hand, restores, give-ups."""
+"""The step loop on the in-process pool: the same losses as the steps done by hand, restores, give-ups, and a
+run resumed from an interrupt's checkpoint that applies every share once."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from pipeline.build import build_learner
@@ -134,3 +136,71 @@ def test_max_bad_grads_stop_the_loop_after_a_checkpoint_of_the_good_params(tmp_p
     tracker.flush()
     saved = checkpoint.load(tracker.download("checkpoints/latest", tmp_path / "dl"))
     assert saved.server.version == 0 and saved.server.rejected_nonfinite >= 3
+
+
+class InterruptedWithACallOut(LocalPool):
+    """At server version ``at`` the run is interrupted while worker ``worker``'s call is out: after its push
+    landed (``lands``) or before, so the interrupt's checkpoint is written with a share the loop has no report of
+    or, in sync mode, with worker 0's report of a step that never completed."""
+
+    at, worker, lands = 3, 1, True
+
+    def _report(self, i, handle):
+        if self.server.version() == self.at and i == self.worker:
+            if self.lands:
+                super()._report(i, handle)
+            raise KeyboardInterrupt
+        return super()._report(i, handle)
+
+
+class Untracked:
+    """A tracker for ``Checkpoints`` alone: the checkpoints stay in the scratch folder."""
+
+    def log_artifacts(self, local_dir, artifact_path):
+        pass
+
+
+def run_to_6(tmp_path, mode: str, pool_class=LocalPool, resume: bool = False):
+    """The sinusoid run to step 6 in ``mode`` with a checkpoint every 3 steps, and on an interrupt (as the driver
+    does); ``resume``: from ``tmp_path``'s last checkpoint. Every step's loss and the final parameters."""
+    config = sinusoid_config(tmp_path, train_episodes=1000, steps=6, mode=mode, max_staleness=1)
+    precompute(config, progress=False)
+    scratch = tmp_path / "scratch"
+    if resume:
+        saved = checkpoint.load(scratch / "latest")
+        state, positions = saved.server, saved.positions
+    else:
+        state, positions = fresh_state(config), [None] * config.train.workers
+    pool = pool_class(config, state, positions)
+    checkpoints = Checkpoints(pool, Untracked(), scratch, config, None, RestorePoint(state, list(positions)))
+    record = Record()
+    loop = StepLoop(pool, FailurePolicy(3), checkpoints, [record, PeriodicCheckpoint(checkpoints, 3)], config.train, state.version)
+    try:
+        loop.run()
+    except KeyboardInterrupt:
+        checkpoints.save("latest")
+        raise
+    finally:
+        pool.stop()
+    return {step: metrics["train/loss"] for step, metrics in record.metrics.items()}, pool.pull()
+
+
+@pytest.mark.parametrize(
+    "mode, at, worker, lands, unlogged",
+    [("sync", 3, 1, False, []), ("sync", 3, 1, True, [4]), ("async", 2, 0, True, [3])],
+    ids=["sync-step-pending", "sync-step-applied", "async"],
+)
+def test_a_run_resumed_from_an_interrupt_applies_every_share_once(tmp_path, mode, at, worker, lands, unlogged):
+    """Resumed to step 6, it has the losses and the final parameters of the uninterrupted run: no share applied
+    twice (the checkpoint holds the server's record of the shares it has, and the resumed pool redoes the landed
+    one with its number, first: the in-process pool's async order is the undisturbed one), none lost (no report of
+    an incomplete sync step counts). A step none of whose reports came is not logged (``unlogged``)."""
+    full, (_, full_params) = run_to_6(tmp_path / "full", mode)
+    interrupted = type("Interrupted", (InterruptedWithACallOut,), {"at": at, "worker": worker, "lands": lands})
+    with pytest.raises(KeyboardInterrupt):
+        run_to_6(tmp_path / "cut", mode, interrupted)
+    resumed, (version, params) = run_to_6(tmp_path / "cut", mode, resume=True)
+    assert sorted(resumed) == [s for s in range(at + 1, 7) if s not in unlogged]
+    assert [resumed[s] for s in sorted(resumed)] == pytest.approx([full[s] for s in sorted(resumed)], rel=1e-6)
+    assert version == 6
+    np.testing.assert_allclose(params, full_params, rtol=1e-6, atol=1e-7)

@@ -1,7 +1,9 @@
 """Evaluation split over the workers (in process): the same numbers as evaluating every episode in one place;
 bfloat16 autocast steps close to float32 ones; a step redone by a replacement worker after the lost call's push
-landed is applied once."""
+landed is applied once; what of the server's record of shares a checkpoint keeps."""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
 from pipeline.runtime.pool import eval_slices, split_batch
 from pipeline.runtime.server import ParameterServer, PushResult
-from pipeline.runtime.worker import EpisodeWorker
+from pipeline.runtime.worker import EpisodeWorker, compute_device
 from tasks.store.parquet import precompute
 from tests.helpers import small_omniglot_run
 from tests.pipeline.runtime.sinusoid_run import sinusoid_config
@@ -40,13 +42,16 @@ def trained_pool(config, steps: int = 2):
 
 @pytest.mark.parametrize("task", ["sinusoid", "omniglot"])
 def test_workers_evaluate_to_the_numbers_of_one_place(tmp_path, task, one_thread):
-    """Validation and test scored by 2 workers (and by 3, one of them idle) equal ``evaluate`` of the whole set."""
+    """Validation and test scored by 2 workers (and by 3, one of them idle) equal ``evaluate`` of the whole set.
+
+    The workers compute on the CPU (``gpus_per_worker: 0``) like ``evaluate`` here: a GPU's numbers differ in the last bits.
+    """
     if task == "sinusoid":
-        config = sinusoid_config(tmp_path, train_episodes=1000)
+        config = sinusoid_config(tmp_path, train_episodes=1000, gpus_per_worker=0)
     else:
         raw = small_omniglot_run(tmp_path, "eval", model={"network": "conv4", "filters": 4})
         raw["store"] |= {"val_episodes": 5, "test_episodes": 2}
-        config = validate(raw | {"train": {**raw["train"], "workers": 2}})
+        config = validate(raw | {"train": {**raw["train"], "workers": 2, "gpus_per_worker": 0}})
     store = precompute(config, progress=False)
     pool, learner, layout = trained_pool(config)
     try:
@@ -59,6 +64,14 @@ def test_workers_evaluate_to_the_numbers_of_one_place(tmp_path, task, one_thread
             assert expected.metric == ("mse" if task == "sinusoid" else "accuracy") and expected.n == count
     finally:
         pool.stop()
+
+
+def test_a_worker_computes_on_its_gpu_share_and_on_the_cpu_without_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device(0.25).type == "cuda" and compute_device(1.0).type == "cuda"
+    assert compute_device(0.0).type == "cpu"  # train.gpus_per_worker: 0 on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device(1.0).type == "cpu"
 
 
 class Recorder:
@@ -111,7 +124,7 @@ def sync_losses(config, steps: int, lost_at: int | None = None) -> list[float]:
             handles = [pool.submit(i) for i in range(pool.size)]
             reports = [pool.result(0, handles[0])]
             if step == lost_at:
-                pool.workers[1].step(pool.server, handles[1])
+                pool._report(1, handles[1])  # its push lands, its report is lost
                 pool.workers[1].close()
                 batch = split_batch(config.train.meta_batch, pool.size)[1]
                 pool.workers[1] = EpisodeWorker(1, pool.size, config.model_dump(mode="json"), batch, pool.positions[1])
@@ -127,3 +140,20 @@ def test_a_step_redone_after_its_push_landed_is_applied_once(tmp_path, one_threa
     config = sinusoid_config(tmp_path, train_episodes=1000)
     precompute(config, progress=False)
     assert sync_losses(config, 4, lost_at=1) == sync_losses(config, 4)
+
+
+def test_a_checkpoint_keeps_the_record_of_the_shares_the_pool_has_no_report_of():
+    """Worker 0's share 4 was reported (its position is after it), worker 1's share 7 landed unreported: only the
+    latter stays, the parameters before the last update only while it was computed at them, and a pool started
+    from that state numbers worker 1's next call 7 (its redo) and worker 0's from 1."""
+    from pipeline.runtime.pool import checkpoint_state, share_counters
+    from pipeline.runtime.server import Received
+
+    answer = PushResult(True, "", 4, True, 0)
+    state = ParameterServer.fresh(torch.zeros(2))
+    for version, kept in ((3, True), (2, False)):
+        state = dataclasses.replace(state, received={0: Received(4, 1, answer), 1: Received(7, version, answer)}, before=(3, torch.ones(2)))
+        saved = checkpoint_state(state, [4, 6])
+        assert saved.received == {1: Received(7, version, answer)} and (saved.before is not None) == kept
+        assert share_counters(saved, 2) == [0, 6]
+    assert checkpoint_state(state, [4, 7]).received == {} and share_counters(checkpoint_state(state, [4, 7]), 2) == [0, 0]

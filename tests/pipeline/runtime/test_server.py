@@ -167,3 +167,40 @@ def test_an_async_redo_pulls_the_parameters_its_lost_call_had_while_they_are_the
     version, flat = s.pull_for(0, 1)
     assert version == 2 and np.array_equal(flat, now)
     assert s.push(Push(0, 1, 2, g[2], 1)) == first and np.array_equal(s.pull()[1], now) and s.version() == 2
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_server_restored_from_its_state_applies_no_share_it_had_again(mode):
+    """The record of shares is part of the state a checkpoint holds: the redo of a share that completed a step
+    before the state was taken gets its answer and the parameters it was computed at, and changes nothing."""
+    g = grads(3)
+    s = server(mode=mode, workers=1)
+    s.push(Push(0, 1, 0, g[0], 1))
+    first = s.push(Push(0, 2, 1, g[1], 1))  # lands; its report is lost
+    restored = ParameterServer(s.state(), OPT, 100, 1, mode)
+    after = restored.pull()[1]
+    version, flat = restored.pull_for(0, 2)
+    assert version == 1 and np.array_equal(flat, s.state().before[1].numpy())
+    assert restored.push(Push(0, 2, 1, g[2], 1)) == first
+    assert np.array_equal(restored.pull()[1], after) and restored.version() == 2
+    assert restored.push(Push(0, 3, 2, g[2], 1)).applied and restored.version() == 3
+
+
+def test_the_state_leaves_out_a_sync_share_waiting_for_its_step_and_its_record():
+    """Pending pushes are not in the state, so neither is their record: restored, the server takes the redo."""
+    s = server()
+    s.push(Push(0, 1, 0, grads(1)[0], 1))
+    s.push(Push(1, 1, 0, grads(1)[0], 1))
+    s.push(Push(0, 2, 1, grads(1)[0], 1))
+    state = s.state()
+    assert state.pending == {} and set(state.received) == {1} and state.before[0] == 0
+
+
+def test_a_share_refused_because_the_run_was_complete_counts_in_a_longer_resumed_run():
+    """``train.steps`` may grow on --resume: a push the shorter run refused is applied by the longer one."""
+    g = grads(2)
+    s = server(mode="async", steps=1)
+    s.push(Push(0, 1, 0, g[0], 1))
+    assert s.push(Push(1, 1, 0, g[1], 1)).reason == "run complete"
+    longer = ParameterServer(s.state(), OPT, 2, 2, "async", 1)
+    assert longer.push(Push(1, 1, 0, g[1], 1)).applied and longer.version() == 2

@@ -1,7 +1,9 @@
 """Truncated learners in process: L2L's trajectories span server steps and new episodes come only when one ends;
 carried Reptile reads new episodes every step while its inner Adam state goes on; for both, a replaced pool or a
-resumed run goes on with the same losses."""
+resumed run goes on with the same losses (L2L also in async mode)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -10,7 +12,9 @@ from pipeline.build import build_learner
 from pipeline.runtime.driver import run
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
+from pipeline.runtime.pool import split_batch
 from pipeline.runtime.server import ParameterServer
+from pipeline.runtime.worker import EpisodeWorker
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from tasks.store.parquet import precompute
 from tests.pipeline.runtime.truncated_run import carried_reptile_config, l2l_config
@@ -84,3 +88,37 @@ def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(tmp_path, config_o
     assert sorted(resumed) == list(range(1, 9))
     for step in range(1, 9):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def async_losses(config, steps: int, lost_at: int | None = None) -> list[float]:
+    """Each step's loss in async mode on the in-process pool: worker ``k % 2`` at step ``k`` (the in-process
+    pool's async order), each push applied alone. At step ``lost_at`` the worker's push lands, its report is lost,
+    and a new worker started at its last position (its trajectory's episodes and carry) redoes the call."""
+    pool = fresh_pool(config)
+    got = []
+    try:
+        for k in range(steps):
+            i = k % pool.size
+            handle = pool.submit(i)
+            if k == lost_at:
+                assert pool.positions[i]["carry"] is not None  # mid-trajectory
+                pool._report(i, handle)  # its push lands, its report is lost
+                pool.workers[i].close()
+                batch = split_batch(config.train.meta_batch, pool.size)[i]
+                pool.workers[i] = EpisodeWorker(i, pool.size, config.model_dump(mode="json"), batch, pool.positions[i])
+            got.append(pool.result(i, handle).metrics["loss"])
+        assert pool.stats()["version"] == steps and pool.stats()["duplicate_shares"] == (lost_at is not None)
+    finally:
+        pool.stop()
+    return got
+
+
+@pytest.mark.parametrize("config_of", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_async_truncations_go_on_with_the_same_losses_when_a_worker_is_replaced_mid_trajectory(tmp_path, config_of):
+    """Worker 1 lost after its push of its second step landed (step 4 of 8; L2L: its trajectory's second
+    truncation): its replacement redoes that step from the carry of the first (at the parameters the lost call had,
+    and not applied again) and goes on with the carry it computed: the losses of an undisturbed run."""
+    config = config_of(tmp_path, steps=8, mode="async", max_staleness=1)
+    undisturbed = async_losses(config, 8)
+    assert all(math.isfinite(loss) for loss in undisturbed) and len(set(undisturbed)) == 8
+    assert async_losses(config, 8, lost_at=3) == undisturbed
