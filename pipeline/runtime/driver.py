@@ -44,7 +44,7 @@ from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.loop import StepLoop
 from pipeline.runtime.placement import Placement
 from pipeline.runtime.policy import FailurePolicy
-from pipeline.runtime.pool import Pool, Positions, RayPool
+from pipeline.runtime.pool import Pool, Positions, RayPool, ended_version
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
@@ -134,7 +134,8 @@ def run(
     pool = start_pool(state, positions, policy)
     checkpoints = Checkpoints(pool, tracker, scratch, config, best_val, RestorePoint(state, list(positions)))
     print(f"run_id: {tracker.run_id}", flush=True)
-    shown = Progress(t.steps, state.version, t.log_every, enabled=progress)
+    start = ended_version(state)  # below state.version when a share landed but its report never came
+    shown = Progress(t.steps, start, t.log_every, enabled=progress)
     callbacks = [
         Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints),
         LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resumed else {}),
@@ -142,7 +143,7 @@ def run(
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         shown,
     ]
-    loop = StepLoop(pool, policy, checkpoints, callbacks, t, state.version)
+    loop = StepLoop(pool, policy, checkpoints, callbacks, t, start)
     try:
         try:
             loop.run()
@@ -217,9 +218,9 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
     if mine != theirs:
         diff = sorted(k for k, v in flatten(mine).items() if flatten(theirs).get(k) != v)
         raise TrainingError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {diff}")
-    print(f"resuming run {tracker.run_id} from step {ckpt.server.version}", file=sys.stderr)
+    print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
     tracker.mark_running()
-    tracker.set_tag("metapipe.resumed_from_step", str(ckpt.server.version))
+    tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
     return ckpt.server, ckpt.positions, ckpt.best_val
 
 

@@ -80,6 +80,13 @@ def checkpoint_state(state: ServerState, finished: Sequence[int]) -> ServerState
     return dataclasses.replace(state, received=received, before=before)
 
 
+def ended_version(state: ServerState) -> int:
+    """The last step the driver ended (its callbacks ran) when a checkpoint held ``state`` (``checkpoint_state``):
+    the server's version less the updates applied by shares whose reports never reached the driver. A resumed
+    loop starts there, so the redo of such a share ends its step (validation, checkpoint, metrics) again."""
+    return state.version - sum(r.result.applied for r in state.received.values())
+
+
 def share_counters(state: ServerState, workers: int) -> list[int]:
     """Each worker slot's share counter for a pool starting from ``state`` (its next call takes the number above):
     one below the share of the slot the server's record holds (``checkpoint_state``: the call to redo), else 0."""
