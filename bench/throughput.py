@@ -167,7 +167,7 @@ def distributed_rows(args: argparse.Namespace) -> list[Row]:
     rows = []
     for n in args.workers:
         overrides = [f"train.workers={n}", f"train.meta_batch={args.meta_batch}", "train.steps=1000000",
-                     f"train.dtype={args.dtype}", f"train.gpus_per_worker={1 / n}"]
+                     f"train.dtype={args.dtype}", f"train.gpus_per_worker={1 / n if args.device == 'cuda' else 0}"]
         config = load_config(ROOT / "configs" / "omniglot_maml_5w1s.yaml", overrides)
         precompute(config)
         resources = start_ray(config)
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="Ray workers of the distributed rows (on a GPU: workers sharing it)")
     parser.add_argument("--out", type=Path, help="also write the rows here as JSON")
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.workers):
+        parser.error(f"--workers: each count must be at least 1, got {args.workers}")
+    if args.out and not args.out.parent.is_dir():
+        parser.error(f"--out {args.out}: folder {args.out.parent} does not exist")
     torch.set_num_threads(args.threads)
     results = {path: measure(path, args) for path in args.paths}
     if args.json:

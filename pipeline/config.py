@@ -452,6 +452,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> TrainConfig:
+        if 0 < self.gpus_per_worker < 1e-4:
+            raise ValueError(
+                f"train.gpus_per_worker: Ray reserves GPUs in steps of 0.0001, got {self.gpus_per_worker:g}; use 0 (CPU) or more"
+            )
         if self.gpus_per_worker > 1:
             raise ValueError(
                 f"train.gpus_per_worker: a worker computes on one GPU, so more than 1 would reserve GPUs it leaves idle"

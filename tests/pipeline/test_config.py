@@ -68,11 +68,12 @@ def test_meta_batch_below_workers():
     "train, message",
     [
         ({"gpus_per_worker": 2}, r"train.gpus_per_worker: a worker computes on one GPU.*got 2\)"),
+        ({"gpus_per_worker": 1e-9}, r"train.gpus_per_worker: Ray reserves GPUs in steps of 0.0001, got 1e-09"),
         ({"placement": "ANYWHERE"}, r"train.placement: Input should be 'PACK', 'SPREAD'"),
         ({"resources_per_worker": {"node_slot": 0}}, r"train.resources_per_worker.node_slot: Input should be greater than 0"),
         ({"dtype": "float16"}, r"train.dtype: Input should be 'float32', 'float64' or 'bfloat16'"),
     ],
-    ids=["several-gpus-per-worker", "unknown-placement", "zero-custom-resource", "float16"],
+    ids=["several-gpus-per-worker", "gpu-share-below-ray-precision", "unknown-placement", "zero-custom-resource", "float16"],
 )
 def test_scale_out_settings_are_checked_before_ray_starts(train, message):
     with pytest.raises(ConfigError, match=message):
