@@ -100,14 +100,19 @@ def load(directory: str | Path) -> Checkpoint:
     if sha256_file(tensor_path) != state["tensors_sha256"]:
         raise CheckpointError(f"{tensor_path}: sha256 does not match {state_path} (file altered or truncated)")
     t = load_file(str(tensor_path))
+    try:
+        received = {int(w): Received(r["share"], r["version"], PushResult(**r["result"])) for w, r in state.get("received", {}).items()}
+        before = None if state.get("before_version") is None else (state["before_version"], t["before.params"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state_path}: the server's record of shares is malformed ({type(e).__name__}: {e})") from None
     server = ServerState(
         params=t["params"],
         adam=adam.AdamState(state["adam_step"], t["adam.exp_avg"], t["adam.exp_avg_sq"]),
         version=state["version"],
         rejected_nonfinite=state["rejected_nonfinite"],
         rejected_stale=state["rejected_stale"],
-        received={int(w): Received(r["share"], r["version"], PushResult(**r["result"])) for w, r in state.get("received", {}).items()},
-        before=None if state.get("before_version") is None else (state["before_version"], t["before.params"]),
+        received=received,
+        before=before,
     )
     return Checkpoint(server, _tensors_in(state["positions"], t), state["best_val"], state["config"])
 

@@ -216,8 +216,9 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
         for key in ("description", "tracking"):  # how the run is described and tracked, not what it trains
             c.pop(key, None)
     if mine != theirs:
-        diff = sorted(k for k, v in flatten(mine).items() if flatten(theirs).get(k) != v)
-        raise TrainingError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {diff}")
+        now, then = flatten(mine), flatten(theirs)
+        diff = [f"{k} (checkpoint {then.get(k)}, now {now.get(k)})" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        raise TrainingError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {', '.join(diff)}")
     print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
     tracker.mark_running()
     tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))

@@ -91,3 +91,18 @@ def test_a_checkpoint_written_before_the_record_loads_with_none(tmp_path):
     (path / checkpoint.STATE).write_text(json.dumps(state))
     back = checkpoint.load(path).server
     assert back.received == {} and back.before is None and back.version == 7
+
+
+@pytest.mark.parametrize("edit", ["drop-result", "extra-result-field", "before-without-tensor"])
+def test_a_malformed_record_of_shares_is_a_checkpoint_error_naming_the_file(tmp_path, edit):
+    path = checkpoint.save(tmp_path / "c", with_record() if edit != "before-without-tensor" else sample())
+    state = json.loads((path / checkpoint.STATE).read_text())
+    if edit == "drop-result":
+        del state["received"]["1"]["result"]
+    elif edit == "extra-result-field":
+        state["received"]["1"]["result"]["colour"] = "red"
+    else:
+        state["before_version"] = 6
+    (path / checkpoint.STATE).write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path / checkpoint.STATE}: the server's record of shares is malformed"):
+        checkpoint.load(path)
