@@ -14,6 +14,7 @@ Two shapes of family exist:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
@@ -160,17 +161,24 @@ def to_inputs(pixels: torch.Tensor, normalization: Normalization | None) -> torc
     model inputs: episodes (``TaskDistribution.decode``), the fine-tuning baseline's pretraining images
     and ``ImageFamily.preprocess`` (exports) all go through it.
 
-    The 256 values a pixel can take are computed on the CPU and looked up on the pixels' device,
-    so a GPU worker's inputs equal a CPU's bit for bit (CUDA divides by a Python number as a
-    multiplication by its reciprocal, which differs from ``x / 255`` in the last bit for some pixels).
+    The 256 values a pixel can take are computed on the CPU and looked up on the pixels' device
+    (``input_table``), so a GPU worker's inputs equal a CPU's bit for bit (CUDA divides by a Python number
+    as a multiplication by its reciprocal, which differs from ``x / 255`` in the last bit for some pixels).
     """
-    values = torch.arange(256, dtype=torch.float32).div_(255.0)
-    if normalization is None:
-        return values.to(pixels.device)[pixels.int()]
-    mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1) for v in normalization)
-    table = values.expand(len(mean), -1).sub(mean).div_(std)  # [C, 256]
-    channels = torch.arange(len(mean), device=pixels.device).view(-1, 1, 1)  # broadcast over [..., C, H, W]
-    return table.to(pixels.device)[channels, pixels.int()]
+    table = input_table(normalization, pixels.device)
+    channels = torch.arange(table.shape[0], device=pixels.device).view(-1, 1, 1)  # broadcast over [..., C, H, W]
+    return table[channels, pixels.int()]
+
+
+@functools.lru_cache(maxsize=16)
+def input_table(normalization: Normalization | None, device: torch.device) -> torch.Tensor:
+    """float32 ``[C, 256]`` (``[1, 256]`` without normalization): each channel's input for each pixel value,
+    computed on the CPU and held on ``device``, once per process (a decode on a GPU then copies nothing)."""
+    values = torch.arange(256, dtype=torch.float32).div_(255.0).unsqueeze(0)
+    if normalization is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1) for v in normalization)
+        values = values.sub(mean).div_(std)
+    return values.to(device)
 
 
 Family = ArrayFamily | ImageFamily
