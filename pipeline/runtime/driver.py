@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
 from pipeline.config import RunConfig
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
@@ -78,7 +78,7 @@ def train(
     """Meta-train ``config`` on Ray end to end; ``resume`` (an MLflow run id) continues that run from its
     checkpoints/latest.
 
-    Raises TrainingError (the run cannot go on, or ``resume`` with another config),
+    Raises ConfigError (``resume`` with another config), TrainingError (the run cannot go on),
     TrackingError (MLflow refused a write or stayed unreachable), StoreError, and
     KeyboardInterrupt after writing a final checkpoint.
     """
@@ -206,8 +206,8 @@ def _end_finished(
 def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
     """The server state, reader positions and best validation of the run's checkpoints/latest.
 
-    Raises TrainingError when ``config`` differs from the checkpoint's (train.steps, description and tracking aside),
-    naming the keys.
+    Raises ConfigError (a user's mistake: exit status 2, the run left as it was) when ``config`` differs from the
+    checkpoint's (train.steps, description and tracking aside), naming the keys.
     """
     ckpt = checkpoint.load(tracker.download("checkpoints/latest", scratch / "resume"))
     mine, theirs = dict(config.model_dump(mode="json")), dict(ckpt.config)
@@ -218,7 +218,7 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
     if mine != theirs:
         now, then = flatten(mine), flatten(theirs)
         diff = [f"{k} (checkpoint {then.get(k)}, now {now.get(k)})" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
-        raise TrainingError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {', '.join(diff)}")
+        raise ConfigError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {', '.join(diff)}")
     print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
     tracker.mark_running()
     tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))

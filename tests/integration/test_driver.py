@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import mlflow
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.export.directory import load
 from pipeline.runtime import driver
 from pipeline.runtime.pool import RayPool
@@ -71,7 +71,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
 def test_resume_with_another_config_is_refused(tmp_path):
     part = driver.train(sinusoid_config(tmp_path, steps=2, val_every=2, checkpoint_every=2), progress=False)
     changed = sinusoid_config(tmp_path, steps=4, val_every=2, checkpoint_every=2).model_copy(update={"seed": 4})
-    with pytest.raises(TrainingError, match=r"config differs .*seed"):
+    with pytest.raises(ConfigError, match=r"config differs .*seed"):
         driver.train(changed, resume=part.run_id, progress=False)
 
 

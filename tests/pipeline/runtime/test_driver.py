@@ -100,7 +100,7 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
 
 def test_resuming_ignores_description_and_tracking_but_refuses_another_training_setting(tmp_path):
     from pipeline.config import validate
-    from pipeline.errors import TrainingError
+    from pipeline.errors import ConfigError
     from pipeline.runtime.driver import _resume
 
     with pytest.raises(KeyboardInterrupt):
@@ -114,7 +114,7 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
         tracker = MlflowTracker(config.tracking, config.name, run_id=killed.info.run_id)
         return _resume(config, tracker, tmp_path / "resume")
 
-    with pytest.raises(TrainingError, match=r"config differs from the checkpoint's at algorithm.inner_lr \(checkpoint 0.01, now 0.02\)"):
+    with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr \(checkpoint 0.01, now 0.02\)"):
         resume(algorithm={"inner_lr": 0.02})
     state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
     assert state.version == 3
