@@ -19,6 +19,7 @@ ALGORITHM_CONFIGS = {
     "sinusoid_reptile.yaml": ("sinusoid.yaml", Reptile, MLP),
     "omniglot_maml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
     "omniglot_fomaml_5w1s.yaml": ("omniglot-5w1s.yaml", MAML, Conv4),
+    "omniglot_maml_5w5s.yaml": ("omniglot-5w5s.yaml", MAML, Conv4),
     "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", MAML, Conv4),
     "miniimagenet_maml_5w1s.yaml": ("miniimagenet-5w1s-240k.yaml", MAML, Conv4),
     "omniglot_protonet_5w1s.yaml": ("omniglot-5w1s.yaml", ProtoNet, Conv4),
@@ -43,6 +44,8 @@ def test_paper_settings():
     assert not omniglot.first_order and omniglot.network == Conv4(1, 28, 5, 64, "stride", norm_scale=False)
     assert not omniglot.adapt_norm  # cbfinn/maml's batch-norm: no scale, offsets meta-learned only
     assert build_learner(load_config(CONFIGS / "omniglot_fomaml_5w1s.yaml")).first_order
+    five_shot = load_config(CONFIGS / "omniglot_maml_5w5s.yaml")  # the 1-shot settings, K=5: cbfinn's step is N x the mean's
+    assert build_learner(five_shot) == omniglot and five_shot.task.shots == 5 and five_shot.train.meta_batch == 32
     mini = build_learner(load_config(CONFIGS / "miniimagenet_maml_5w1s.yaml"))
     assert mini.network == Conv4(3, 84, 5, 32, "maxpool", norm_scale=False) and (mini.inner_steps, mini.eval_inner_steps) == (5, 10)
     sine = load_config(CONFIGS / "sinusoid_maml.yaml")

@@ -124,6 +124,7 @@ RUNS = {
     "meta_lstm_omniglot_5w1s.yaml": ("omniglot-5w1s.yaml", "episodes/omniglot-5w1s"),
     "metanet_omniglot_5w1s.yaml": ("omniglot-5w1s-320k.yaml", "episodes/omniglot-5w1s-320k"),
     "meta_lstm_omniglot_5w5s.yaml": ("omniglot-5w5s.yaml", "episodes/omniglot-5w5s"),
+    "omniglot_maml_5w5s.yaml": ("omniglot-5w5s.yaml", "episodes/omniglot-5w5s"),
     "omniglot_maml_20w1s.yaml": ("omniglot-20w1s.yaml", "episodes/omniglot-20w1s"),
     "metanet_omniglot_20w1s.yaml": ("omniglot-20w1s-320k.yaml", "episodes/omniglot-20w1s-320k"),
     "meta_lstm_miniimagenet_5w1s.yaml": ("miniimagenet-5w1s.yaml", "episodes/miniimagenet-5w1s"),
