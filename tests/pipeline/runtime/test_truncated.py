@@ -13,7 +13,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import pipeline
-
 from pipeline.build import build_learner
 from pipeline.cli import main
 from pipeline.evaluation import evaluate, score
