@@ -20,8 +20,9 @@ the same way. A call that fails because the *server* died raises ServerLost: the
 loop then restores the server with ``restore``.
 
 Evaluation runs on the workers too (``evaluate``): each gets a consecutive slice of
-the validation or test episodes, scores it batched on its device and returns the
-per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
+the validation or test episodes (and the one state every episode adapts from, for a
+learner that evaluates from a carry: worker.meta_test_state), scores it batched on its
+device and returns the per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
 """
 from __future__ import annotations
 
