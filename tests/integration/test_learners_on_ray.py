@@ -63,7 +63,7 @@ def test_carried_reptile_meta_tests_on_the_workers_from_worker_slot_0s_state(tmp
     """Two Ray workers, each carrying its own inner Adam: the meta-test on the workers adapts every test task from
     worker slot 0's state in the best checkpoint (shipped to both), giving the scores of ``pipeline evaluate`` in one
     process; the export holds that state."""
-    config = carried_reptile_config(tmp_path, steps=4, val_every=2, checkpoint_every=2)
+    config = carried_reptile_config(tmp_path, steps=2, val_every=2, checkpoint_every=2)
     result = driver.train(config, export_dir=tmp_path / "export", progress=False)
     _, params, state = load_run(result.run_id, config.tracking.uri, "best")
     test = open_store(config.store.path).read_split("test")
