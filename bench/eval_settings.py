@@ -2,7 +2,8 @@
 
 Loads an export directory (``python -m pipeline train ... --export DIR``), applies
 ``--set KEY=VALUE`` overrides to its config (settings that change meta-testing only,
-e.g. the Meta-LSTM's ``algorithm.eval_norm`` or ``algorithm.eval_inner_steps``), and
+e.g. the Meta-LSTM's ``algorithm.eval_norm``, ``algorithm.eval_inner_steps`` or Reptile's
+``algorithm.eval_state``: an export's carried inner state or a fresh Adam), and
 prints the accuracy on the first ``--episodes`` test episodes of the export's store
 for the export's own config and for each override, one table row each.
 
@@ -14,7 +15,7 @@ import argparse
 
 from pipeline.build import build_learner
 from pipeline.config import apply_overrides, validate
-from pipeline.evaluation import EvalResult, evaluate
+from pipeline.evaluation import EvalResult, eval_state, evaluate
 from pipeline.export.directory import load
 from tasks.store.parquet import open_store
 
@@ -24,10 +25,12 @@ def compare(export_dir: str, overrides: list[str], episodes: int) -> dict[str, E
     exported = load(export_dir)
     batch = open_store(exported.config.store.path, exported.config).read_split("test", episodes)
     raw = exported.config.model_dump(mode="json")
-    results = {"export's config": evaluate(build_learner(exported.config), exported.params, batch)}
-    for override in overrides:
-        config = validate(apply_overrides(raw, [override]), f"--set {override}")
-        results[override] = evaluate(build_learner(config), exported.params, batch)
+    results = {}
+    for name, config in [("export's config", exported.config)] + [
+        (override, validate(apply_overrides(raw, [override]), f"--set {override}")) for override in overrides
+    ]:
+        learner = build_learner(config)  # its eval_state decides whether the export's carried state is used
+        results[name] = evaluate(learner, exported.params, batch, eval_state(learner, exported.state))
     return results
 
 

@@ -79,18 +79,21 @@ def inner_loss_scale(algo: MAMLAlgorithm, task: TaskSpec) -> float:
 
 def _reptile(config: RunConfig) -> Reptile:
     algo: ReptileAlgorithm = config.algorithm
-    return (CarriedReptile if algo.inner_state == "carried" else Reptile)(
-        network=build_network(config),
-        loss=config.task_spec.loss,
-        inner_lr=algo.inner_lr,
-        inner_steps=algo.inner_steps,
-        eval_inner_steps=algo.eval_inner_steps,
-        inner_optimizer=algo.inner_optimizer,
-        batching=algo.batching,
-        train_shots=algo.train_shots,
-        inner_batch=algo.inner_batch,
-        adapt_params=algo.adapt_params,
-    )
+    settings = {
+        "network": build_network(config),
+        "loss": config.task_spec.loss,
+        "inner_lr": algo.inner_lr,
+        "inner_steps": algo.inner_steps,
+        "eval_inner_steps": algo.eval_inner_steps,
+        "inner_optimizer": algo.inner_optimizer,
+        "batching": algo.batching,
+        "train_shots": algo.train_shots,
+        "inner_batch": algo.inner_batch,
+        "adapt_params": algo.adapt_params,
+    }
+    if algo.inner_state == "carried":  # meta-test from the carried state (openai's) unless eval_state says fresh
+        return CarriedReptile(**settings, eval_state=algo.eval_state or "carried")
+    return Reptile(**settings)
 
 
 def optimizee(config: RunConfig) -> Optimizee:

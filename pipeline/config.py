@@ -258,9 +258,14 @@ class ReptileAlgorithm(GradientMetaLearner):
     )
     inner_state: Literal["per_task", "carried"] = Field(
         "per_task",
-        description="the inner Adam's moments and step count: fresh for every task, or carried from task to task"
-        " through each worker's tasks in order, across server steps (openai/supervised-reptile's); evaluation"
-        " starts every test task fresh in both",
+        description="the inner Adam's moments and step count in meta-training: fresh for every task, or carried"
+        " from task to task through each worker's tasks in order, across server steps (openai/supervised-reptile's)",
+    )
+    eval_state: Literal["fresh", "carried"] | None = Field(
+        None,
+        description="the inner Adam state every meta-test task (validation, test, evaluate, exports, serving) adapts"
+        " from: a fresh one, or a copy of the state meta-training carried, worker slot 0's (openai's evaluate);"
+        " test tasks never change it. Default: carried with inner_state carried, else fresh",
     )
 
     @model_validator(mode="after")
@@ -269,6 +274,11 @@ class ReptileAlgorithm(GradientMetaLearner):
             raise ValueError(
                 f"algorithm.inner_state: carried needs algorithm.inner_optimizer: adam (got {self.inner_optimizer!r}:"
                 " SGD has no state to carry)"
+            )
+        if self.eval_state == "carried" and self.inner_state != "carried":
+            raise ValueError(
+                f"algorithm.eval_state: carried needs algorithm.inner_state: carried (got {self.inner_state!r}: no inner"
+                " Adam state outlives a task to evaluate from)"
             )
         if self.inner_state == "carried" and self.batching == "stacked":
             raise ValueError(

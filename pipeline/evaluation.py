@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.types import BatchedEvaluation, MetaLearner, Params
+from pipeline.types import (
+    BatchedEvaluation,
+    CarriedEvaluation,
+    Carry,
+    MetaLearner,
+    Params,
+    Predictor,
+)
 from tasks.episodes import Episodes
 
 
@@ -52,19 +59,34 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
     return mean, 1.96 * math.sqrt(var / n)
 
 
-def scores(learner: MetaLearner, params: Params, episodes: Episodes) -> list[float]:
-    """Each episode's query accuracy (classification) or MSE (regression) after adapting to its support set.
+def eval_state(learner: MetaLearner, carry: Carry | None) -> Carry | None:
+    """What every meta-test episode adapts from, given the ``carry`` meta-training left (worker slot 0's, or an
+    export's): ``learner.eval_start(carry)`` for a learner that evaluates from one (pipeline.types.CarriedEvaluation:
+    Reptile with ``algorithm.eval_state: carried``), else None (a fresh start)."""
+    return learner.eval_start(carry) if isinstance(learner, CarriedEvaluation) else None
+
+
+def adapt_from(learner: MetaLearner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None) -> Predictor:
+    """``learner.adapt`` to one task, from ``state`` (``eval_state``'s) when there is one."""
+    if state is None:
+        return learner.adapt(params, support_x, support_y)
+    return learner.adapt(params, support_x, support_y, state)
+
+
+def scores(learner: MetaLearner, params: Params, episodes: Episodes, state: Carry | None = None) -> list[float]:
+    """Each episode's query accuracy (classification) or MSE (regression) after adapting to its support set, every
+    episode from ``state`` (``eval_state``'s; None: the learner's fresh start).
 
     Batched through the learner's own ``evaluate`` when it has one (MAML, Reptile: many
     episodes per pass); otherwise ``learner.adapt`` one episode at a time.
     """
     if isinstance(learner, BatchedEvaluation):
-        metrics = learner.evaluate(params, episodes)
+        metrics = learner.evaluate(params, episodes) if state is None else learner.evaluate(params, episodes, state=state)
         return metrics["accuracy" if is_classification(episodes) else "loss"].tolist()
     values = []
     for i in range(len(episodes)):
         e = episodes[i]
-        predict = learner.adapt(params, e.support_x[0], e.support_y[0])
+        predict = adapt_from(learner, params, e.support_x[0], e.support_y[0], state)
         with torch.no_grad():
             values.append(score(predict(e.query_x[0]), e.query_y[0]))
     return values
@@ -92,6 +114,7 @@ def aggregate(shares: list[EvalShare]) -> EvalResult:
     return EvalResult(shares[0].metric, mean, ci, len(values), tuple(values))
 
 
-def evaluate(learner: MetaLearner, params: Params, episodes: Episodes) -> EvalResult:
-    """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression), in this process."""
-    return aggregate([EvalShare(0, metric_name(episodes), scores(learner, params, episodes))])
+def evaluate(learner: MetaLearner, params: Params, episodes: Episodes, state: Carry | None = None) -> EvalResult:
+    """Mean and 95% interval of ``scores`` over ``episodes`` (accuracy, or MSE for regression), every episode
+    adapted from ``state`` (``eval_state``'s; None: fresh), in this process."""
+    return aggregate([EvalShare(0, metric_name(episodes), scores(learner, params, episodes, state))])

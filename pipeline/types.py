@@ -91,3 +91,29 @@ class Truncated(Protocol):
         """The next truncation's meta-gradient (keys of ``params``), its metrics, and the carry after it (None: the
         trajectory ended)."""
         ...
+
+
+@runtime_checkable
+class CarriedEvaluation(Protocol):
+    """Optional for a Truncated learner: meta-test adaptation from the carry meta-training left, as
+    openai/supervised-reptile's ``Reptile.evaluate`` adapts every test task from a copy of the training's inner
+    Adam state (Reptile with ``algorithm.eval_state: carried``).
+
+    Wherever meta-test happens (validation, the test, ``pipeline evaluate``, exports and serving) the runtime
+    takes worker slot 0's carry (pipeline.runtime.worker.meta_test_state: the same whatever the number of workers
+    evaluating), asks ``eval_start`` what evaluation starts from, and passes that as ``state`` to ``evaluate``
+    and ``adapt``. Every task adapts from that same state; none changes it.
+    """
+
+    def eval_start(self, carry: Carry | None) -> Carry | None:
+        """What every meta-test task adapts from, given worker slot 0's ``carry`` (None: no step taken yet): that
+        state, or None for a fresh start (the learner's setting says so, or there is no carry)."""
+        ...
+
+    def evaluate(self, params: Params, episodes: Episodes, *, state: Carry | None = None) -> dict[str, torch.Tensor]:
+        """``BatchedEvaluation.evaluate``, every episode adapting from ``state`` (None: fresh)."""
+        ...
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None = None) -> Predictor:
+        """``MetaLearner.adapt`` from ``state`` (None: fresh)."""
+        ...

@@ -21,7 +21,12 @@ task, as openai's ``train_step`` does (its ``minimize_op``'s Adam slots are not 
 the variables it resets between tasks: reptile.py ``_model_state``, models.py). A
 worker adapts its tasks one after the other in episode order, and the state goes on
 into its next server step (pipeline.types.Truncated, ``keeps_episodes`` False).
-Evaluation and ``adapt`` start every test task from a fresh Adam in both settings.
+Evaluation and ``adapt`` start every test task from a fresh inner optimizer, or, in
+``CarriedReptile`` with ``eval_state: carried`` (pipeline.types.CarriedEvaluation), from a
+given carried Adam state, as openai's ``Reptile.evaluate`` (it saves every variable, Adam's
+slots and beta powers included, before each test task and restores them after): every
+test task starts from that same state and none changes it, so the tasks stay independent
+and are adapted batched.
 
 With ``adapt_params`` (ANIL's globs, see pipeline/algorithms/maml.py) only the
 matching parameters are adapted and get Reptile's direction; Reptile gives the
@@ -207,22 +212,46 @@ class Reptile:
         metrics = query_metrics(self.loss, losses.detach(), out.detach(), episodes.query_y, pre)
         return {k: grads[k] for k in params}, metrics, state
 
-    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
-        """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``maml.predictor``."""
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None = None) -> Predictor:
+        """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``) from the inner Adam ``state`` (a
+        ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.predictor``."""
         adapt = adapted_names(params, self.adapt_params)
-        return predictor(self.network, self.loss, self.optimizer(), params, support_x, support_y, self._eval_steps(), adapt)
+        return predictor(self.network, self.loss, self._optimizer_from(state, adapt), params, support_x, support_y, self._eval_steps(), adapt)
 
     def _eval_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
 
     def evaluate(
-        self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32
+        self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32, *, state: Carry | None = None
     ) -> dict[str, torch.Tensor]:
-        """Per-episode metrics after ``steps`` (default ``eval_inner_steps``); see ``maml.evaluate_tasks``."""
+        """Per-episode metrics after ``steps`` (default ``eval_inner_steps``), every episode adapted from the inner
+        Adam ``state`` (a ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.evaluate_tasks``."""
         adapt = adapted_names(params, self.adapt_params)
         return evaluate_tasks(
-            self.network, self.loss, self.optimizer(), params, episodes, steps or self._eval_steps(), chunk, adapt
+            self.network, self.loss, self._optimizer_from(state, adapt), params, episodes, steps or self._eval_steps(), chunk, adapt
         )
+
+    def _optimizer_from(self, state: Carry | None, adapt: frozenset[str]) -> GradientTransformation:
+        """The inner optimizer; with ``state`` (an inner Adam carry of the ``adapt`` parameters) its ``init`` gives
+        that state, broadcast over the tasks and on the parameters' device and dtype, instead of a fresh one: every
+        task starts from the same state and none changes it (``update`` returns new tensors).
+
+        Raises ValueError for a state with an SGD inner loop, or one not holding the Adam state of ``adapt``.
+        """
+        optimizer = self.optimizer()
+        if state is None:
+            return optimizer
+        if self.inner_optimizer != "adam":
+            raise ValueError(f"Reptile: an inner optimizer state was given, but inner_optimizer is {self.inner_optimizer!r} (no state)")
+        start = adam_state(state, adapt)
+
+        def init(params: Params) -> AdamState:
+            def broadcast(tree: Params) -> Params:
+                return {k: tree[k].to(params[k]).expand_as(params[k]) for k in params}
+
+            return AdamState(start.step, broadcast(start.exp_avg), broadcast(start.exp_avg_sq))
+
+        return GradientTransformation(init, optimizer.update)
 
 
 @dataclass(frozen=True)
@@ -235,16 +264,33 @@ class CarriedReptile(Reptile):
     for each adapted parameter) and ``step`` (a 0-d int64: inner steps taken). Each
     server step adapts the episodes' tasks one after the other from it (so
     ``batching: stacked`` does not apply to meta-training). ``meta_grad`` and
-    ``meta_loss`` take every task from a fresh state (no carry), like ``Reptile``'s;
-    evaluation and ``adapt`` too.
+    ``meta_loss`` take every task from a fresh state (no carry), like ``Reptile``'s.
+    Evaluation and ``adapt`` start every task from the ``state`` they are given (``eval_start``
+    says which: a copy of the carry, or None for a fresh Adam; pipeline.types.CarriedEvaluation).
     """
 
     keeps_episodes: ClassVar[bool] = False
+    eval_state: Literal["fresh", "carried"] = "carried"
+    """Where meta-test adaptation starts (``eval_start``): a copy of the carried state (openai's) or a fresh Adam."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.inner_optimizer != "adam":
             raise ValueError(f"CarriedReptile needs inner_optimizer 'adam' (SGD has no state to carry), got {self.inner_optimizer!r}")
+        if self.eval_state not in ("fresh", "carried"):
+            raise ValueError(f"CarriedReptile.eval_state must be 'fresh' or 'carried', got {self.eval_state!r}")
+
+    def eval_start(self, carry: Carry | None) -> Carry | None:
+        """The inner Adam state every meta-test task adapts from (``evaluate``/``adapt``'s ``state``), given the
+        ``carry`` meta-training left: that carry with ``eval_state: carried`` (openai's ``Reptile.evaluate``), None
+        (a fresh Adam) with ``fresh`` or without a carry.
+
+        Raises ValueError naming the keys when ``carry`` is not this network's inner Adam state.
+        """
+        if self.eval_state == "fresh" or carry is None:
+            return None
+        adam_state(carry, adapted_names(self.network.init(0), self.adapt_params))
+        return carry
 
     def begin(self, episodes: Episodes) -> Carry:
         """A fresh inner Adam's state (step 0, zero moments) on the episodes' device and dtype."""
@@ -260,21 +306,26 @@ class CarriedReptile(Reptile):
         Raises ValueError naming the keys when ``carry`` does not hold the state of every adapted parameter
         (a carry of another network or ``adapt_params``).
         """
-        adapt = adapted_names(params, self.adapt_params)
-        expected = {"step"} | {f"{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in adapt}
-        if set(carry) != expected:
-            raise ValueError(
-                f"CarriedReptile: the carry's keys differ from the inner Adam state of this network:"
-                f" missing {sorted(expected - set(carry))}, unexpected {sorted(set(carry) - expected)}"
-            )
-        names = sorted(adapt)
-        state = AdamState(
-            int(carry["step"]),
-            {k: carry[f"exp_avg.{k}"][None] for k in names},
-            {k: carry[f"exp_avg_sq.{k}"][None] for k in names},
+        state = adam_state(carry, adapted_names(params, self.adapt_params))
+        one_task = AdamState(state.step, {k: v[None] for k, v in state.exp_avg.items()}, {k: v[None] for k, v in state.exp_avg_sq.items()})
+        grads, metrics, after = self._meta_grad(params, episodes, one_task)
+        return grads, metrics, _carry(after)
+
+
+def adam_state(carry: Carry, adapt: frozenset[str]) -> AdamState:
+    """A CarriedReptile carry as the inner Adam's state of the ``adapt`` parameters (moments shaped like them).
+
+    Raises ValueError naming the keys when the carry does not hold exactly that state (a carry of another
+    network or ``adapt_params``).
+    """
+    expected = {"step"} | {f"{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in adapt}
+    if set(carry) != expected:
+        raise ValueError(
+            f"CarriedReptile: the carry's keys differ from the inner Adam state of this network:"
+            f" missing {sorted(expected - set(carry))}, unexpected {sorted(set(carry) - expected)}"
         )
-        grads, metrics, state = self._meta_grad(params, episodes, state)
-        return grads, metrics, _carry(state)
+    names = sorted(adapt)
+    return AdamState(int(carry["step"]), {k: carry[f"exp_avg.{k}"] for k in names}, {k: carry[f"exp_avg_sq.{k}"] for k in names})
 
 
 def _carry(state: AdamState) -> Carry:

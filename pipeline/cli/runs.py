@@ -58,9 +58,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from pipeline.runtime.runs import load_run
     from tasks.store.parquet import open_store
 
-    config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint, args.set)
+    config, params, state = load_run(args.run_id, args.tracking_uri, args.checkpoint, args.set)
     episodes = open_store(config.store.path).read_split("test", limit=args.episodes)
-    print(f"run {args.run_id} ({args.checkpoint} checkpoint): test {evaluate(build_learner(config), params, episodes)}")
+    start = "" if state is None else ", every task from the carried inner state"
+    print(f"run {args.run_id} ({args.checkpoint} checkpoint{start}): test {evaluate(build_learner(config), params, episodes, state)}")
     return 0
 
 
@@ -81,8 +82,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.out is None and args.register is None:
         raise ConfigError("export: give --out DIR, --register NAME, or both")
     if args.out:
-        config, params = load_run(args.run_id, args.tracking_uri, args.checkpoint)
-        print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out)}")
+        config, params, state = load_run(args.run_id, args.tracking_uri, args.checkpoint)
+        print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out, state=state)}")
     if args.register:
         from pipeline.tracking.mlflow_tracker import tracking_uri
         from pipeline.tracking.model_registry import register

@@ -1,8 +1,11 @@
 """Export a trained meta-learner to a directory and load it back without the training paths.
 
 The directory holds ``weights.safetensors``, ``config.json`` (the run config) and
-``export.json`` (format version, algorithm, sha256 of the weights, test metrics).
-Loading checks all three and never unpickles anything; a ``module`` network is rebuilt
+``export.json`` (format version, algorithm, sha256 of the weights, test metrics), and for
+a learner that adapts from a state meta-training carried (pipeline.types.CarriedEvaluation:
+Reptile with ``algorithm.eval_state: carried``) ``eval_state.safetensors``, that state, its
+sha256 in ``export.json`` (``eval_state_sha256``); an export without it adapts from a fresh start.
+Loading checks them all and never unpickles anything; a ``module`` network is rebuilt
 by importing the factory recorded in ``config.json`` (``model.factory``, ``model.kwargs``). A loaded learner predicts each
 query independently of the others in the call by default: networks with BatchNorm
 run in ``support`` norm mode (pipeline/nets/norm.py), whatever mode they were trained in.
@@ -19,20 +22,24 @@ from safetensors.torch import load_file, save_file
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ExportError
+from pipeline.evaluation import adapt_from, eval_state
 from pipeline.nets.module import factory_source, import_factory
 from pipeline.nets.norm import NORM_MODES, NormMode
 from pipeline.optim.torch_optim import TorchOptimizer
 from pipeline.runtime.checkpoint import sha256_file
-from pipeline.types import Params, Predictor
+from pipeline.types import Carry, Params, Predictor
 from tasks.families import family
 from tasks.family import ImageFamily
 
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, META = "weights.safetensors", "config.json", "export.json"
+WEIGHTS, CONFIG, META, STATE = "weights.safetensors", "config.json", "export.json", "eval_state.safetensors"
 
 
-def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict[str, float] | None = None) -> Path:
-    """Write ``params`` and ``config`` to ``out_dir`` in the export format; returns the directory."""
+def export(
+    params: Params, config: RunConfig, out_dir: str | Path, metrics: dict[str, float] | None = None, state: Carry | None = None
+) -> Path:
+    """Write ``params`` and ``config`` to ``out_dir`` in the export format, with ``state`` when given (what every task
+    adapts from: pipeline.evaluation.eval_state); returns the directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in params.items()}, str(out / WEIGHTS))
@@ -44,6 +51,10 @@ def export(params: Params, config: RunConfig, out_dir: str | Path, metrics: dict
         "weights_sha256": sha256_file(out / WEIGHTS),
         "metrics": metrics or {},
     }
+    (out / STATE).unlink(missing_ok=True)  # an earlier export's into the same folder
+    if state is not None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, str(out / STATE))
+        meta["eval_state_sha256"] = sha256_file(out / STATE)
     (out / META).write_text(json.dumps(meta, indent=1))
     return out
 
@@ -67,15 +78,23 @@ class ExportedLearner:
 
     ``norm``: the BatchNorm mode of its predictions (networks without BatchNorm ignore it);
     ``support`` (default) makes each query's prediction independent of the other queries.
+    ``state``: the export's ``eval_state.safetensors`` (None without one); every task adapts from what the
+    learner takes of it (pipeline.evaluation.eval_state; None: a fresh start).
+
+    Raises ValueError when ``state`` is not a state this learner adapts from (a foreign one).
     """
 
-    def __init__(self, config: RunConfig, params: Params, meta: dict[str, Any], norm: NormMode = "support") -> None:
+    def __init__(
+        self, config: RunConfig, params: Params, meta: dict[str, Any], norm: NormMode = "support", state: Carry | None = None
+    ) -> None:
         self.config = config
         self.params = params
         self.meta = meta
+        self.state = state
         if hasattr(config.model, "norm"):
             config = config.model_copy(update={"model": config.model.model_copy(update={"norm": norm})})
         self._learner = build_learner(config)
+        self._start = eval_state(self._learner, state)
 
     def preprocess(self, images: list[Any]) -> torch.Tensor:
         """PIL images as read from the data set's files -> the input tensor ``[N, C, H, W]``.
@@ -89,7 +108,7 @@ class ExportedLearner:
 
     def adapt(self, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task's support set; the returned predictor maps queries to logits/outputs."""
-        predict = self._learner.adapt(self.params, support_x, support_y)
+        predict = adapt_from(self._learner, self.params, support_x, support_y, self._start)
 
         def predictor(query_x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
@@ -140,4 +159,15 @@ def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
                 f"{root / CONFIG}: model.factory {model.get('factory')!r} cannot be used here ({e}); install its"
                 " package or put its folder on PYTHONPATH"
             ) from None
-    return ExportedLearner(validate(raw, str(root / CONFIG)), load_file(str(root / WEIGHTS)), meta, norm)
+    state = None
+    if "eval_state_sha256" in meta:  # older exports, and learners that adapt from a fresh start, have none
+        if not (root / STATE).is_file():
+            raise ExportError(f"export file missing: {root / STATE} ({META} names its sha256)")
+        if sha256_file(root / STATE) != meta["eval_state_sha256"]:
+            raise ExportError(f"{root / STATE}: sha256 does not match {META} (state altered or truncated)")
+        state = load_file(str(root / STATE))
+    config = validate(raw, str(root / CONFIG))
+    try:
+        return ExportedLearner(config, load_file(str(root / WEIGHTS)), meta, norm, state)
+    except ValueError as e:  # a state of another network (the sha256 matched: written so)
+        raise ExportError(f"{root / STATE}: not a state this learner adapts from ({e})") from None

@@ -23,7 +23,7 @@ from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.pool import Pool, Positions
 from pipeline.runtime.server import ServerState
-from pipeline.runtime.worker import StepReport
+from pipeline.runtime.worker import StepReport, meta_test_state
 from pipeline.tracking.model_registry import MODEL_PATH
 from pipeline.tracking.plots import (
     CURVE_KEYS,
@@ -33,7 +33,7 @@ from pipeline.tracking.plots import (
     log_figure,
 )
 from pipeline.tracking.tracker import Tracker
-from pipeline.types import Params
+from pipeline.types import Carry, MetaLearner, Params
 from tasks.episodes import Episodes
 from tasks.family import ImageTask
 from tasks.store.parquet import Store
@@ -102,15 +102,21 @@ class Checkpoints:
 
 class Validation:
     """Every ``every`` steps and at the last: the workers evaluate the current parameters on the first
-    ``episodes`` validation episodes (``val/*``); a better result than any before is saved as checkpoints/best."""
+    ``episodes`` validation episodes (``val/*``); a better result than any before is saved as checkpoints/best.
 
-    def __init__(self, episodes: int, every: int, pool: Pool, checkpoints: Checkpoints) -> None:
-        self._episodes, self._every, self._pool, self._checkpoints = episodes, every, pool, checkpoints
+    Each episode adapts from the ``learner``'s meta-test state now (worker.meta_test_state: for Reptile with
+    ``eval_state: carried``, worker slot 0's inner Adam state after its last step, as openai's evaluation during
+    training uses the current state), so the best checkpoint holds the parameters and the state it was scored with.
+    """
+
+    def __init__(self, episodes: int, every: int, pool: Pool, checkpoints: Checkpoints, learner: MetaLearner) -> None:
+        self._episodes, self._every, self._pool, self._checkpoints, self._learner = episodes, every, pool, checkpoints, learner
 
     def on_step(self, step: StepEnd) -> None:
         if step.version % self._every and not step.last:
             return
-        result = self._pool.evaluate("val", self._episodes, self._pool.pull()[1])
+        state = meta_test_state(self._learner, self._pool.positions)
+        result = self._pool.evaluate("val", self._episodes, self._pool.pull()[1], state)
         step.metrics[f"val/{result.metric}"] = result.mean
         step.metrics[f"val/{result.metric}_ci95"] = result.ci95
         best = self._checkpoints.best_val
@@ -216,11 +222,12 @@ def describe(config: RunConfig, store: Store) -> str:
 
 
 def log_export(
-    tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, example: Episodes
+    tracker: Tracker, params: Params, config: RunConfig, test: EvalResult, out: Path, example: Episodes, state: Carry | None = None
 ) -> Path:
-    """Write the export directory to ``out`` (artifact ``export/``) and log it as the run's MLflow pyfunc model
-    ``model``, whose input example is a request made of ``example``'s first episode."""
-    out = export(params, config, out, test_metrics(test))
+    """Write the export directory of ``params`` and the meta-test ``state`` (pipeline.export.directory.export) to
+    ``out`` (artifact ``export/``) and log it as the run's MLflow pyfunc model ``model``, whose input example is a
+    request made of ``example``'s first episode."""
+    out = export(params, config, out, test_metrics(test), state)
     tracker.log_artifacts(out, "export")
     log_pyfunc(tracker, out, example)
     return out

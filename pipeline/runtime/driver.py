@@ -9,7 +9,9 @@ callbacks: validation on fixed validation episodes every
 metrics every ``train.log_every``, checkpoints/latest every
 ``train.checkpoint_every`` (a parameter server that dies is restored from the last
 one). It ends with the meta-test of the best parameters (mean and 95% CI over
-``train.test_episodes`` held-out episodes), the figures, an export directory and
+``train.test_episodes`` held-out episodes; a learner that evaluates from a carry, as
+Reptile with ``eval_state: carried``, adapts them from the best checkpoint's worker slot 0
+carry: worker.meta_test_state), the figures, an export directory and
 an MLflow pyfunc model. A run that fails or is interrupted still gets its learning
 curve and is marked FAILED or KILLED.
 """
@@ -49,10 +51,11 @@ from pipeline.runtime.progress import Progress
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.system_metrics import SystemMetrics
+from pipeline.runtime.worker import meta_test_state
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import CURVE_KEYS, log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
-from pipeline.types import Params
+from pipeline.types import Carry, Params
 from tasks.store.parquet import Store, precompute
 
 if TYPE_CHECKING:
@@ -137,7 +140,7 @@ def run(
     start = ended_version(state)  # below state.version when a share landed but its report never came
     shown = Progress(t.steps, start, t.log_every, enabled=progress)
     callbacks = [
-        Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints),
+        Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints, learner),
         LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resumed else {}),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
@@ -163,12 +166,14 @@ def run(
     try:
         best = checkpoints.best()
         params = layout.unflatten(best.server.params) if best else current_params(pool, layout)
+        state = meta_test_state(learner, best.positions if best else pool.positions)  # the best's own, as validated
         flat = layout.flatten(params).numpy()
         count = _eval_count(store, "test", t.test_episodes)
         with shown.evaluating("meta-test", count):
-            test = pool.evaluate("test", count, flat)
-        figures = pool.figures(flat)
-        test = _end_finished(config, store, params, test, figures, tracker, loop.version, Path(export_dir or scratch / "export"), scratch)
+            test = pool.evaluate("test", count, flat, state)
+        figures = pool.figures(flat, state)
+        out = Path(export_dir or scratch / "export")
+        test = _end_finished(config, store, params, state, test, figures, tracker, loop.version, out, scratch)
         return TrainResult(tracker.run_id, loop.version, *test)
     finally:
         pool.stop()
@@ -186,6 +191,7 @@ def _end_finished(
     config: RunConfig,
     store: Store,
     params: Params,
+    state: Carry | None,
     test: EvalResult,
     figures: dict[str, Figure],
     tracker: Tracker,
@@ -193,12 +199,12 @@ def _end_finished(
     export_dir: Path,
     scratch: Path,
 ) -> tuple[EvalResult, Path]:
-    """Log the meta-test ``test`` of ``params`` and the learner's ``figures`` (both from the workers), the
-    export (its input example from the store's first test episode), and mark the run FINISHED; the test and the
-    export's folder."""
+    """Log the meta-test ``test`` of ``params`` (every task adapted from ``state``) and the learner's ``figures``
+    (both from the workers), the export of both (its input example from the store's first test episode), and mark
+    the run FINISHED; the test and the export's folder."""
     log_test(tracker, test, step, scratch)
     log_learner_figures(tracker, figures, scratch)
-    out = log_export(tracker, params, config, test, export_dir, store.read_split("test", limit=1))
+    out = log_export(tracker, params, config, test, export_dir, store.read_split("test", limit=1), state)
     tracker.finish("FINISHED")
     return test, out
 

@@ -28,6 +28,7 @@ from pipeline.runtime.pool import (
 )
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+from pipeline.types import Carry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,12 +73,12 @@ class LocalPool:
         self.positions[i], self._finished[i] = report.position, self._shares[i]
         return report
 
-    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray, state: Carry | None = None) -> EvalResult:
         slices = enumerate(eval_slices(episodes, self.size))
-        return aggregate([self.workers[i].evaluate(split, start, stop, flat) for i, (start, stop) in slices if stop > start])
+        return aggregate([self.workers[i].evaluate(split, start, stop, flat, state) for i, (start, stop) in slices if stop > start])
 
-    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
-        return self.workers[0].figures(flat)
+    def figures(self, flat: np.ndarray, state: Carry | None = None) -> dict[str, Figure]:
+        return self.workers[0].figures(flat, state)
 
     def stats(self) -> dict[str, float]:
         return self.server.stats()

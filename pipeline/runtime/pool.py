@@ -20,8 +20,9 @@ the same way. A call that fails because the *server* died raises ServerLost: the
 loop then restores the server with ``restore``.
 
 Evaluation runs on the workers too (``evaluate``): each gets a consecutive slice of
-the validation or test episodes, scores it batched on its device and returns the
-per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
+the validation or test episodes (and the one state every episode adapts from, for a
+learner that evaluates from a carry: worker.meta_test_state), scores it batched on its
+device and returns the per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from pipeline.runtime.placement import Placement
 from pipeline.runtime.policy import FailurePolicy, GiveUp
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.worker import EpisodeWorker, StepReport
+from pipeline.types import Carry
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -128,13 +130,14 @@ class Pool(Protocol):
         """Worker ``i``'s report for ``handle``."""
         ...
 
-    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray, state: Carry | None = None) -> EvalResult:
         """The first ``episodes`` of the store's ``split`` scored under the flat parameters ``flat`` by the workers
-        (``eval_slices``), aggregated in worker order."""
+        (``eval_slices``), each episode adapted from ``state`` (worker.meta_test_state's; None: fresh), aggregated
+        in worker order."""
         ...
 
-    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
-        """The learner's own figures under ``flat``, drawn by worker 0 (EpisodeWorker.figures)."""
+    def figures(self, flat: np.ndarray, state: Carry | None = None) -> dict[str, Figure]:
+        """The learner's own figures under ``flat`` (adapting from ``state``), drawn by worker 0 (EpisodeWorker.figures)."""
         ...
 
     def stats(self) -> dict[str, float]:
@@ -260,19 +263,19 @@ class RayPool:
         reports = [self._report(i, ref) for i, ref in enumerate(refs)]
         return [self._finish(i, report) for i, report in enumerate(reports)]
 
-    def evaluate(self, split: str, episodes: int, flat: np.ndarray) -> EvalResult:
-        shared = ray.put(flat)  # one copy in the object store for every worker
+    def evaluate(self, split: str, episodes: int, flat: np.ndarray, state: Carry | None = None) -> EvalResult:
+        shared, shared_state = ray.put(flat), ray.put(state)  # one copy in the object store for every worker
         calls = {
-            i: (lambda i=i, start=start, stop=stop: self._call(self.workers[i].evaluate.remote(split, start, stop, shared)))
+            i: (lambda i=i, start=start, stop=stop: self._call(self.workers[i].evaluate.remote(split, start, stop, shared, shared_state)))
             for i, (start, stop) in enumerate(eval_slices(episodes, self.size))
             if stop > start
         }
         handles = {i: call() for i, call in calls.items()}
         return aggregate([self._get(i, handles[i], calls[i]) for i in calls])
 
-    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+    def figures(self, flat: np.ndarray, state: Carry | None = None) -> dict[str, Figure]:
         def again() -> ray.ObjectRef:
-            return self._call(self.workers[0].figures.remote(flat))
+            return self._call(self.workers[0].figures.remote(flat, state))
 
         # arrays out of Ray's object store are read-only, and matplotlib writes to its own when saving: copy
         return {name: copy.deepcopy(figure) for name, figure in self._get(0, again(), again).items()}

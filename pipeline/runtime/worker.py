@@ -16,18 +16,18 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.build import build_learner
 from pipeline.config import validate
-from pipeline.evaluation import EvalShare, metric_name, scores
+from pipeline.evaluation import EvalShare, adapt_from, eval_state, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
 from pipeline.tracking.plots import regression_fits
-from pipeline.types import Illustrated, Truncated
+from pipeline.types import Carry, Illustrated, MetaLearner, Truncated
 from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
 
@@ -43,6 +43,14 @@ def compute_device(gpus_per_worker: float) -> torch.device:
     """Where a worker computes: its GPU when it has a share of one (``train.gpus_per_worker`` > 0) and CUDA sees
     one, else the CPU (a worker given no GPU share stays off a GPU it can see: Ray does not hide GPUs from it)."""
     return torch.device("cuda" if gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
+
+
+def meta_test_state(learner: MetaLearner, positions: Sequence[dict[str, Any] | None]) -> Carry | None:
+    """The state every meta-test task adapts from (pipeline.evaluation.eval_state): what ``learner`` takes of worker
+    slot 0's carry in ``positions`` (a pool's or a checkpoint's; EpisodeWorker.position), so the same whatever the
+    number of workers evaluating (with one worker in training, openai's Reptile exactly); None for a fresh start."""
+    position = positions[0] if positions else None
+    return eval_state(learner, position["carry"] if isinstance(learner, Truncated) and position else None)
 
 
 @dataclass(frozen=True)
@@ -148,9 +156,10 @@ class EpisodeWorker:
         reader = self.reader.position if self._trajectory is None else self._trajectory_start
         return {"reader": reader, "carry": None if self._carry is None else {k: v.detach().cpu() for k, v in self._carry.items()}}
 
-    def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray) -> EvalShare:
+    def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray, state: Carry | None = None) -> EvalShare:
         """Scores (pipeline.evaluation.scores) of episodes ``start:stop`` of the store's ``split`` under the
-        flat parameters ``flat``, batched on this worker's device.
+        flat parameters ``flat``, batched on this worker's device, every episode adapted from ``state``
+        (``meta_test_state``'s; None: fresh).
 
         The slice is read once and kept for the worker's life (validation repeats it).
         """
@@ -160,17 +169,18 @@ class EpisodeWorker:
             self._eval_sets[key] = self.store.read_split(split, limit=stop)[start:stop].to(self.device, self.dtype)
         episodes = self._eval_sets[key]
         with self._compute():
-            values = scores(self.learner, self._params(flat), episodes)
+            values = scores(self.learner, self._params(flat), episodes, state)
         return EvalShare(self.worker_id, metric_name(episodes), values)
 
-    def figures(self, flat: np.ndarray) -> dict[str, Figure]:
+    def figures(self, flat: np.ndarray, state: Carry | None = None) -> dict[str, Figure]:
         """The figures of the learner under ``flat`` on the first test episodes: its own (pipeline.types.Illustrated,
-        on the first) and, for one-dimensional regression, its fits (``regression_fits``, MAML paper figure 2)."""
+        on the first) and, for one-dimensional regression, its fits (``regression_fits``, MAML paper figure 2;
+        adapted from ``state`` as ``evaluate``)."""
         params = self._params(flat)
         episodes = self.store.read_split("test", limit=FITS_SHOWN).to(self.device, self.dtype)
         with self._compute():
             figures = self.learner.figures(params, episodes[0]) if isinstance(self.learner, Illustrated) else {}
-            fits = regression_fits(episodes, lambda support_x, support_y: self.learner.adapt(params, support_x, support_y))
+            fits = regression_fits(episodes, lambda support_x, support_y: adapt_from(self.learner, params, support_x, support_y, state))
         return figures | ({"regression_fits": fits} if fits is not None else {})
 
     def _params(self, flat: np.ndarray) -> dict[str, torch.Tensor]:

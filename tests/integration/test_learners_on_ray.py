@@ -1,4 +1,5 @@
-"""MetaNet, the Meta-LSTM and ProtoNets through the whole pipeline: store, parameter server and worker on local Ray, MLflow, export."""
+"""MetaNet, the Meta-LSTM, ProtoNets and carried Reptile through the whole pipeline: store, parameter server and worker on
+local Ray, MLflow, export."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,14 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.build import build_learner
 from pipeline.config import validate
+from pipeline.evaluation import evaluate
 from pipeline.export.directory import load
 from pipeline.runtime import driver
+from pipeline.runtime.runs import load_run
 from tasks.fewshot import labels
+from tasks.store.parquet import open_store
 from tests.helpers import small_omniglot_run
+from tests.pipeline.runtime.truncated_run import carried_reptile_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
@@ -52,3 +57,17 @@ def test_protonet_trains_through_the_parameter_server_and_exports(tmp_path) -> N
     size = config.task_spec.input_shape[1]
     predict = exported.adapt(torch.rand(5, 1, size, size, generator=gen), labels(1, 5, 1)[0])
     assert predict(torch.rand(10, 1, size, size, generator=gen)).shape == (10, 5)
+
+
+def test_carried_reptile_meta_tests_on_the_workers_from_worker_slot_0s_state(tmp_path) -> None:
+    """Two Ray workers, each carrying its own inner Adam: the meta-test on the workers adapts every test task from
+    worker slot 0's state in the best checkpoint (shipped to both), giving the scores of ``pipeline evaluate`` in one
+    process; the export holds that state."""
+    config = carried_reptile_config(tmp_path, steps=2, val_every=2, checkpoint_every=2)
+    result = driver.train(config, export_dir=tmp_path / "export", progress=False)
+    _, params, state = load_run(result.run_id, config.tracking.uri, "best")
+    test = open_store(config.store.path).read_split("test")
+    learner = build_learner(config)
+    assert list(result.test.scores) == pytest.approx(evaluate(learner, params, test, state).scores, rel=1e-5)
+    assert list(result.test.scores) != pytest.approx(evaluate(learner, params, test).scores, rel=1e-3)
+    assert set(load(tmp_path / "export").state) == set(state)

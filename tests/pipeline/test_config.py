@@ -4,6 +4,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.build import build_learner
 from pipeline.config import RunConfig, apply_overrides, load_config, validate
 from pipeline.errors import ConfigError
 
@@ -238,3 +239,14 @@ def test_reptile_inner_state_carried_needs_adam_and_tasks_one_after_the_other():
         validate({**BASE, "algorithm": {**reptile, "inner_state": "carried", "batching": "stacked"}})
     with pytest.raises(ConfigError, match=r"algorithm\.inner_state.*'per_task' or 'carried'.*'whole_run'"):
         validate({**BASE, "algorithm": {**reptile, "inner_state": "whole_run"}})
+
+
+def test_reptile_eval_state_defaults_to_the_inner_state_and_carried_needs_a_carried_state():
+    reptile = {"name": "reptile", "inner_optimizer": "adam"}
+    carried = validate({**BASE, "algorithm": {**reptile, "inner_state": "carried"}})
+    assert carried.algorithm.eval_state is None and build_learner(carried).eval_state == "carried"  # openai's
+    fresh = validate({**BASE, "algorithm": {**reptile, "inner_state": "carried", "eval_state": "fresh"}})
+    assert build_learner(fresh).eval_state == "fresh"
+    assert validate({**BASE, "algorithm": {**reptile, "eval_state": "fresh"}}).algorithm.eval_state == "fresh"
+    with pytest.raises(ConfigError, match=r"algorithm\.eval_state: carried needs algorithm\.inner_state: carried \(got 'per_task'"):
+        validate({**BASE, "algorithm": {**reptile, "eval_state": "carried"}})

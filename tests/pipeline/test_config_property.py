@@ -63,7 +63,8 @@ ALGORITHM_FIELDS = {
     "reptile": st.fixed_dictionaries(
         {"inner_steps": small, "inner_optimizer": st.sampled_from(["sgd", "adam"]),
          "batching": st.sampled_from(["auto", "loop", "stacked", "vmap"])},
-        optional={"learn_inner_lr": st.booleans(), "inner_state": st.sampled_from(["per_task", "carried"])},
+        optional={"learn_inner_lr": st.booleans(), "inner_state": st.sampled_from(["per_task", "carried"]),
+                  "eval_state": st.sampled_from(["fresh", "carried"])},
     ),
     "l2l": st.fixed_dictionaries(
         {"hidden": st.integers(2, 3), "layers": st.integers(1, 2), "unroll": small, "truncation": small,

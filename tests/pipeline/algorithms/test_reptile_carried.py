@@ -1,5 +1,8 @@
-"""Reptile with its inner Adam carried from task to task (openai/supervised-reptile), against Adam written out by hand."""
+"""Reptile with its inner Adam carried from task to task (openai/supervised-reptile), against Adam written out by hand:
+in meta-training, and in evaluation from the carried state (openai's ``Reptile.evaluate``)."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ from pipeline.nets.mlp import MLP
 from pipeline.optim.adam import AdamState
 from pipeline.runtime import checkpoint
 from pipeline.runtime.server import ServerState
-from pipeline.types import Truncated
+from pipeline.types import CarriedEvaluation, Truncated
 from tests.pipeline.algorithms.test_maml import CASES, sinusoids, tiny_images
 
 DT = torch.float64
@@ -129,3 +132,72 @@ def test_a_carry_through_a_checkpoint_gives_the_same_next_step(tmp_path):
         assert torch.equal(got[k], expected[k]), k
     assert all(torch.equal(after_loaded[k], after[k]) for k in after)
 
+
+
+def trained(case: str, **kwargs) -> tuple[CarriedReptile, dict, HandAdam, dict]:
+    """A CarriedReptile (4 evaluation steps) after one server step of three tasks, the hand-written Adam carried
+    through the same tasks, and the learner's carry: what meta-test starts from."""
+    _, _, forward, episodes_of, loss_fn, _ = CASES[case]
+    reptile = learner(case, eval_inner_steps=4, **kwargs)
+    theta = reptile.init(0, DT)
+    episodes = episodes_of()
+    hand = HandAdam(theta)
+    for t in range(len(episodes)):
+        hand.adapt(theta, [(episodes.support_x[t], episodes.support_y[t])] * 3, forward, loss_fn)
+    _, _, carry = reptile.truncation_grad(theta, episodes, reptile.begin(episodes))
+    return reptile, theta, hand, carry
+
+
+@pytest.mark.parametrize("case", ["mlp", "conv4", "conv4-support-norm"])
+def test_evaluation_from_the_carried_state_matches_an_adam_restored_before_every_test_task(case):
+    """openai's evaluate by hand: the carried Adam copied before each test task (so every task starts from the
+    training's moments and step count), 4 full-batch steps on its support set, then its queries."""
+    _, loss_kind, forward, _, loss_fn, query = CASES[case]
+    reptile, theta, hand, carry = trained(case)
+    test = sinusoids(3, 5, seed=7) if case == "mlp" else tiny_images(3, seed=7)
+    kept = {k: v.clone() for k, v in carry.items()}
+    start = reptile.eval_start(carry)
+    got = reptile.evaluate(theta, test, state=start)
+    for t in range(len(test)):
+        sx, sy, qx, qy = test.support_x[t], test.support_y[t], test.query_x[t], test.query_y[t]
+        restored = copy.deepcopy(hand)
+        fast = restored.adapt(theta, [(sx, sy)] * 4, forward, loss_fn)
+        assert restored.step == hand.step + 4
+        out = query(fast, sx, qx)
+        assert torch.allclose(got["loss"][t], loss_fn(out, qy), atol=1e-12, rtol=0), t
+        if loss_kind == "cross_entropy":
+            assert got["accuracy"][t] == (out.argmax(-1) == qy).double().mean()
+        predicted = reptile.adapt(theta, sx, sy, state=start)(qx)
+        assert torch.allclose(predicted, out, atol=1e-12, rtol=0), t
+    assert all(torch.equal(carry[k], kept[k]) for k in kept)  # no test task changed the state
+
+
+def test_test_tasks_leave_the_state_alone_so_their_order_does_not_matter():
+    reptile, theta, _, carry = trained("conv4")
+    test = tiny_images(4, seed=3)
+    forward = reptile.evaluate(theta, test, state=carry)
+    backward = reptile.evaluate(theta, test[[3, 2, 1, 0]], state=carry)
+    one_by_one = [reptile.evaluate(theta, test[t : t + 1], state=carry)["loss"] for t in range(4)]
+    assert torch.allclose(backward["loss"].flip(0), forward["loss"], atol=1e-12, rtol=0)
+    assert torch.allclose(torch.cat(one_by_one), forward["loss"], atol=1e-12, rtol=0)
+
+
+def test_fresh_and_carried_evaluation_differ_and_the_setting_says_which_start():
+    reptile, theta, _, carry = trained("mlp")
+    test = sinusoids(3, 5, seed=7)
+    fresh = reptile.evaluate(theta, test)
+    assert (reptile.evaluate(theta, test, state=carry)["loss"] - fresh["loss"]).abs().min() > 1e-6
+    assert reptile.eval_start(carry) is carry and reptile.eval_start(None) is None  # no step taken yet: fresh
+    assert learner("mlp", eval_state="fresh").eval_start(carry) is None
+    assert isinstance(reptile, CarriedEvaluation) and not isinstance(Reptile(MLP(), "mse", 0.1), CarriedEvaluation)
+
+
+def test_a_foreign_start_state_and_a_state_without_adam_are_refused():
+    reptile, _, _, carry = trained("mlp")
+    with pytest.raises(ValueError, match=r"missing \['exp_avg.layer0.weight'\]"):
+        reptile.eval_start({k: v for k, v in carry.items() if k != "exp_avg.layer0.weight"})
+    sgd = Reptile(MLP((1, 40, 40, 1)), "mse", 0.1)
+    with pytest.raises(ValueError, match="inner_optimizer is 'sgd'"):
+        sgd.evaluate(sgd.init(0, DT), sinusoids(2, 5, seed=0), state=carry)
+    with pytest.raises(ValueError, match="eval_state must be 'fresh' or 'carried'"):
+        learner("mlp", eval_state="copied")

@@ -9,7 +9,7 @@ import pipeline
 from pipeline.build import build_learner
 from pipeline.config import validate
 from pipeline.errors import ExportError
-from pipeline.export.directory import META, WEIGHTS, export
+from pipeline.export.directory import META, STATE, WEIGHTS, export
 from pipeline.export.pyfunc import FewShotModel
 from pipeline.export.requests import example_request
 from tasks.episodes import Episodes
@@ -52,6 +52,50 @@ def test_altered_weights_are_refused(exported):
     path.write_bytes(bytes(data))
     with pytest.raises(ExportError, match="sha256 does not match"):
         pipeline.load(exported[0])
+
+
+CARRIED = validate(
+    {"task": {"name": "sinusoid"}, "store": {"path": "unused"}, "model": {"network": "mlp", "hidden": [8]},
+     "algorithm": {"name": "reptile", "inner_optimizer": "adam", "inner_state": "carried", "inner_lr": 0.01}}
+)
+
+
+def carried_export(path, state_of=lambda reptile, carry: carry):
+    """A carried Reptile's export with the inner Adam state after three tasks (``state_of`` may change it)."""
+    reptile = build_learner(CARRIED)
+    params = reptile.init(0)
+    x = torch.linspace(-5, 5, 30).view(3, 10, 1)
+    episodes = Episodes(x, torch.sin(x), x, torch.sin(x))
+    _, _, carry = reptile.truncation_grad(params, episodes, reptile.begin(episodes))
+    return export(params, CARRIED, path, state=state_of(reptile, carry)), params, carry
+
+
+def test_a_carried_state_is_exported_checked_and_adapted_from(tmp_path):
+    path, params, carry = carried_export(tmp_path / "export")
+    loaded = pipeline.load(path)
+    assert set(loaded.state) == set(carry) and json.loads((path / META).read_text())["eval_state_sha256"]
+    x = torch.linspace(-4, 4, 5).unsqueeze(1)
+    expected = build_learner(CARRIED).adapt(params, x, torch.cos(x), carry)(x)
+    torch.testing.assert_close(loaded.adapt(x, torch.cos(x))(x), expected, rtol=0, atol=0)
+    assert not torch.allclose(build_learner(CARRIED).adapt(params, x, torch.cos(x))(x), expected)
+    export(params, CARRIED, path)  # the same folder again, without a state: none is left behind
+    assert not (path / STATE).exists() and pipeline.load(path).state is None
+
+
+@pytest.mark.parametrize("fault", ["missing", "altered", "foreign"])
+def test_a_missing_altered_or_foreign_state_is_refused_naming_the_file(tmp_path, fault):
+    foreign = (lambda reptile, carry: {k: v for k, v in carry.items() if k != "exp_avg.layer0.bias"}) if fault == "foreign" else None
+    path, *_ = carried_export(tmp_path / "export", *([foreign] if foreign else []))
+    if fault == "missing":
+        (path / STATE).unlink()
+    if fault == "altered":
+        data = bytearray((path / STATE).read_bytes())
+        data[-1] ^= 0x01
+        (path / STATE).write_bytes(bytes(data))
+    message = {"missing": "export file missing: .*eval_state.safetensors", "altered": "eval_state.safetensors: sha256 does not match",
+               "foreign": r"eval_state.safetensors: not a state this learner adapts from .*missing \['exp_avg.layer0.bias'\]"}[fault]
+    with pytest.raises(ExportError, match=message):
+        pipeline.load(path)
 
 
 def test_other_format_version_is_refused(exported):

@@ -44,8 +44,8 @@ def step(version, reports, last=False, **metrics):
 
 
 def test_validation_runs_every_n_steps_and_at_the_last_and_keeps_the_best(run):
-    config, *_, pool, reports, tracker, checkpoints = run
-    validation = Validation(20, 2, pool, checkpoints)
+    config, _, learner, _, pool, reports, tracker, checkpoints = run
+    validation = Validation(20, 2, pool, checkpoints, learner)
     skipped = step(1, reports)
     validation.on_step(skipped)
     assert "val/best" not in skipped.metrics

@@ -92,8 +92,8 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
 
     _, client, run_id = train_in_process(tmp_path, LocalPool)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    config, params = load_run(run_id, uri, "best", ["algorithm.eval_inner_steps=3"])
-    assert config.algorithm.eval_inner_steps == 3 and params
+    config, params, state = load_run(run_id, uri, "best", ["algorithm.eval_inner_steps=3"])
+    assert config.algorithm.eval_inner_steps == 3 and params and state is None  # MAML adapts from a fresh start
     with pytest.raises(RunError, match=f"run {run_id}: its checkpoint holds .* parameters, the learner of its config"):
         load_run(run_id, uri, "best", ["model.hidden=[8]"])
 

@@ -1,22 +1,32 @@
 """Truncated learners in process: L2L's trajectories span server steps and new episodes come only when one ends;
 carried Reptile reads new episodes every step while its inner Adam state goes on; for both, a replaced pool or a
-resumed run goes on with the same losses (L2L also in async mode)."""
+resumed run goes on with the same losses (L2L also in async mode). Carried Reptile's meta-test adapts from worker
+slot 0's inner Adam state in training, in ``pipeline evaluate`` and in its export alike."""
 from __future__ import annotations
 
+import json
 import math
 
+import mlflow.pyfunc
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
+import pipeline
 from pipeline.build import build_learner
+from pipeline.cli import main
+from pipeline.evaluation import evaluate, score
+from pipeline.export.directory import STATE
+from pipeline.runtime import checkpoint
 from pipeline.runtime.driver import run
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
 from pipeline.runtime.pool import split_batch
+from pipeline.runtime.runs import load_run
 from pipeline.runtime.server import ParameterServer
 from pipeline.runtime.worker import EpisodeWorker
 from pipeline.tracking.mlflow_tracker import MlflowTracker
-from tasks.store.parquet import precompute
+from tasks.store.parquet import open_store, precompute
 from tests.pipeline.runtime.truncated_run import carried_reptile_config, l2l_config
 
 CONFIGS = {"l2l": l2l_config, "reptile-carried": carried_reptile_config}
@@ -122,3 +132,45 @@ def test_async_truncations_go_on_with_the_same_losses_when_a_worker_is_replaced_
     undisturbed = async_losses(config, 8)
     assert all(math.isfinite(loss) for loss in undisturbed) and len(set(undisturbed)) == 8
     assert async_losses(config, 8, lost_at=3) == undisturbed
+
+
+def test_carried_reptile_meta_tests_from_worker_slot_0s_state_in_training_evaluate_and_its_export(tmp_path, capsys):
+    """A run of 2 workers (each carrying its own inner Adam): validation, the meta-test, ``pipeline evaluate`` (one
+    place, from the best checkpoint) and the export with its pyfunc model all adapt from worker slot 0's state in the
+    best checkpoint, and give the same scores; a fresh Adam gives others; an export without the state adapts fresh."""
+    config = carried_reptile_config(tmp_path, steps=4, val_every=2, checkpoint_every=2)
+    tracker = MlflowTracker(config.tracking, config.name)
+    result = run(config, precompute(config, progress=False), tracker, lambda s, p, _: LocalPool(config, s, p), export_dir=tmp_path / "export", progress=False)
+    _, params, state = load_run(tracker.run_id, config.tracking.uri, "best")
+    best = checkpoint.load(tracker.download("checkpoints/best", tmp_path / "best"))
+    slots = [p["carry"] for p in best.positions]
+    assert all(torch.equal(state[k], slots[0][k]) for k in state) and not torch.equal(state["exp_avg.layer0.weight"], slots[1]["exp_avg.layer0.weight"])
+    learner, store = build_learner(config), open_store(config.store.path)
+    test, val = store.read_split("test"), store.read_split("val")
+    assert evaluate(learner, params, val, state).mean == pytest.approx(best.best_val, rel=1e-6)  # validation: the same state
+    again, fresh = evaluate(learner, params, test, state), evaluate(learner, params, test)
+    assert again.scores == pytest.approx(result.test.scores, rel=1e-5)
+    assert min(abs(a - b) for a, b in zip(fresh.scores, again.scores)) > 1e-4
+    for flags, expected in [([], again), (["--set", "algorithm.eval_state=fresh"], fresh)]:
+        assert main(["evaluate", tracker.run_id, "--tracking-uri", config.tracking.uri, "--episodes", "4", *flags]) == 0
+        assert capsys.readouterr().out.strip().endswith(f"test {expected}")
+
+    exported = pipeline.load(tmp_path / "export")
+    assert (tmp_path / "export" / STATE).is_file() and set(exported.state) == set(state)
+
+    def served(predict) -> list[float]:
+        return [score(predict(test[i]), test.query_y[i]) for i in range(len(test))]
+
+    assert served(lambda e: exported.adapt(e.support_x[0], e.support_y[0])(e.query_x[0])) == pytest.approx(again.scores, rel=1e-5)
+    mlflow.set_tracking_uri(config.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{tracker.run_id}/model")
+    requests = [{"support_x": e.support_x[0].tolist(), "support_y": e.support_y[0].tolist(), "query_x": e.query_x[0].tolist()} for e in map(test.__getitem__, range(len(test)))]
+    assert [score(torch.tensor(model.predict(r)), test.query_y[i]) for i, r in enumerate(requests)] == pytest.approx(again.scores, rel=1e-5)
+
+    meta = json.loads((tmp_path / "export" / "export.json").read_text())
+    del meta["eval_state_sha256"]  # an export written before the state was exported
+    (tmp_path / "export" / "export.json").write_text(json.dumps(meta))
+    (tmp_path / "export" / STATE).unlink()
+    old = pipeline.load(tmp_path / "export")
+    assert old.state is None
+    assert served(lambda e: old.adapt(e.support_x[0], e.support_y[0])(e.query_x[0])) == pytest.approx(fresh.scores, rel=1e-5)
