@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, validate
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult
 from pipeline.runtime import checkpoint
@@ -213,10 +213,13 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
     """The server state, reader positions and best validation of the run's checkpoints/latest.
 
     Raises ConfigError (a user's mistake: exit status 2, the run left as it was) when ``config`` differs from the
-    checkpoint's (train.steps, description and tracking aside), naming the keys.
+    checkpoint's (train.steps, description and tracking aside; a key the checkpoint's config lacks, a setting added
+    since, compares at its default), naming the keys, or when the checkpoint's config no longer validates.
     """
     ckpt = checkpoint.load(tracker.download("checkpoints/latest", scratch / "resume"))
-    mine, theirs = dict(config.model_dump(mode="json")), dict(ckpt.config)
+    # validated, so a setting added since the checkpoint was written compares at its default
+    theirs = validate(ckpt.config, f"the config of run {tracker.run_id}'s checkpoint").model_dump(mode="json")
+    mine = dict(config.model_dump(mode="json"))
     for c in (mine, theirs):
         c["train"] = {k: v for k, v in c["train"].items() if k != "steps"}
         for key in ("description", "tracking"):  # how the run is described and tracked, not what it trains
