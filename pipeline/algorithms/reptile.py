@@ -214,7 +214,11 @@ class Reptile:
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None = None) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``) from the inner Adam ``state`` (a
-        ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.predictor``."""
+        ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.predictor``.
+
+        Raises ValueError for a ``state`` with an SGD inner loop, or not the inner Adam state of this network's
+        adapted parameters (keys or shapes).
+        """
         adapt = adapted_names(params, self.adapt_params)
         return predictor(self.network, self.loss, self._optimizer_from(state, params, adapt), params, support_x, support_y, self._eval_steps(), adapt)
 
@@ -225,7 +229,10 @@ class Reptile:
         self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32, *, state: Carry | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-episode metrics after ``steps`` (default ``eval_inner_steps``), every episode adapted from the inner
-        Adam ``state`` (a ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.evaluate_tasks``."""
+        Adam ``state`` (a ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.evaluate_tasks``.
+
+        Raises ValueError for a ``state`` as ``adapt``.
+        """
         adapt = adapted_names(params, self.adapt_params)
         return evaluate_tasks(
             self.network, self.loss, self._optimizer_from(state, params, adapt), params, episodes, steps or self._eval_steps(), chunk, adapt

@@ -218,7 +218,7 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
     """
     ckpt = checkpoint.load(tracker.download("checkpoints/latest", scratch / "resume"))
     # validated, so a setting added since the checkpoint was written compares at its default
-    theirs = validate(ckpt.config, f"the config of run {tracker.run_id}'s checkpoint").model_dump(mode="json")
+    theirs = validate(ckpt.config, f"in checkpoints/latest of run {tracker.run_id}").model_dump(mode="json")
     mine = dict(config.model_dump(mode="json"))
     for c in (mine, theirs):
         c["train"] = {k: v for k, v in c["train"].items() if k != "steps"}
