@@ -119,6 +119,14 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
 
     with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr \(checkpoint 0.01, now 0.02\)"):
         resume(algorithm={"inner_lr": 0.02})
+    def no_ray(config):
+        raise AssertionError("Ray started before the resumed config was checked")
+
+    monkeypatch.setattr(driver, "start_ray", no_ray)
+    changed = validate({**raw, "algorithm": {**raw["algorithm"], "inner_lr": 0.02}})
+    with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr"):
+        driver.train(changed, resume=killed.info.run_id, progress=False)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
     state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
     assert state.version == 3
 
