@@ -62,7 +62,11 @@ def mean_ci95(values: list[float]) -> tuple[float, float]:
 def eval_state(learner: MetaLearner, carry: Carry | None) -> Carry | None:
     """What every meta-test episode adapts from, given the ``carry`` meta-training left (worker slot 0's, or an
     export's): ``learner.eval_start(carry)`` for a learner that evaluates from one (pipeline.types.CarriedEvaluation:
-    Reptile with ``algorithm.eval_state: carried``), else None (a fresh start)."""
+    Reptile with ``algorithm.eval_state: carried``), else None (a fresh start).
+
+    Raises ValueError when ``carry`` is not a state the learner adapts from (another network's, or of other
+    ``adapt_params``).
+    """
     return learner.eval_start(carry) if isinstance(learner, CarriedEvaluation) else None
 
 

@@ -214,9 +214,13 @@ class Reptile:
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None = None) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``) from the inner Adam ``state`` (a
-        ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.predictor``."""
+        ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.predictor``.
+
+        Raises ValueError for a ``state`` with an SGD inner loop, or not the inner Adam state of this network's
+        adapted parameters (keys or shapes).
+        """
         adapt = adapted_names(params, self.adapt_params)
-        return predictor(self.network, self.loss, self._optimizer_from(state, adapt), params, support_x, support_y, self._eval_steps(), adapt)
+        return predictor(self.network, self.loss, self._optimizer_from(state, params, adapt), params, support_x, support_y, self._eval_steps(), adapt)
 
     def _eval_steps(self) -> int:
         return self.eval_inner_steps or self.inner_steps
@@ -225,25 +229,29 @@ class Reptile:
         self, params: Params, episodes: Episodes, steps: int | None = None, chunk: int = 32, *, state: Carry | None = None
     ) -> dict[str, torch.Tensor]:
         """Per-episode metrics after ``steps`` (default ``eval_inner_steps``), every episode adapted from the inner
-        Adam ``state`` (a ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.evaluate_tasks``."""
+        Adam ``state`` (a ``CarriedReptile`` carry; None: a fresh optimizer); see ``maml.evaluate_tasks``.
+
+        Raises ValueError for a ``state`` as ``adapt``.
+        """
         adapt = adapted_names(params, self.adapt_params)
         return evaluate_tasks(
-            self.network, self.loss, self._optimizer_from(state, adapt), params, episodes, steps or self._eval_steps(), chunk, adapt
+            self.network, self.loss, self._optimizer_from(state, params, adapt), params, episodes, steps or self._eval_steps(), chunk, adapt
         )
 
-    def _optimizer_from(self, state: Carry | None, adapt: frozenset[str]) -> GradientTransformation:
-        """The inner optimizer; with ``state`` (an inner Adam carry of the ``adapt`` parameters) its ``init`` gives
+    def _optimizer_from(self, state: Carry | None, params: Params, adapt: frozenset[str]) -> GradientTransformation:
+        """The inner optimizer; with ``state`` (an inner Adam carry of the ``adapt`` parameters of ``params``) its ``init`` gives
         that state, broadcast over the tasks and on the parameters' device and dtype, instead of a fresh one: every
         task starts from the same state and none changes it (``update`` returns new tensors).
 
-        Raises ValueError for a state with an SGD inner loop, or one not holding the Adam state of ``adapt``.
+        Raises ValueError for a state with an SGD inner loop, or one not holding the Adam state of ``adapt`` (keys
+        or shapes: ``adam_state``).
         """
         optimizer = self.optimizer()
         if state is None:
             return optimizer
         if self.inner_optimizer != "adam":
             raise ValueError(f"Reptile: an inner optimizer state was given, but inner_optimizer is {self.inner_optimizer!r} (no state)")
-        start = adam_state(state, adapt)
+        start = adam_state(state, {k: params[k] for k in adapt})
 
         def init(params: Params) -> AdamState:
             def broadcast(tree: Params) -> Params:
@@ -285,11 +293,12 @@ class CarriedReptile(Reptile):
         ``carry`` meta-training left: that carry with ``eval_state: carried`` (openai's ``Reptile.evaluate``), None
         (a fresh Adam) with ``fresh`` or without a carry.
 
-        Raises ValueError naming the keys when ``carry`` is not this network's inner Adam state.
+        Raises ValueError naming the keys or shapes when ``carry`` is not this network's inner Adam state.
         """
         if self.eval_state == "fresh" or carry is None:
             return None
-        adam_state(carry, adapted_names(self.network.init(0), self.adapt_params))
+        params = self.network.init(0)
+        adam_state(carry, {k: params[k] for k in adapted_names(params, self.adapt_params)})
         return carry
 
     def begin(self, episodes: Episodes) -> Carry:
@@ -303,28 +312,33 @@ class CarriedReptile(Reptile):
         """``meta_grad`` with the tasks adapted one after the other from the carried inner Adam state, and that
         state after the last task (never None: it goes on into the worker's next step).
 
-        Raises ValueError naming the keys when ``carry`` does not hold the state of every adapted parameter
+        Raises ValueError naming the keys or shapes when ``carry`` does not hold the state of every adapted parameter
         (a carry of another network or ``adapt_params``).
         """
-        state = adam_state(carry, adapted_names(params, self.adapt_params))
+        state = adam_state(carry, {k: params[k] for k in adapted_names(params, self.adapt_params)})
         one_task = AdamState(state.step, {k: v[None] for k, v in state.exp_avg.items()}, {k: v[None] for k, v in state.exp_avg_sq.items()})
         grads, metrics, after = self._meta_grad(params, episodes, one_task)
         return grads, metrics, _carry(after)
 
 
-def adam_state(carry: Carry, adapt: frozenset[str]) -> AdamState:
-    """A CarriedReptile carry as the inner Adam's state of the ``adapt`` parameters (moments shaped like them).
+def adam_state(carry: Carry, adapted: Params) -> AdamState:
+    """A CarriedReptile carry as the inner Adam's state of the ``adapted`` parameters (name -> parameter; each
+    moment shaped like its parameter, ``step`` 0-d).
 
-    Raises ValueError naming the keys when the carry does not hold exactly that state (a carry of another
-    network or ``adapt_params``).
+    Raises ValueError naming the keys, or the tensors and their shapes, when the carry does not hold exactly that
+    state (a carry of another network, of other layer sizes, or of other ``adapt_params``).
     """
-    expected = {"step"} | {f"{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in adapt}
+    expected = {"step"} | {f"{moment}.{k}" for moment in ("exp_avg", "exp_avg_sq") for k in adapted}
     if set(carry) != expected:
         raise ValueError(
             f"CarriedReptile: the carry's keys differ from the inner Adam state of this network:"
             f" missing {sorted(expected - set(carry))}, unexpected {sorted(set(carry) - expected)}"
         )
-    names = sorted(adapt)
+    wanted = {"step": torch.Size([])} | {f"{moment}.{k}": v.shape for moment in ("exp_avg", "exp_avg_sq") for k, v in adapted.items()}
+    wrong = [f"{k} {tuple(carry[k].shape)} (expected {tuple(shape)})" for k, shape in sorted(wanted.items()) if carry[k].shape != shape]
+    if wrong:
+        raise ValueError(f"CarriedReptile: the carry's shapes differ from the inner Adam state of this network: {', '.join(wrong)}")
+    names = sorted(adapted)
     return AdamState(int(carry["step"]), {k: carry[f"exp_avg.{k}"] for k in names}, {k: carry[f"exp_avg_sq.{k}"] for k in names})
 
 

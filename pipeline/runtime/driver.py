@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, validate
 from pipeline.errors import ConfigError
 from pipeline.evaluation import EvalResult
 from pipeline.runtime import checkpoint
@@ -86,6 +86,8 @@ def train(
     KeyboardInterrupt after writing a final checkpoint.
     """
     resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
+    if resumed:  # another config: refused before Ray starts (run() reads the checkpoint again)
+        _resumed_checkpoint(config, resumed, Path(tempfile.mkdtemp(prefix=f"metapipe-{resume[:8]}-")))
     resources = start_ray(config)  # refuses a local store.path on a cluster of several nodes
     store = precompute(config, progress=progress)  # when the store is missing; refuses one made for another config
     placement = Placement.reserve(config, resources)
@@ -210,13 +212,28 @@ def _end_finished(
 
 
 def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
-    """The server state, reader positions and best validation of the run's checkpoints/latest.
+    """The server state, reader positions and best validation of the run's checkpoints/latest; marks the run running.
+
+    Raises ConfigError as ``_resumed_checkpoint``.
+    """
+    ckpt = _resumed_checkpoint(config, tracker, scratch)
+    print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
+    tracker.mark_running()
+    tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
+    return ckpt.server, ckpt.positions, ckpt.best_val
+
+
+def _resumed_checkpoint(config: RunConfig, tracker: Tracker, scratch: Path) -> checkpoint.Checkpoint:
+    """The run's checkpoints/latest (downloaded under ``scratch``), checked against ``config``.
 
     Raises ConfigError (a user's mistake: exit status 2, the run left as it was) when ``config`` differs from the
-    checkpoint's (train.steps, description and tracking aside), naming the keys.
+    checkpoint's (train.steps, description and tracking aside; a key the checkpoint's config lacks, a setting added
+    since, compares at its default), naming the keys, or when the checkpoint's config no longer validates.
     """
     ckpt = checkpoint.load(tracker.download("checkpoints/latest", scratch / "resume"))
-    mine, theirs = dict(config.model_dump(mode="json")), dict(ckpt.config)
+    # validated, so a setting added since the checkpoint was written compares at its default
+    theirs = validate(ckpt.config, f"in checkpoints/latest of run {tracker.run_id}").model_dump(mode="json")
+    mine = dict(config.model_dump(mode="json"))
     for c in (mine, theirs):
         c["train"] = {k: v for k, v in c["train"].items() if k != "steps"}
         for key in ("description", "tracking"):  # how the run is described and tracked, not what it trains
@@ -225,10 +242,7 @@ def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerS
         now, then = flatten(mine), flatten(theirs)
         diff = [f"{k} (checkpoint {then.get(k)}, now {now.get(k)})" for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
         raise ConfigError(f"--resume {tracker.run_id}: config differs from the checkpoint's at {', '.join(diff)}")
-    print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
-    tracker.mark_running()
-    tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
-    return ckpt.server, ckpt.positions, ckpt.best_val
+    return ckpt
 
 
 def _end_early(pool: Pool, tracker: Tracker, scratch: Path, status: str) -> None:

@@ -21,7 +21,7 @@ def load_run(
     meta-test adapts from (worker.meta_test_state: worker slot 0's carry in that checkpoint, for Reptile with
     ``algorithm.eval_state: carried``; None: a fresh start), as the run's own meta-test took them.
 
-    Raises RunError when ``overrides`` change the number of parameters.
+    Raises RunError when ``overrides`` change the number of parameters, or which parameters the carried state is of.
     """
     tracker = MlflowTracker(TrackingConfig(uri=tracking_uri), run_name="", run_id=run_id)
     scratch = Path(tempfile.mkdtemp(prefix="metapipe-run-"))
@@ -34,4 +34,11 @@ def load_run(
             f"run {run_id}: its checkpoint holds {ckpt.server.params.numel()} parameters, the learner of its config"
             f" with --set {overrides} has {layout.numel}: --set may change how it adapts, not its parameters"
         )
-    return config, layout.unflatten(ckpt.server.params), meta_test_state(learner, ckpt.positions)
+    try:
+        state = meta_test_state(learner, ckpt.positions)
+    except ValueError as e:  # --set changed which parameters adapt (algorithm.adapt_params): the carry holds others
+        raise RunError(
+            f"run {run_id}: the inner state its checkpoint carried does not fit the learner of its config with --set"
+            f" {overrides} ({e}); add --set algorithm.eval_state=fresh to adapt from a fresh start"
+        ) from None
+    return config, layout.unflatten(ckpt.server.params), state

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,7 +49,9 @@ def compute_device(gpus_per_worker: float) -> torch.device:
 def meta_test_state(learner: MetaLearner, positions: Sequence[dict[str, Any] | None]) -> Carry | None:
     """The state every meta-test task adapts from (pipeline.evaluation.eval_state): what ``learner`` takes of worker
     slot 0's carry in ``positions`` (a pool's or a checkpoint's; EpisodeWorker.position), so the same whatever the
-    number of workers evaluating (with one worker in training, openai's Reptile exactly); None for a fresh start."""
+    number of workers evaluating (with one worker in training, openai's Reptile exactly); None for a fresh start.
+
+    Raises ValueError as ``eval_state``, when that carry does not fit ``learner``."""
     position = positions[0] if positions else None
     return eval_state(learner, position["carry"] if isinstance(learner, Truncated) and position else None)
 

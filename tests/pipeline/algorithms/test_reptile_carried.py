@@ -201,3 +201,22 @@ def test_a_foreign_start_state_and_a_state_without_adam_are_refused():
         sgd.evaluate(sgd.init(0, DT), sinusoids(2, 5, seed=0), state=carry)
     with pytest.raises(ValueError, match="eval_state must be 'fresh' or 'carried'"):
         learner("mlp", eval_state="copied")
+
+
+def test_a_state_of_other_layer_sizes_is_refused_naming_the_shapes():
+    """An MLP of other hidden sizes has the same parameter names: the shapes tell its state apart, at ``eval_start``
+    (before any task) and in ``evaluate``, ``adapt`` and ``truncation_grad``."""
+    reptile, theta, _, _ = trained("mlp")
+    other = CarriedReptile(MLP((1, 8, 8, 1)), "mse", inner_lr=LR, inner_steps=3, inner_optimizer="adam")
+    episodes = sinusoids(2, 5, seed=0)
+    theirs = other.begin(episodes)
+    assert set(theirs) == set(reptile.begin(episodes))  # the same names
+    shapes = r"the carry's shapes differ .*exp_avg.layer0.weight \(8, 1\) \(expected \(40, 1\)\)"
+    with pytest.raises(ValueError, match=shapes):
+        reptile.eval_start(theirs)
+    with pytest.raises(ValueError, match=shapes):
+        reptile.evaluate(theta, episodes, state=theirs)
+    with pytest.raises(ValueError, match=shapes):
+        reptile.adapt(theta, episodes.support_x[0], episodes.support_y[0], theirs)
+    with pytest.raises(ValueError, match=shapes):
+        reptile.truncation_grad(theta, episodes, theirs)

@@ -82,9 +82,12 @@ def test_a_carried_state_is_exported_checked_and_adapted_from(tmp_path):
     assert not (path / STATE).exists() and pipeline.load(path).state is None
 
 
-@pytest.mark.parametrize("fault", ["missing", "altered", "foreign"])
+@pytest.mark.parametrize("fault", ["missing", "altered", "foreign", "other sizes"])
 def test_a_missing_altered_or_foreign_state_is_refused_naming_the_file(tmp_path, fault):
-    foreign = (lambda reptile, carry: {k: v for k, v in carry.items() if k != "exp_avg.layer0.bias"}) if fault == "foreign" else None
+    foreign = {
+        "foreign": lambda reptile, carry: {k: v for k, v in carry.items() if k != "exp_avg.layer0.bias"},
+        "other sizes": lambda reptile, carry: carry | {"exp_avg.layer0.weight": torch.zeros(16, 1)},  # hidden [16]'s
+    }.get(fault)
     path, *_ = carried_export(tmp_path / "export", *([foreign] if foreign else []))
     if fault == "missing":
         (path / STATE).unlink()
@@ -93,7 +96,8 @@ def test_a_missing_altered_or_foreign_state_is_refused_naming_the_file(tmp_path,
         data[-1] ^= 0x01
         (path / STATE).write_bytes(bytes(data))
     message = {"missing": "export file missing: .*eval_state.safetensors", "altered": "eval_state.safetensors: sha256 does not match",
-               "foreign": r"eval_state.safetensors: not a state this learner adapts from .*missing \['exp_avg.layer0.bias'\]"}[fault]
+               "foreign": r"eval_state.safetensors: not a state this learner adapts from .*missing \['exp_avg.layer0.bias'\]",
+               "other sizes": r"eval_state.safetensors: not a state this learner adapts from .*exp_avg.layer0.weight \(16, 1\)"}[fault]
     with pytest.raises(ExportError, match=message):
         pipeline.load(path)
 

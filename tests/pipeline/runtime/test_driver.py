@@ -98,9 +98,12 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
         load_run(run_id, uri, "best", ["model.hidden=[8]"])
 
 
-def test_resuming_ignores_description_and_tracking_but_refuses_another_training_setting(tmp_path):
+def test_resuming_ignores_description_and_tracking_but_refuses_another_training_setting(tmp_path, monkeypatch):
+    """... and resumes a checkpoint written before a setting existed (its config without the key, as a run checkpointed
+    before Reptile's algorithm.eval_state) when the setting is at its default."""
     from pipeline.config import validate
     from pipeline.errors import ConfigError
+    from pipeline.runtime import checkpoint, driver
     from pipeline.runtime.driver import _resume
 
     with pytest.raises(KeyboardInterrupt):
@@ -116,5 +119,25 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
 
     with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr \(checkpoint 0.01, now 0.02\)"):
         resume(algorithm={"inner_lr": 0.02})
+    def no_ray(config):
+        raise AssertionError("Ray started before the resumed config was checked")
+
+    monkeypatch.setattr(driver, "start_ray", no_ray)
+    changed = validate({**raw, "algorithm": {**raw["algorithm"], "inner_lr": 0.02}})
+    with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr"):
+        driver.train(changed, resume=killed.info.run_id, progress=False)
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
     state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
     assert state.version == 3
+
+    load = checkpoint.load
+
+    def older(path):
+        ckpt = load(path)
+        del ckpt.config["algorithm"]["eval_inner_steps"]  # None, its default, in the config resumed with
+        return ckpt
+
+    monkeypatch.setattr(driver.checkpoint, "load", older)
+    assert resume()[0].version == 3
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's at algorithm.eval_inner_steps \(checkpoint None, now 2\)"):
+        resume(algorithm={"eval_inner_steps": 2})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import mlflow.pyfunc
 import pytest
@@ -154,6 +155,10 @@ def test_carried_reptile_meta_tests_from_worker_slot_0s_state_in_training_evalua
     for flags, expected in [([], again), (["--set", "algorithm.eval_state=fresh"], fresh)]:
         assert main(["evaluate", tracker.run_id, "--tracking-uri", config.tracking.uri, "--episodes", "4", *flags]) == 0
         assert capsys.readouterr().out.strip().endswith(f"test {expected}")
+    other = ["--set", 'algorithm.adapt_params=["layer1.*"]']  # the carry holds the state of every parameter
+    assert main(["evaluate", tracker.run_id, "--tracking-uri", config.tracking.uri, "--episodes", "4", *other]) == 2
+    assert re.search(r"the inner state its checkpoint carried does not fit .*--set algorithm.eval_state=fresh", capsys.readouterr().err)
+    assert main(["evaluate", tracker.run_id, "--tracking-uri", config.tracking.uri, "--episodes", "4", *other, "--set", "algorithm.eval_state=fresh"]) == 0
 
     exported = pipeline.load(tmp_path / "export")
     assert (tmp_path / "export" / STATE).is_file() and set(exported.state) == set(state)
