@@ -169,5 +169,7 @@ def load(path: str | Path, norm: NormMode = "support") -> ExportedLearner:
     config = validate(raw, str(root / CONFIG))
     try:
         return ExportedLearner(config, load_file(str(root / WEIGHTS)), meta, norm, state)
-    except ValueError as e:  # a state of another network (the sha256 matched: written so)
-        raise ExportError(f"{root / STATE}: not a state this learner adapts from ({e})") from None
+    except ValueError as e:
+        if state is None:  # not the state's fault: let it say what it is
+            raise
+        raise ExportError(f"{root / STATE}: not a state this learner adapts from ({e})") from None  # the sha256 matched: written so
