@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -13,6 +15,7 @@ from pipeline.types import (
     MetaLearner,
     Params,
     Predictor,
+    Truncated,
 )
 from tasks.episodes import Episodes
 
@@ -68,6 +71,16 @@ def eval_state(learner: MetaLearner, carry: Carry | None) -> Carry | None:
     ``adapt_params``).
     """
     return learner.eval_start(carry) if isinstance(learner, CarriedEvaluation) else None
+
+
+def meta_test_state(learner: MetaLearner, positions: Sequence[dict[str, Any] | None]) -> Carry | None:
+    """The state every meta-test task adapts from (``eval_state``): what ``learner`` takes of worker
+    slot 0's carry in ``positions`` (a pool's or a checkpoint's; EpisodeWorker.position), so the same whatever the
+    number of workers evaluating (with one worker in training, openai's Reptile exactly); None for a fresh start.
+
+    Raises ValueError as ``eval_state``, when that carry does not fit ``learner``."""
+    position = positions[0] if positions else None
+    return eval_state(learner, position["carry"] if isinstance(learner, Truncated) and position else None)
 
 
 def adapt_from(learner: MetaLearner, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, state: Carry | None) -> Predictor:

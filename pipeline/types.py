@@ -100,7 +100,7 @@ class CarriedEvaluation(Protocol):
     Adam state (Reptile with ``algorithm.eval_state: carried``).
 
     Wherever meta-test happens (validation, the test, ``pipeline evaluate``, exports and serving) the runtime
-    takes worker slot 0's carry (pipeline.runtime.worker.meta_test_state: the same whatever the number of workers
+    takes worker slot 0's carry (pipeline.evaluation.meta_test_state: the same whatever the number of workers
     evaluating), asks ``eval_start`` what evaluation starts from, and passes that as ``state`` to ``evaluate``
     and ``adapt``. Every task adapts from that same state; none changes it.
     """

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.evaluation import EvalResult
+from pipeline.evaluation import EvalResult, meta_test_state
 from pipeline.export.directory import export
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.pool import Pool, Positions
 from pipeline.runtime.server import ServerState
-from pipeline.runtime.worker import StepReport, meta_test_state
+from pipeline.runtime.worker import StepReport
 from pipeline.tracking.model_registry import MODEL_PATH
 from pipeline.tracking.plots import (
     CURVE_KEYS,
@@ -104,7 +104,7 @@ class Validation:
     """Every ``every`` steps and at the last: the workers evaluate the current parameters on the first
     ``episodes`` validation episodes (``val/*``); a better result than any before is saved as checkpoints/best.
 
-    Each episode adapts from the ``learner``'s meta-test state now (worker.meta_test_state: for Reptile with
+    Each episode adapts from the ``learner``'s meta-test state now (evaluation.meta_test_state: for Reptile with
     ``eval_state: carried``, worker slot 0's inner Adam state after its last step, as openai's evaluation during
     training uses the current state), so the best checkpoint holds the parameters and the state it was scored with.
     """

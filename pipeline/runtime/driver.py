@@ -11,7 +11,7 @@ metrics every ``train.log_every``, checkpoints/latest every
 one). It ends with the meta-test of the best parameters (mean and 95% CI over
 ``train.test_episodes`` held-out episodes; a learner that evaluates from a carry, as
 Reptile with ``eval_state: carried``, adapts them from the best checkpoint's worker slot 0
-carry: worker.meta_test_state), the figures, an export directory and
+carry: evaluation.meta_test_state), the figures, an export directory and
 an MLflow pyfunc model. A run that fails or is interrupted still gets its learning
 curve and is marked FAILED or KILLED.
 """
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
 from pipeline.errors import ConfigError
-from pipeline.evaluation import EvalResult
+from pipeline.evaluation import EvalResult, meta_test_state
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
     Checkpoints,
@@ -51,7 +51,6 @@ from pipeline.runtime.progress import Progress
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer, ServerState
 from pipeline.runtime.system_metrics import SystemMetrics
-from pipeline.runtime.worker import meta_test_state
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.plots import CURVE_KEYS, log_learning_curve
 from pipeline.tracking.tracker import Tracker, flatten
@@ -86,8 +85,10 @@ def train(
     KeyboardInterrupt after writing a final checkpoint.
     """
     resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
-    if resumed:  # another config: refused before Ray starts (run() reads the checkpoint again)
-        _resumed_checkpoint(config, resumed, Path(tempfile.mkdtemp(prefix=f"metapipe-{resume[:8]}-")))
+    ckpt = None
+    if resumed:  # another config: refused before Ray starts
+        with tempfile.TemporaryDirectory(prefix=f"metapipe-{resumed.run_id[:8]}-") as scratch:
+            ckpt = resumed_checkpoint(config, resumed, Path(scratch))
     resources = start_ray(config)  # refuses a local store.path on a cluster of several nodes
     store = precompute(config, progress=progress)  # when the store is missing; refuses one made for another config
     placement = Placement.reserve(config, resources)
@@ -100,7 +101,7 @@ def train(
         interval = config.tracking.system_metrics_s
         monitors = SystemMetrics(tracker.run_id, tracker.uri, interval, resume=resume is not None) if interval else None
         try:
-            return run(config, store, tracker, start_pool, resumed=resume is not None, export_dir=export_dir, progress=progress)
+            return run(config, store, tracker, start_pool, resume=ckpt, export_dir=export_dir, progress=progress)
         finally:
             if monitors:
                 monitors.stop()
@@ -113,21 +114,22 @@ def run(
     store: Store,
     tracker: Tracker,
     start_pool: StartPool,
-    resumed: bool = False,
+    resume: checkpoint.Checkpoint | None = None,
     export_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Train on ``store``'s episodes and the pool ``start_pool`` makes (Ray's, or ``LocalPool`` in this process),
     tracked by ``tracker``.
 
-    ``resumed``: continue the tracker's run from its checkpoints/latest. Raises as ``train``.
+    ``resume``: continue the tracker's run from this checkpoint (``resumed_checkpoint``'s: its checkpoints/latest,
+    checked against ``config``). Raises as ``train``.
     """
     learner = build_learner(config)
     initial = learner.init(config.seed)
     layout = Layout.of(initial)
     scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{tracker.run_id[:8]}-"))
-    if resumed:
-        state, positions, best_val = _resume(config, tracker, scratch)
+    if resume:
+        state, positions, best_val = _resume(resume, tracker)
     else:
         state = ParameterServer.fresh(layout.flatten(initial))
         positions, best_val = [None] * config.train.workers, None
@@ -143,7 +145,7 @@ def run(
     shown = Progress(t.steps, start, t.log_every, enabled=progress)
     callbacks = [
         Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints, learner),
-        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resumed else {}),
+        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resume else {}),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         shown,
@@ -211,19 +213,16 @@ def _end_finished(
     return test, out
 
 
-def _resume(config: RunConfig, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
-    """The server state, reader positions and best validation of the run's checkpoints/latest; marks the run running.
-
-    Raises ConfigError as ``_resumed_checkpoint``.
-    """
-    ckpt = _resumed_checkpoint(config, tracker, scratch)
+def _resume(ckpt: checkpoint.Checkpoint, tracker: Tracker) -> tuple[ServerState, Positions, float | None]:
+    """The server state, reader positions and best validation of ``ckpt`` (the run's checkpoints/latest); marks the
+    tracker's run running."""
     print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
     tracker.mark_running()
     tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
     return ckpt.server, ckpt.positions, ckpt.best_val
 
 
-def _resumed_checkpoint(config: RunConfig, tracker: Tracker, scratch: Path) -> checkpoint.Checkpoint:
+def resumed_checkpoint(config: RunConfig, tracker: Tracker, scratch: Path) -> checkpoint.Checkpoint:
     """The run's checkpoints/latest (downloaded under ``scratch``), checked against ``config``.
 
     Raises ConfigError (a user's mistake: exit status 2, the run left as it was) when ``config`` differs from the

@@ -21,7 +21,7 @@ loop then restores the server with ``restore``.
 
 Evaluation runs on the workers too (``evaluate``): each gets a consecutive slice of
 the validation or test episodes (and the one state every episode adapts from, for a
-learner that evaluates from a carry: worker.meta_test_state), scores it batched on its
+learner that evaluates from a carry: evaluation.meta_test_state), scores it batched on its
 device and returns the per-episode scores; the pool only aggregates them (pipeline.evaluation.aggregate).
 """
 from __future__ import annotations
@@ -132,7 +132,7 @@ class Pool(Protocol):
 
     def evaluate(self, split: str, episodes: int, flat: np.ndarray, state: Carry | None = None) -> EvalResult:
         """The first ``episodes`` of the store's ``split`` scored under the flat parameters ``flat`` by the workers
-        (``eval_slices``), each episode adapted from ``state`` (worker.meta_test_state's; None: fresh), aggregated
+        (``eval_slices``), each episode adapted from ``state`` (evaluation.meta_test_state's; None: fresh), aggregated
         in worker order."""
         ...
 

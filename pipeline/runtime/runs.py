@@ -7,9 +7,9 @@ from pathlib import Path
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, TrackingConfig, apply_overrides, validate
 from pipeline.errors import RunError
+from pipeline.evaluation import meta_test_state
 from pipeline.runtime import checkpoint
 from pipeline.runtime.flat_buffer import Layout
-from pipeline.runtime.worker import meta_test_state
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.types import Carry, Params
 
@@ -18,7 +18,7 @@ def load_run(
     run_id: str, tracking_uri: str | None, which: str = "best", overrides: list[str] | None = None
 ) -> tuple[RunConfig, Params, Carry | None]:
     """The run's config (with ``overrides`` applied), the parameters of checkpoint ``which`` and the state its
-    meta-test adapts from (worker.meta_test_state: worker slot 0's carry in that checkpoint, for Reptile with
+    meta-test adapts from (evaluation.meta_test_state: worker slot 0's carry in that checkpoint, for Reptile with
     ``algorithm.eval_state: carried``; None: a fresh start), as the run's own meta-test took them.
 
     Raises RunError when ``overrides`` change the number of parameters, or which parameters the carried state is of.

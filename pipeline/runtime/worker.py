@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +23,11 @@ import torch
 
 from pipeline.build import build_learner
 from pipeline.config import validate
-from pipeline.evaluation import EvalShare, adapt_from, eval_state, metric_name, scores
+from pipeline.evaluation import EvalShare, adapt_from, metric_name, scores
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.server import Push, PushResult
 from pipeline.tracking.plots import regression_fits
-from pipeline.types import Carry, Illustrated, MetaLearner, Truncated
+from pipeline.types import Carry, Illustrated, Truncated
 from tasks.episodes import Episodes
 from tasks.store.parquet import open_store
 
@@ -44,16 +43,6 @@ def compute_device(gpus_per_worker: float) -> torch.device:
     """Where a worker computes: its GPU when it has a share of one (``train.gpus_per_worker`` > 0) and CUDA sees
     one, else the CPU (a worker given no GPU share stays off a GPU it can see: Ray does not hide GPUs from it)."""
     return torch.device("cuda" if gpus_per_worker > 0 and torch.cuda.is_available() else "cpu")
-
-
-def meta_test_state(learner: MetaLearner, positions: Sequence[dict[str, Any] | None]) -> Carry | None:
-    """The state every meta-test task adapts from (pipeline.evaluation.eval_state): what ``learner`` takes of worker
-    slot 0's carry in ``positions`` (a pool's or a checkpoint's; EpisodeWorker.position), so the same whatever the
-    number of workers evaluating (with one worker in training, openai's Reptile exactly); None for a fresh start.
-
-    Raises ValueError as ``eval_state``, when that carry does not fit ``learner``."""
-    position = positions[0] if positions else None
-    return eval_state(learner, position["carry"] if isinstance(learner, Truncated) and position else None)
 
 
 @dataclass(frozen=True)
@@ -162,7 +151,7 @@ class EpisodeWorker:
     def evaluate(self, split: str, start: int, stop: int, flat: np.ndarray, state: Carry | None = None) -> EvalShare:
         """Scores (pipeline.evaluation.scores) of episodes ``start:stop`` of the store's ``split`` under the
         flat parameters ``flat``, batched on this worker's device, every episode adapted from ``state``
-        (``meta_test_state``'s; None: fresh).
+        (pipeline.evaluation.meta_test_state's; None: fresh).
 
         The slice is read once and kept for the worker's life (validation repeats it).
         """

@@ -104,7 +104,7 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
     from pipeline.config import validate
     from pipeline.errors import ConfigError
     from pipeline.runtime import checkpoint, driver
-    from pipeline.runtime.driver import _resume
+    from pipeline.runtime.driver import resumed_checkpoint
 
     with pytest.raises(KeyboardInterrupt):
         train_in_process(tmp_path, InterruptedAt3)
@@ -115,7 +115,7 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
     def resume(**changes):
         config = validate({**raw, **{k: {**raw[k], **v} if isinstance(v, dict) else v for k, v in changes.items()}})
         tracker = MlflowTracker(config.tracking, config.name, run_id=killed.info.run_id)
-        return _resume(config, tracker, tmp_path / "resume")
+        return resumed_checkpoint(config, tracker, tmp_path / "resume")
 
     with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr \(checkpoint 0.01, now 0.02\)"):
         resume(algorithm={"inner_lr": 0.02})
@@ -127,8 +127,7 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
     with pytest.raises(ConfigError, match=r"config differs from the checkpoint's at algorithm.inner_lr"):
         driver.train(changed, resume=killed.info.run_id, progress=False)
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
-    state, _, _ = resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0})
-    assert state.version == 3
+    assert resume(description="resumed with a new description", tracking={"system_metrics_s": 5.0}).server.version == 3
 
     load = checkpoint.load
 
@@ -138,6 +137,6 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
         return ckpt
 
     monkeypatch.setattr(driver.checkpoint, "load", older)
-    assert resume()[0].version == 3
+    assert resume().server.version == 3
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's at algorithm.eval_inner_steps \(checkpoint None, now 2\)"):
         resume(algorithm={"eval_inner_steps": 2})

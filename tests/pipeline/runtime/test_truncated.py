@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.evaluation import evaluate, score
 from pipeline.export.directory import STATE
 from pipeline.runtime import checkpoint
-from pipeline.runtime.driver import run
+from pipeline.runtime.driver import resumed_checkpoint, run
 from pipeline.runtime.flat_buffer import Layout
 from pipeline.runtime.local import LocalPool
 from pipeline.runtime.pool import split_batch
@@ -90,7 +90,8 @@ def test_a_resumed_run_has_the_losses_of_an_uninterrupted_one(tmp_path, config_o
     def train(path, steps, resume=None):
         config = config_of(path, steps=steps, val_every=4, checkpoint_every=4)
         tracker = MlflowTracker(config.tracking, config.name, run_id=resume)
-        run(config, precompute(config, progress=False), tracker, lambda s, p, _: LocalPool(config, s, p), resumed=resume is not None, progress=False)
+        ckpt = resumed_checkpoint(config, tracker, path / "resume") if resume else None
+        run(config, precompute(config, progress=False), tracker, lambda s, p, _: LocalPool(config, s, p), resume=ckpt, progress=False)
         return {m.step: m.value for m in MlflowClient(config.tracking.uri).get_metric_history(tracker.run_id, "train/loss")}, tracker.run_id
 
     full, _ = train(tmp_path / "a", 8)
