@@ -157,6 +157,7 @@ def _metanet(config: RunConfig) -> MetaNet:
         fast_layers=algo.fast_layers,
         norm=algo.norm,
         shuffle_support=algo.shuffle_support,
+        task_chunk=algo.task_chunk,
         seed=config.seed,
         dtype=_dtype(config),
     )

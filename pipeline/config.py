@@ -384,6 +384,10 @@ class MetaNetAlgorithm(AlgorithmSection):
     )
     norm: Literal["none", "group"] = Field("none", description="trunk normalization: none (authors' code) or GroupNorm")
     shuffle_support: bool = Field(True, description="shuffle each support set in training (authors' episode generator)")
+    task_chunk: int | None = Field(
+        None, ge=1, description="episodes per backward pass (gradients summed): the same gradient, less memory;"
+        " default 1 on a CPU (faster there too: bench/metanet_memory.py), the whole meta-batch on a GPU"
+    )
 
 
 class ProtoNetAlgorithm(AlgorithmSection):

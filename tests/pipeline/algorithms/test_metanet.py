@@ -169,6 +169,45 @@ def test_meta_grad_is_autodiff_of_meta_loss():
     torch.testing.assert_close(grads[key][index], numeric, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("fast_layers", ["last", "all"])
+def test_meta_grad_in_chunks_of_episodes_is_the_whole_batchs_gradient_in_float64(fast_layers):
+    """task_chunk backpropagates a few episodes at a time: the same gradient and metrics as one pass over all of
+    them, also when the chunks are uneven (5 episodes in chunks of 2: 2, 2, 1), support sets shuffled alike."""
+    batch = episodes(5, 1, 2, 5, seed=7, dtype=torch.float64)
+    whole = tiny(dtype=torch.float64, fast_layers=fast_layers, task_chunk=5)
+    params = whole.init(7)
+    expected, expected_metrics = whole.meta_grad(params, batch)
+    for chunk in (1, 2, None):  # None: one at a time on a CPU
+        grads, metrics = tiny(dtype=torch.float64, fast_layers=fast_layers, task_chunk=chunk).meta_grad(params, batch)
+        for key in expected:
+            torch.testing.assert_close(grads[key], expected[key], rtol=1e-10, atol=1e-12, msg=f"{key}, chunk {chunk}")
+        assert metrics == pytest.approx(expected_metrics, rel=1e-12)
+
+
+def test_meta_grad_takes_one_episode_at_a_time_on_a_cpu_by_default(monkeypatch):
+    net, batch = tiny(), episodes(5, 1, 2, 3, seed=8)
+    sizes = []
+    meta_loss = MetaNet.meta_loss
+
+    def recorded(self, params, part):
+        sizes.append(len(part))
+        return meta_loss(self, params, part)
+
+    monkeypatch.setattr(MetaNet, "meta_loss", recorded)
+    net.meta_grad(net.init(8), batch)
+    tiny(task_chunk=2).meta_grad(net.init(8), batch)
+    assert sizes == [1, 1, 1, 2, 1]
+
+
+def test_task_chunk_below_one_is_refused_naming_it():
+    with pytest.raises(ValueError, match="MetaNet.task_chunk must be at least 1, got 0"):
+        tiny(task_chunk=0)
+    base = {"task": {"name": "omniglot"}, "store": {"path": "x"}, "algorithm": {"name": "metanet", "task_chunk": 0}}
+    with pytest.raises(ConfigError, match="algorithm.task_chunk"):
+        validate(base)
+    assert build_learner(validate({**base, "algorithm": {"name": "metanet", "task_chunk": 4}})).task_chunk == 4
+
+
 def test_batched_meta_loss_equals_per_task_predictors():
     net = tiny()
     params = net.init(5)
