@@ -128,7 +128,7 @@ def run(
     initial = learner.init(config.seed)
     layout = Layout.of(initial)
     scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{tracker.run_id[:8]}-"))
-    if resume:
+    if resume is not None:
         state, positions, best_val = _resume(resume, tracker)
     else:
         state = ParameterServer.fresh(layout.flatten(initial))
@@ -145,7 +145,7 @@ def run(
     shown = Progress(t.steps, start, t.log_every, enabled=progress)
     callbacks = [
         Validation(_eval_count(store, "val", t.val_episodes), t.val_every, pool, checkpoints, learner),
-        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resume else {}),
+        LearningCurve(tracker, scratch, {key: tracker.metric_history(key) for key in CURVE_KEYS} if resume is not None else {}),
         MetricsLog(tracker, t.log_every),
         PeriodicCheckpoint(checkpoints, t.checkpoint_every),
         shown,
