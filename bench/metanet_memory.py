@@ -8,8 +8,8 @@ at a time. Each row runs in a fresh subprocess: on CPU the memory figure is the 
 over the RSS before the call; on CUDA also ``torch.cuda.max_memory_allocated``. The rows'
 meta-gradients are compared with the first row's (float32: agree to rounding).
 
-    python -m bench.metanet_memory                          # CPU: 16 episodes in chunks of 16, 4 and 1
-    python -m bench.metanet_memory --tasks 4 --chunks 4 1   # a quicker check (~5 GB less)
+    python -m bench.metanet_memory                          # CPU: 16 episodes in chunks of 16, 4 and 1 (13 GB)
+    python -m bench.metanet_memory --tasks 4 --chunks 4 1   # a quicker, smaller check
     python -m bench.metanet_memory --device cuda
 """
 from __future__ import annotations
