@@ -104,8 +104,7 @@ class MetaNet:
     shuffle_support: bool = True
     task_chunk: int | None = None
     """Episodes per backward pass of ``meta_grad`` (gradients summed): the same gradient in less memory. None: 1 on
-    a CPU (python -m bench.metanet_memory: 16 episodes one at a time take 1.4 GB and 14 s here, all at once 13 GB
-    and 42 s), the whole meta-batch on a GPU (not measured)."""
+    a CPU (less memory and faster there: python -m bench.metanet_memory), the whole meta-batch on a GPU."""
     seed: int = 0
     dtype: torch.dtype = torch.float32
 
