@@ -386,7 +386,7 @@ class MetaNetAlgorithm(AlgorithmSection):
     shuffle_support: bool = Field(True, description="shuffle each support set in training (authors' episode generator)")
     task_chunk: int | None = Field(
         None, ge=1, description="episodes per backward pass (gradients summed): the same gradient, less memory;"
-        " default 1 on a CPU (faster there too: bench/metanet_memory.py), the whole meta-batch on a GPU"
+        " default 1 on a CPU (a seventh of the memory at the same training speed there), the whole meta-batch on a GPU"
     )
 
 

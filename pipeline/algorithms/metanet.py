@@ -104,7 +104,8 @@ class MetaNet:
     shuffle_support: bool = True
     task_chunk: int | None = None
     """Episodes per backward pass of ``meta_grad`` (gradients summed): the same gradient in less memory. None: 1 on
-    a CPU (less memory and faster there: python -m bench.metanet_memory), the whole meta-batch on a GPU."""
+    a CPU (far less memory at the same training speed there: python -m bench.metanet_memory, README), the whole
+    meta-batch on a GPU."""
     seed: int = 0
     dtype: torch.dtype = torch.float32
 
