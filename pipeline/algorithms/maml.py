@@ -38,6 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from pipeline.algorithms.meta_batch import sliced_meta_grad
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
 from pipeline.nets.module import ModuleNet, for_evaluation
@@ -357,24 +358,12 @@ class MAML:
         """
         device = episodes.support_x.device
         batching = self._batching(device)
-        keys = list(params)
         if batching == "vmap":
+            keys = list(params)
             loss, metrics = self.meta_loss(params, episodes)
             return dict(zip(keys, torch.autograd.grad(loss, [params[k] for k in keys]))), metrics
-        total = {k: torch.zeros_like(v) for k, v in params.items()}
-        sums: Metrics = {}
-        n = len(episodes)
-        size = 1 if batching == "loop" else resolve_chunk(self.task_chunk, self.network, device, n)
-        for start in range(0, n, size):
-            part = episodes[start : start + size]
-            losses, metrics = self._task_losses(params, part, batching)
-            grads = torch.autograd.grad(losses.sum() / n, [params[k] for k in keys], allow_unused=True)
-            for k, g in zip(keys, grads):
-                if g is not None:
-                    total[k] += g
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v * len(part) / n
-        return total, sums
+        size = 1 if batching == "loop" else resolve_chunk(self.task_chunk, self.network, device, len(episodes))
+        return sliced_meta_grad(params, episodes, size, lambda part: self._task_losses(params, part, batching))
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
         """Adapt to one task with ``eval_inner_steps`` (default ``inner_steps``); see ``predictor``."""

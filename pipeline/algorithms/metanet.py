@@ -59,6 +59,7 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
+from pipeline.algorithms.meta_batch import sliced_meta_grad
 from pipeline.nets import init
 from pipeline.nets.layers import conv_tasks
 from pipeline.types import Metrics, Params
@@ -242,36 +243,29 @@ class MetaNet:
 
     def meta_loss(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
         """Mean cross-entropy of every query of every episode, read through its episode's memory."""
+        losses, metrics = self._episode_losses(params, episodes)
+        return losses.mean(), metrics
+
+    def _episode_losses(self, params: Params, episodes: Episodes) -> tuple[torch.Tensor, Metrics]:
+        """Each episode's mean query cross-entropy ``[B]``, and the batch's mean ``loss`` and ``accuracy``."""
         self._check("query", episodes.query_x, episodes.query_y)
         logits = self.read(params, self.write_memory(params, episodes.support_x, episodes.support_y), episodes.query_x)
-        loss = F.cross_entropy(logits.flatten(0, 1), episodes.query_y.flatten())
+        losses = F.cross_entropy(logits.transpose(1, 2), episodes.query_y, reduction="none").mean(1)  # [B, Q] -> [B]
         accuracy = (logits.argmax(-1) == episodes.query_y).to(torch.float64).mean()
-        return loss, {"loss": loss.item(), "accuracy": accuracy.item()}
+        return losses, {"loss": losses.mean().item(), "accuracy": accuracy.item()}
 
     def meta_grad(self, params: Params, episodes: Episodes) -> tuple[Params, Metrics]:
         """Autodiff of ``meta_loss`` with respect to every meta-parameter (support sets shuffled per ``shuffle_support``).
 
-        Backpropagates ``task_chunk`` episodes at a time (default: one on a CPU, all on a GPU) and sums the gradients,
-        each chunk's loss weighted by its share of the episodes: the gradient of the whole meta-batch's mean loss
-        (to float rounding), with the autograd graph of one chunk alive at a time instead of the meta-batch's
-        (episodes do not interact).
+        Backpropagates ``task_chunk`` episodes at a time (default: one on a CPU, all on a GPU) through
+        ``sliced_meta_grad``: the gradient of the whole meta-batch's mean loss (to float rounding), with the
+        autograd graph of one chunk alive at a time instead of the meta-batch's (episodes do not interact).
         """
         if self.shuffle_support:
             episodes = shuffle_support(episodes, self.seed)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        total = {k: torch.zeros_like(v) for k, v in leaves.items()}
-        metrics: Metrics = {}
-        n = len(episodes)
-        size = self.task_chunk or (1 if episodes.support_x.device.type == "cpu" else n)
-        for start in range(0, n, size):
-            part = episodes[start : start + size]
-            weight = len(part) / n
-            loss, part_metrics = self.meta_loss(leaves, part)
-            for k, g in zip(leaves, torch.autograd.grad(loss * weight, list(leaves.values()))):
-                total[k] += g
-            for k, v in part_metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v * weight
-        return total, metrics
+        size = self.task_chunk or (1 if episodes.support_x.device.type == "cpu" else len(episodes))
+        return sliced_meta_grad(leaves, episodes, size, lambda part: self._episode_losses(leaves, part))
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> MetaNetPredictor:
         """Fill the memories from one support set ``[S, C, H, W]``, ``[S]``; the predictor reads them."""

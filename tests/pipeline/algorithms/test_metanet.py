@@ -187,13 +187,13 @@ def test_meta_grad_in_chunks_of_episodes_is_the_whole_batchs_gradient_in_float64
 def test_meta_grad_takes_one_episode_at_a_time_on_a_cpu_by_default(monkeypatch):
     net, batch = tiny(), episodes(5, 1, 2, 3, seed=8)
     sizes = []
-    meta_loss = MetaNet.meta_loss
+    episode_losses = MetaNet._episode_losses
 
     def recorded(self, params, part):
         sizes.append(len(part))
-        return meta_loss(self, params, part)
+        return episode_losses(self, params, part)
 
-    monkeypatch.setattr(MetaNet, "meta_loss", recorded)
+    monkeypatch.setattr(MetaNet, "_episode_losses", recorded)
     net.meta_grad(net.init(8), batch)
     tiny(task_chunk=2).meta_grad(net.init(8), batch)
     assert sizes == [1, 1, 1, 2, 1]
