@@ -37,3 +37,7 @@ class TrackingError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite gradients in a row); a checkpoint was written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler, ``timeout``) stopped training; handled as Ctrl-C (final checkpoint)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.cli.configs import CONFIG_HELP, config_file
 from pipeline.config import TrackingConfig, load_config
-from pipeline.errors import ConfigError, RunError, TrackingError, TrainingError
+from pipeline.errors import ConfigError, RunError, Terminated, TrackingError, TrainingError
 
 RUN_ID_HELP = "MLflow run id, as train prints it (python -m pipeline runs lists them)"
 
@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> int:
     except (TrainingError, TrackingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        return 143  # 128 + SIGTERM, as a shell reports it
     except KeyboardInterrupt:
         return 130
     print(f"test {result.test}")

@@ -17,16 +17,20 @@ curve and is marked FAILED or KILLED.
 """
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Terminated
 from pipeline.evaluation import EvalResult, meta_test_state
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
@@ -82,7 +86,7 @@ def train(
 
     Raises ConfigError (``resume`` with another config), TrainingError (the run cannot go on),
     TrackingError (MLflow refused a write or stayed unreachable), StoreError, and
-    KeyboardInterrupt after writing a final checkpoint.
+    KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) after writing a final checkpoint.
     """
     resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
     ckpt = None
@@ -101,12 +105,35 @@ def train(
         interval = config.tracking.system_metrics_s
         monitors = SystemMetrics(tracker.run_id, tracker.uri, interval, resume=resume is not None) if interval else None
         try:
-            return run(config, store, tracker, start_pool, resume=ckpt, export_dir=export_dir, progress=progress)
+            with _sigterm_as_interrupt():
+                return run(config, store, tracker, start_pool, resume=ckpt, export_dir=export_dir, progress=progress)
         finally:
             if monitors:
                 monitors.stop()
     finally:
         placement.remove()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While training, SIGTERM raises ``Terminated`` (a KeyboardInterrupt), so it ends the run as Ctrl-C does.
+
+    ``ray.init`` installs a SIGTERM handler that calls ``sys.exit``: under it ``ray job stop``, a
+    scheduler's or ``timeout``'s SIGTERM would end the run FAILED without a final checkpoint. Python
+    lets only the main thread set handlers; elsewhere Ray's stays. Ray's comes back afterwards.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(
@@ -156,12 +183,13 @@ def run(
             loop.run()
         finally:
             shown.close()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         try:
             checkpoints.save("latest")
-            print(f"interrupted at step {loop.version}: checkpoint written, run marked KILLED", file=sys.stderr)
-        except Exception as e:  # the actors may have received the signal too
-            print(f"interrupted; the final checkpoint failed ({e}), the last periodic one stands", file=sys.stderr)
+            print(f"{how} at step {loop.version}: checkpoint written, run marked KILLED", file=sys.stderr)
+        except Exception as err:  # the actors may have received the signal too
+            print(f"{how}; the final checkpoint failed ({err}), the last periodic one stands", file=sys.stderr)
         _end_early(pool, tracker, scratch, "KILLED")
         raise
     except BaseException:

@@ -34,9 +34,13 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "METAPIPE_S3_ENDPOINT",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
-    "METAPIPE_DATA",
+    "METAPIPE_DATA", "RAY_JOB_STOP_WAIT_TIME_S",
 )
 """Variables copied from the submitter's environment into the job's."""
+
+STOP_WAIT_S = "60"
+"""``RAY_JOB_STOP_WAIT_TIME_S`` when the submitter sets none: how long ``ray job stop`` waits after its SIGTERM
+(on which the driver writes a final checkpoint) before SIGKILL. Ray's default, 3 s, is too short for the upload."""
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 """Variables whose values must never appear in an entry point (it is logged)."""
@@ -91,6 +95,7 @@ def job_spec(
         if value and value in entrypoint:
             raise SubmitError(f"the command line contains the value of ${name}: pass credentials through the environment only")
     env_vars = {name: environ[name] for name in FORWARDED_ENV if environ.get(name)}
+    env_vars.setdefault("RAY_JOB_STOP_WAIT_TIME_S", STOP_WAIT_S)  # read by the job's supervisor actor
     runtime_env = {"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars}
     warnings = ()
     if not config.store.path.startswith("s3://"):

@@ -147,7 +147,9 @@ def test_nonfinite_gradients_stop_the_run_with_a_checkpoint_of_good_params(tmp_p
     assert torch.isfinite(saved.server.params).all()
 
 
-def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
+@pytest.mark.parametrize("sent, status, said", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+                         ids=["ctrl-c", "sigterm"])
+def test_sigint_or_sigterm_writes_a_checkpoint_and_marks_the_run_killed(tmp_path, sent, status, said):
     import re
     import subprocess
     import sys
@@ -173,11 +175,11 @@ def test_sigint_writes_a_checkpoint_and_marks_the_run_killed(tmp_path):
     deadline = time.time() + 180
     while not client.get_metric_history(run_id, "train/loss") and time.time() < deadline:
         time.sleep(1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sent)
     proc.communicate(timeout=180)
     err = err_file.read_text()
-    assert proc.returncode == 130, err[-2000:]
-    assert "checkpoint written, run marked KILLED" in err
+    assert proc.returncode == status, err[-2000:]
+    assert f"{said} at step" in err and "checkpoint written, run marked KILLED" in err
     assert client.get_run(run_id).info.status == "KILLED"
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} >= {"checkpoints/latest"}
 

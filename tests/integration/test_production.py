@@ -212,3 +212,28 @@ def test_s3_script_refuses_to_start_without_credentials(scratch: Path) -> None:
     refused = subprocess.run([str(ROOT / "mlflow" / "s3.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2 and "AWS_SECRET_ACCESS_KEY" in refused.stderr
     assert not (scratch / "unused").exists()
+
+
+def test_ray_job_stop_ends_the_run_killed_with_a_final_checkpoint(job: Job, client_env: dict[str, str], ray_head: RayHead) -> None:
+    """``ray job stop`` sends the driver SIGTERM: it writes checkpoints/latest, marks the run KILLED and exits
+    within the RAY_JOB_STOP_WAIT_TIME_S the submission sets (Ray's 3 s would SIGKILL it mid-upload)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.runtime.submit import FINAL
+
+    unending = [item for item in TRAIN if item.split("=")[0] not in {"name", "train.steps", "train.val_every", "train.checkpoint_every"}]
+    unending += ["name=it-stopped", "train.steps=100000", "train.val_every=100000", "train.checkpoint_every=100000"]
+    started = cli(["submit", CONFIG, *sets(STORE + unending), "--address", ray_head.address], client_env, timeout=300)
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = run_id_in(started.stdout)
+    job_id = next(line.split(": ", 1)[1] for line in started.stdout.splitlines() if line.startswith("job_id: "))
+    tracking = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
+    wait_until(lambda: tracking.get_metric_history(run_id, "train/loss"), "the stopped run's first metrics", 180)
+    jobs = JobSubmissionClient(ray_head.address)
+    assert jobs.stop_job(job_id)
+    wait_until(lambda: str(jobs.get_job_status(job_id).value) in FINAL, "the stopped job's end", 90)
+    logs = jobs.get_job_logs(job_id)
+    assert "terminated (SIGTERM) at step" in logs and "checkpoint written, run marked KILLED" in logs, logs[-3000:]
+    assert tracking.get_run(run_id).info.status == "KILLED"
+    # checkpoint_every is past the end: the only checkpoint is the one SIGTERM wrote
+    assert {a.path for a in tracking.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest"}

@@ -222,6 +222,17 @@ def test_train_quiet_turns_progress_off(monkeypatch):
     assert seen == [False, True]
 
 
+def test_train_stopped_by_sigterm_exits_143(monkeypatch):
+    from pipeline.errors import Terminated
+    from pipeline.runtime import driver
+
+    def train(config, **kwargs):
+        raise Terminated("signal SIGTERM")
+
+    monkeypatch.setattr(driver, "train", train)
+    assert main(["train", str(REPO / "configs" / "sinusoid_maml.yaml")]) == 143
+
+
 def test_runs_lists_recent_runs_with_their_test_result(tmp_path, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 

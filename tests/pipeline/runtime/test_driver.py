@@ -140,3 +140,28 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
     assert resume().server.version == 3
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's at algorithm.eval_inner_steps \(checkpoint None, now 2\)"):
         resume(algorithm={"eval_inner_steps": 2})
+
+
+def test_sigterm_while_training_raises_terminated_and_the_previous_handler_comes_back():
+    import os
+    import signal
+    import threading
+
+    from pipeline.errors import Terminated
+    from pipeline.runtime.driver import _sigterm_as_interrupt
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # stands in for Ray's
+    try:
+        with pytest.raises(Terminated, match="SIGTERM"), _sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("SIGTERM did not interrupt training")
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert seen == [signal.SIGTERM]  # the handler from before is back
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(_sigterm_as_interrupt().__enter__()))
+        thread.start()
+        thread.join()
+        assert errors == [None]  # off the main thread nothing is installed (signal.signal would raise there)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

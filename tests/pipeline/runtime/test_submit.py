@@ -11,6 +11,7 @@ from pipeline.errors import ConfigError
 from pipeline.runtime.submit import (
     EXCLUDES,
     FORWARDED_ENV,
+    STOP_WAIT_S,
     SubmitError,
     exit_code,
     job_spec,
@@ -60,7 +61,7 @@ def test_project_is_the_working_dir_without_environments_data_or_stores(project:
 
 def test_only_tracking_and_storage_variables_reach_the_job(project: Path) -> None:
     env_vars = job_spec(project / "configs" / "tiny.yaml", [], ENV, root=project).runtime_env["env_vars"]
-    assert env_vars == {k: v for k, v in ENV.items() if k in FORWARDED_ENV and v}
+    assert env_vars == {k: v for k, v in ENV.items() if k in FORWARDED_ENV and v} | {"RAY_JOB_STOP_WAIT_TIME_S": STOP_WAIT_S}
     assert "HOME" not in env_vars and "PATH" not in env_vars
     assert "AWS_REGION" not in env_vars, "empty variables are not forwarded"
 
@@ -127,3 +128,10 @@ def test_cli_reports_a_refused_submission_in_one_line(
     status = main(["submit", str(project / "configs" / "tiny.yaml"), "--address", "http://127.0.0.1:1"])
     assert status == 2
     assert "must lie inside the project" in capsys.readouterr().err
+
+
+def test_ray_job_stop_waits_for_the_final_checkpoint_unless_the_submitter_says_otherwise(project: Path) -> None:
+    config = project / "configs" / "tiny.yaml"
+    assert job_spec(config, [], ENV, root=project).runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
+    own = job_spec(config, [], {**ENV, "RAY_JOB_STOP_WAIT_TIME_S": "5"}, root=project)
+    assert own.runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "5"
