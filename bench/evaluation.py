@@ -2,9 +2,12 @@
 
     python -m bench.evaluation                                   # Omniglot 5w1s MAML, 600 test episodes, 1 2 4 workers
     python -m bench.evaluation --episodes 20 --workers 2 --config configs/sinusoid_maml.yaml   # a quick check
+    python -m bench.evaluation --episodes 100 --workers --config configs/meta_lstm_omniglot_5w1s.yaml   # batching only
 
 Rows:
 
+- ``driver, one at a time``: for a learner with a batched ``evaluate``, the same evaluation through
+  ``learner.adapt`` one episode at a time (what ``pipeline.evaluation`` does for a learner without it),
 - ``driver``: what a run did before: ``pipeline.evaluation.evaluate`` in the driver process
   on the first ``--episodes`` test episodes (read from the store, adapted batched on its CPU),
 - ``workers N, first``: ``RayPool.evaluate`` over N workers as a run's final test does it
@@ -14,17 +17,20 @@ Rows:
 
 Columns: wall time, the driver process's own CPU time (``time.process_time``: what the
 driver spends itself), episodes per second, and whether the result equals the driver's
-(mean and 95% interval). The parameters are the config's initial ones (speed does not
-depend on them). The store is precomputed when missing, as a run would.
+(mean and 95% interval; one at a time, to float rounding: the accuracies of the two paths can differ only
+where rounding flips an argmax). The parameters are the config's initial ones (speed does not depend on them).
+The store is precomputed when missing, as a run would.
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import ray
+import torch
 
 from pipeline.build import build_learner
 from pipeline.config import load_config
@@ -35,6 +41,7 @@ from pipeline.runtime.policy import FailurePolicy
 from pipeline.runtime.pool import RayPool
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer
+from pipeline.types import BatchedEvaluation, MetaLearner, Params, Predictor
 from tasks.store.parquet import precompute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,12 +55,22 @@ def timed(call: Callable[[], T]) -> tuple[T, float, float]:
     return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
+@dataclass(frozen=True)
+class OneAtATime:
+    """``learner`` without its batched ``evaluate``: ``pipeline.evaluation`` then adapts one episode at a time."""
+
+    learner: MetaLearner
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:
+        return self.learner.adapt(params, support_x, support_y)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.evaluation", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "omniglot_maml_5w1s.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--episodes", type=int, default=600, help="test episodes (default 600, the papers' count)")
-    parser.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4])
+    parser.add_argument("--workers", nargs="*", type=int, default=[1, 2, 4], help="worker counts (none: driver rows only)")
     args = parser.parse_args(argv)
 
     base = load_config(args.config, args.set)
@@ -63,8 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     params = learner.init(base.seed)
     layout = Layout.of(params)
     flat = layout.flatten(params).numpy()
+    rows: list[tuple[str, float, float, EvalResult]] = []
+    if isinstance(learner, BatchedEvaluation):
+        one, wall, cpu = timed(lambda: evaluate(OneAtATime(learner), params, store.read_split("test", limit=episodes)))
+        rows.append(("driver, one at a time", wall, cpu, one))
     reference, wall, cpu = timed(lambda: evaluate(learner, params, store.read_split("test", limit=episodes)))
-    rows: list[tuple[str, float, float, EvalResult]] = [("driver (before)", wall, cpu, reference)]
+    rows.append(("driver (before)", wall, cpu, reference))
     for n in args.workers:
         config = load_config(args.config, [*args.set, f"train.workers={n}", f"train.meta_batch={max(n, base.train.meta_batch)}"])
         placement = Placement.reserve(config, start_ray(config))
@@ -77,11 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             pool.stop()
             placement.remove()
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
     print(f"{base.name}: {episodes} test episodes, {reference}")
     print(f"{'path':<22}{'wall s':>9}{'driver cpu s':>14}{'episodes/s':>12}{'same result':>13}")
     for name, wall, cpu, result in rows:
-        print(f"{name:<22}{wall:>9.2f}{cpu:>14.2f}{episodes / wall:>12.1f}{result == reference!s:>13}")
+        same = result == reference or f"{abs(result.mean - reference.mean):.1e} apart"
+        print(f"{name:<22}{wall:>9.2f}{cpu:>14.2f}{episodes / wall:>12.1f}{same!s:>13}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def scores(learner: MetaLearner, params: Params, episodes: Episodes, state: Carr
     """Each episode's query accuracy (classification) or MSE (regression) after adapting to its support set, every
     episode from ``state`` (``eval_state``'s; None: the learner's fresh start).
 
-    Batched through the learner's own ``evaluate`` when it has one (MAML, Reptile: many
+    Batched through the learner's own ``evaluate`` when it has one (MAML, Reptile, ProtoNets, the Meta-LSTM: many
     episodes per pass); otherwise ``learner.adapt`` one episode at a time.
     """
     if isinstance(learner, BatchedEvaluation):

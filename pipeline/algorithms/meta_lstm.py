@@ -46,11 +46,12 @@ first layer) and ``metalstm.{WF,bF,WI,bI}`` (the gates).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 
+from pipeline.algorithms.maml import task_accuracy
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.layers import Moments
@@ -226,20 +227,47 @@ class MetaLSTM:
         passes (``eval_norm="running"``) or as in meta-training (``"batch"``: the
         network's norm mode). A module learner runs in eval mode (dropout off).
         """
+        learn = self._learned(params, support_x[None], support_y[None])
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            return learn(x[None])[0]
+
+        return predict
+
+    def evaluate(self, params: Params, episodes: Episodes, chunk: int = 32) -> dict[str, torch.Tensor]:
+        """Per-episode query ``loss`` and ``accuracy``, each ``[len(episodes)]``: ``adapt``'s, ``chunk`` episodes per pass.
+
+        Each episode is learned and its queries normalized on their own (per-episode batch or running
+        statistics), so batching changes nothing but float rounding.
+        """
+        rows: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(episodes), chunk):
+            part = episodes[start : start + chunk]
+            logits = self._learned(params, part.support_x, part.support_y)(part.query_x)  # [B, Q, ways]
+            rows.append({
+                "loss": F.cross_entropy(logits.transpose(1, 2), part.query_y, reduction="none").mean(1),
+                "accuracy": task_accuracy(logits, part.query_y),
+            })
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+    def _learned(
+        self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Learn on B support sets ``[B, N, C, H, W]`` (``eval_inner_steps``, no graph kept); the returned function
+        maps their queries ``[B, Q, C, H, W]`` to logits ``[B, Q, ways]`` (detached), normalized per ``eval_norm``."""
         learner = self.evaluating()
         fixed = {k: v.detach() for k, v in params.items()}
         with torch.enable_grad():
-            fast, _, running = learner.learn(
-                fixed, support_x[None], support_y[None], self.eval_inner_steps or self.inner_steps, False
-            )
+            fast, _, running = learner.learn(fixed, support_x, support_y, self.eval_inner_steps or self.inner_steps, False)
         network = learner.network
 
-        def predict(x: torch.Tensor) -> torch.Tensor:
+        @torch.no_grad()
+        def logits(query_x: torch.Tensor) -> torch.Tensor:
             if self.eval_norm == "running":
-                return network.apply_moments(fast, x[None], running)[0][0]
-            return query_outputs(network, fast, support_x[None], x[None])[0]
+                return network.apply_moments(fast, query_x, running)[0]
+            return query_outputs(network, fast, support_x, query_x)
 
-        return predict
+        return logits
 
     def evaluating(self) -> MetaLSTM:
         """This learner as evaluation runs it: a module learner in eval mode (``for_evaluation``: dropout off)."""

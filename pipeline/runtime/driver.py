@@ -88,11 +88,7 @@ def train(
     TrackingError (MLflow refused a write or stayed unreachable), StoreError, and
     KeyboardInterrupt (Ctrl-C) or Terminated (SIGTERM) after writing a final checkpoint.
     """
-    resumed = MlflowTracker(config.tracking, config.name, run_id=resume) if resume else None  # unknown: refused first
-    ckpt = None
-    if resumed:  # another config: refused before Ray starts
-        with tempfile.TemporaryDirectory(prefix=f"metapipe-{resumed.run_id[:8]}-") as scratch:
-            ckpt = resumed_checkpoint(config, resumed, Path(scratch))
+    resumed, ckpt = open_resumed(config, resume) if resume else (None, None)  # refused before Ray starts
     resources = start_ray(config)  # refuses a local store.path on a cluster of several nodes
     store = precompute(config, progress=progress)  # when the store is missing; refuses one made for another config
     placement = Placement.reserve(config, resources)
@@ -248,6 +244,16 @@ def _resume(ckpt: checkpoint.Checkpoint, tracker: Tracker) -> tuple[ServerState,
     tracker.mark_running()
     tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
     return ckpt.server, ckpt.positions, ckpt.best_val
+
+
+def open_resumed(config: RunConfig, run_id: str) -> tuple[MlflowTracker, checkpoint.Checkpoint]:
+    """The MLflow run ``run_id`` and its checkpoints/latest checked against ``config``; nothing is written.
+
+    Raises RunError (no such run) and the errors of ``resumed_checkpoint``.
+    """
+    tracker = MlflowTracker(config.tracking, config.name, run_id=run_id)
+    with tempfile.TemporaryDirectory(prefix=f"metapipe-{run_id[:8]}-") as scratch:  # the checkpoint is read into memory
+        return tracker, resumed_checkpoint(config, tracker, Path(scratch))
 
 
 def resumed_checkpoint(config: RunConfig, tracker: Tracker, scratch: Path) -> checkpoint.Checkpoint:

@@ -64,8 +64,9 @@ def job_spec(
     overrides: list[str],
     environ: Mapping[str, str],
     root: Path = REPO_ROOT,
+    resume: str | None = None,
 ) -> JobSpec:
-    """The job for ``train CONFIG --set ...``, validated locally before any cluster work.
+    """The job for ``train CONFIG --set ... [--resume RUN_ID]``, validated locally before any cluster work.
 
     The config must lie inside the project (the job sees the project folder only),
     and the run must be tracked somewhere that outlives the job: a tracking URI
@@ -89,6 +90,8 @@ def job_spec(
     command = ["python", "-m", "pipeline", "train", relative]
     for item in overrides:
         command += ["--set", item]
+    if resume:
+        command += ["--resume", resume]
     entrypoint = shlex.join(command)
     for name in SECRET_ENV:
         value = environ.get(name)
@@ -168,14 +171,21 @@ def submit(
     run_timeout: float = 600.0,
     out: TextIO = sys.stdout,
     environ: Mapping[str, str] | None = None,
+    resume: str | None = None,
 ) -> int:
     """Submit the run, print ``job_id:`` and ``run_id:``; with ``follow_logs`` stream logs and return the job's exit status.
 
     Without ``follow_logs`` it returns once the run has started (its id is known),
-    leaving the job running on the cluster.
+    leaving the job running on the cluster. ``resume``: the job continues that MLflow run
+    (``train --resume``); an unknown run or another config is refused here, before submission
+    (RunError, ConfigError), as ``train`` would refuse it in the job.
     """
     environ = os.environ if environ is None else environ
-    spec = job_spec(config_path, overrides, environ)
+    spec = job_spec(config_path, overrides, environ, resume=resume)
+    if resume:
+        from pipeline.runtime.driver import open_resumed
+
+        open_resumed(load_config(config_path, overrides), resume)
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     client = _client(address)

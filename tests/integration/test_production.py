@@ -214,16 +214,21 @@ def test_s3_script_refuses_to_start_without_credentials(scratch: Path) -> None:
     assert not (scratch / "unused").exists()
 
 
-def test_ray_job_stop_ends_the_run_killed_with_a_final_checkpoint(job: Job, client_env: dict[str, str], ray_head: RayHead) -> None:
+def test_ray_job_stop_ends_the_run_with_a_final_checkpoint_and_submit_resume_finishes_it(
+    job: Job, client_env: dict[str, str], ray_head: RayHead
+) -> None:
     """``ray job stop`` sends the driver SIGTERM: it writes checkpoints/latest, marks the run KILLED and exits
-    within the RAY_JOB_STOP_WAIT_TIME_S the submission sets (Ray's 3 s would SIGKILL it mid-upload)."""
+    within the RAY_JOB_STOP_WAIT_TIME_S the submission sets (Ray's 3 s would SIGKILL it mid-upload);
+    ``submit --resume RUN_ID`` then continues the same run on the cluster to its (new) last step."""
     from ray.job_submission import JobSubmissionClient
 
     from pipeline.runtime.submit import FINAL
 
-    unending = [item for item in TRAIN if item.split("=")[0] not in {"name", "train.steps", "train.val_every", "train.checkpoint_every"}]
-    unending += ["name=it-stopped", "train.steps=100000", "train.val_every=100000", "train.checkpoint_every=100000"]
-    started = cli(["submit", CONFIG, *sets(STORE + unending), "--address", ray_head.address], client_env, timeout=300)
+    def run_to(steps: int) -> list[str]:
+        kept = [item for item in TRAIN if item.split("=")[0] not in {"name", "train.steps", "train.val_every", "train.checkpoint_every"}]
+        return STORE + kept + ["name=it-stopped", f"train.steps={steps}", "train.val_every=100000", "train.checkpoint_every=100000"]
+
+    started = cli(["submit", CONFIG, *sets(run_to(100000)), "--address", ray_head.address], client_env, timeout=300)
     assert started.returncode == 0, started.stdout + started.stderr
     run_id = run_id_in(started.stdout)
     job_id = next(line.split(": ", 1)[1] for line in started.stdout.splitlines() if line.startswith("job_id: "))
@@ -237,3 +242,11 @@ def test_ray_job_stop_ends_the_run_killed_with_a_final_checkpoint(job: Job, clie
     assert tracking.get_run(run_id).info.status == "KILLED"
     # checkpoint_every is past the end: the only checkpoint is the one SIGTERM wrote
     assert {a.path for a in tracking.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest"}
+
+    stopped_at = int(logs.split("terminated (SIGTERM) at step ")[1].split(":")[0])
+    args = ["submit", CONFIG, *sets(run_to(stopped_at + 3)), "--address", ray_head.address, "--resume", run_id, "--follow"]
+    returncode, output, _ = submit_and_follow(args, client_env, timeout=300)
+    assert returncode == 0, output[-4000:]
+    assert f"resuming run {run_id} after step {stopped_at}" in output
+    assert tracking.get_run(run_id).info.status == "FINISHED"
+    assert max(m.step for m in tracking.get_metric_history(run_id, "train/loss")) == stopped_at + 3

@@ -186,6 +186,26 @@ def test_meta_test_queries_use_the_running_statistics_of_the_support_passes() ->
     assert not torch.allclose(transductive(batch.query_x[0, :1]), transductive(batch.query_x[0])[:1])
 
 
+@pytest.mark.parametrize("eval_norm, norm", [("running", "transductive"), ("batch", "transductive"), ("batch", "support")])
+def test_batched_meta_test_equals_adapting_each_episode_alone(eval_norm: str, norm: str) -> None:
+    from pipeline.evaluation import scores
+    from pipeline.types import BatchedEvaluation
+
+    learner = MetaLSTM(Conv4(in_channels=1, image_size=8, ways=3, filters=4, norm=norm), inner_steps=2,
+                       eval_inner_steps=3, eval_norm=eval_norm, dtype=torch.float64)
+    params, batch = learner.init(4), episodes(5, seed=9)
+    metrics = learner.evaluate(params, batch, chunk=2)  # uneven chunks: 2, 2, 1
+    losses, accuracies = [], []
+    for i in range(5):
+        logits = learner.adapt(params, batch.support_x[i], batch.support_y[i])(batch.query_x[i])
+        losses.append(F.cross_entropy(logits, batch.query_y[i]))
+        accuracies.append((logits.argmax(-1) == batch.query_y[i]).double().mean())
+    torch.testing.assert_close(metrics["loss"], torch.stack(losses), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["accuracy"], torch.stack(accuracies))
+    assert 0 < metrics["loss"].min() and len(set(metrics["loss"].tolist())) == 5  # five different episodes
+    assert isinstance(learner, BatchedEvaluation) and scores(learner, params, batch) == metrics["accuracy"].tolist()
+
+
 def test_a_few_meta_steps_lower_the_meta_loss() -> None:
     learner = MetaLSTM(NET, inner_steps=3)
     leaves = {k: v.requires_grad_() for k, v in learner.init(0).items()}

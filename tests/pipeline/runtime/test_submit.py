@@ -135,3 +135,18 @@ def test_ray_job_stop_waits_for_the_final_checkpoint_unless_the_submitter_says_o
     assert job_spec(config, [], ENV, root=project).runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "60"
     own = job_spec(config, [], {**ENV, "RAY_JOB_STOP_WAIT_TIME_S": "5"}, root=project)
     assert own.runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "5"
+
+
+def test_resume_continues_the_run_in_the_job(project: Path) -> None:
+    spec = job_spec(project / "configs" / "tiny.yaml", ["train.steps=40"], ENV, root=project, resume="0123abcd")
+    assert shlex.split(spec.entrypoint)[-4:] == ["--set", "train.steps=40", "--resume", "0123abcd"]
+
+
+def test_resuming_an_unknown_run_is_refused_before_anything_is_submitted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    # a dead address: any cluster call would fail with another message
+    status = main(["submit", "sinusoid_maml", "--address", "http://127.0.0.1:1", "--resume", "0123abcd"])
+    err = capsys.readouterr().err
+    assert status == 2 and "run 0123abcd: not found" in err, err
