@@ -8,8 +8,8 @@ Rows:
 
 - ``driver, one at a time``: for a learner with a batched ``evaluate``, the same evaluation through
   ``learner.adapt`` one episode at a time (what ``pipeline.evaluation`` does for a learner without it),
-- ``driver``: what a run did before: ``pipeline.evaluation.evaluate`` in the driver process
-  on the first ``--episodes`` test episodes (read from the store, adapted batched on its CPU),
+- ``driver``: ``pipeline.evaluation.evaluate`` in the driver process (what a run did before the workers
+  evaluated) on the first ``--episodes`` test episodes (read from the store, adapted batched on its CPU),
 - ``workers N, first``: ``RayPool.evaluate`` over N workers as a run's final test does it
   (each worker reads its slice of the store once, adapts it batched on its device; the driver
   only aggregates), including that read,
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         one, wall, cpu = timed(lambda: evaluate(OneAtATime(learner), params, store.read_split("test", limit=episodes)))
         rows.append(("driver, one at a time", wall, cpu, one))
     reference, wall, cpu = timed(lambda: evaluate(learner, params, store.read_split("test", limit=episodes)))
-    rows.append(("driver (before)", wall, cpu, reference))
+    rows.append(("driver", wall, cpu, reference))
     for n in args.workers:
         config = load_config(args.config, [*args.set, f"train.workers={n}", f"train.meta_batch={max(n, base.train.meta_batch)}"])
         placement = Placement.reserve(config, start_ray(config))

@@ -234,12 +234,14 @@ class MetaLSTM:
 
         return predict
 
-    def evaluate(self, params: Params, episodes: Episodes, chunk: int = 32) -> dict[str, torch.Tensor]:
+    def evaluate(self, params: Params, episodes: Episodes, chunk: int | None = None) -> dict[str, torch.Tensor]:
         """Per-episode query ``loss`` and ``accuracy``, each ``[len(episodes)]``: ``adapt``'s, ``chunk`` episodes per pass.
 
         Each episode is learned and its queries normalized on their own (per-episode batch or running
-        statistics), so batching changes nothing but float rounding.
+        statistics), so batching changes nothing but float rounding. Default ``chunk``: 1 on a CPU, where
+        stacking episodes was measured slower (``python -m bench.evaluation``, README), 32 on a GPU (unmeasured).
         """
+        chunk = chunk or (1 if episodes.support_x.device.type == "cpu" else 32)
         rows: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(episodes), chunk):
             part = episodes[start : start + chunk]

@@ -206,6 +206,20 @@ def test_batched_meta_test_equals_adapting_each_episode_alone(eval_norm: str, no
     assert isinstance(learner, BatchedEvaluation) and scores(learner, params, batch) == metrics["accuracy"].tolist()
 
 
+def test_meta_test_takes_one_episode_per_pass_on_a_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    learner, sizes = MetaLSTM(NET, inner_steps=1, dtype=torch.float64), []
+    learned = MetaLSTM._learned
+
+    def recorded(self, params, support_x, support_y):
+        sizes.append(len(support_x))
+        return learned(self, params, support_x, support_y)
+
+    monkeypatch.setattr(MetaLSTM, "_learned", recorded)
+    learner.evaluate(learner.init(0), episodes(3, seed=1))
+    learner.evaluate(learner.init(0), episodes(3, seed=1), chunk=2)
+    assert sizes == [1, 1, 1, 2, 1]
+
+
 def test_a_few_meta_steps_lower_the_meta_loss() -> None:
     learner = MetaLSTM(NET, inner_steps=3)
     leaves = {k: v.requires_grad_() for k, v in learner.init(0).items()}
