@@ -95,7 +95,8 @@ class Checkpoints:
         self._tracker.log_artifacts(path, f"checkpoints/{name}")
 
     def best(self) -> checkpoint.Checkpoint | None:
-        """The best checkpoint this process wrote, if any."""
+        """The run's best checkpoint: the last this process wrote, else the one a resumed run had (driver._resume
+        puts it in the scratch folder); None before any validation."""
         path = self._scratch / "best"
         return checkpoint.load(path) if path.exists() else None
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pipeline.build import build_learner
 from pipeline.config import RunConfig, validate
-from pipeline.errors import ConfigError, Terminated
+from pipeline.errors import CheckpointError, ConfigError, RunError, Terminated
 from pipeline.evaluation import EvalResult, meta_test_state
 from pipeline.runtime import checkpoint
 from pipeline.runtime.callbacks import (
@@ -152,7 +152,7 @@ def run(
     layout = Layout.of(initial)
     scratch = Path(tempfile.mkdtemp(prefix=f"metapipe-{tracker.run_id[:8]}-"))
     if resume is not None:
-        state, positions, best_val = _resume(resume, tracker)
+        state, positions, best_val = _resume(resume, tracker, scratch)
     else:
         state = ParameterServer.fresh(layout.flatten(initial))
         positions, best_val = [None] * config.train.workers, None
@@ -237,13 +237,29 @@ def _end_finished(
     return test, out
 
 
-def _resume(ckpt: checkpoint.Checkpoint, tracker: Tracker) -> tuple[ServerState, Positions, float | None]:
+def _resume(ckpt: checkpoint.Checkpoint, tracker: Tracker, scratch: Path) -> tuple[ServerState, Positions, float | None]:
     """The server state, reader positions and best validation of ``ckpt`` (the run's checkpoints/latest); marks the
-    tracker's run running."""
+    tracker's run running.
+
+    The run's checkpoints/best goes to ``scratch``/best, where ``Checkpoints.best`` looks: a sitting that validates
+    nothing better meta-tests and exports the run's best so far, not its last parameters. When that checkpoint
+    cannot be read (a run stopped while uploading it), a warning says so and the best validation restarts from
+    this sitting's first, so that this sitting writes a best of its own.
+    """
     print(f"resuming run {tracker.run_id} after step {ended_version(ckpt.server)}", file=sys.stderr)
     tracker.mark_running()
     tracker.set_tag("metapipe.resumed_from_step", str(ended_version(ckpt.server)))
-    return ckpt.server, ckpt.positions, ckpt.best_val
+    best_val = ckpt.best_val
+    if best_val is not None:
+        try:
+            found = tracker.download("checkpoints/best", scratch / "resumed")
+            checkpoint.load(found)  # refuses one whose upload was cut short: its tensors miss their sha256
+        except (RunError, CheckpointError) as e:
+            warnings.warn(f"resuming without the run's best checkpoint ({e}): the best is this sitting's", stacklevel=2)
+            best_val = None
+        else:
+            found.rename(scratch / "best")
+    return ckpt.server, ckpt.positions, best_val
 
 
 def open_resumed(config: RunConfig, run_id: str) -> tuple[MlflowTracker, checkpoint.Checkpoint]:

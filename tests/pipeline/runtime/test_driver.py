@@ -142,6 +142,58 @@ def test_resuming_ignores_description_and_tracking_but_refuses_another_training_
         resume(algorithm={"eval_inner_steps": 2})
 
 
+def resume_in_process(tmp_path, run_id, steps, broken=False):
+    """Resume the run ``train_in_process`` made to ``steps``; ``broken``: from its parameters x 10 (a sitting
+    whose validation cannot beat the run's best)."""
+    from dataclasses import replace
+
+    from pipeline.runtime.driver import resumed_checkpoint
+    from tasks.store.parquet import open_store
+
+    config = sinusoid_config(tmp_path, train_episodes=1000, steps=steps, val_every=3, checkpoint_every=3)
+    tracker = MlflowTracker(config.tracking, config.name, run_id=run_id)
+    ckpt = resumed_checkpoint(config, tracker, tmp_path / "resume")
+    if broken:
+        ckpt = replace(ckpt, server=replace(ckpt.server, params=ckpt.server.params * 10))
+    return config, run(config, open_store(config.store.path), tracker, lambda s, p, _: LocalPool(config, s, p), resume=ckpt, progress=False)
+
+
+def evaluated_best(config, run_id):
+    """What ``pipeline evaluate RUN_ID --episodes 40`` (the run's test_episodes) prints: its checkpoints/best tested."""
+    from pipeline.build import build_learner
+    from pipeline.evaluation import evaluate
+    from pipeline.runtime.runs import load_run
+    from tasks.store.parquet import open_store
+
+    _, params, state = load_run(run_id, config.tracking.uri, "best")
+    return evaluate(build_learner(config), params, open_store(config.store.path).read_split("test", limit=40), state)
+
+
+def test_a_resumed_sitting_that_validates_nothing_better_meta_tests_the_runs_best(tmp_path):
+    _, client, run_id = train_in_process(tmp_path, LocalPool)
+    best = client.get_run(run_id).data.metrics["val/best"]
+    config, result = resume_in_process(tmp_path, run_id, 9, broken=True)
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val/mse")}
+    assert sorted(val) == [3, 6, 9] and val[9] > 10 * best  # the sitting validated, nothing better
+    assert client.get_run(run_id).data.metrics["val/best"] == best
+    assert result.test.mean == pytest.approx(evaluated_best(config, run_id).mean, rel=1e-6)
+    assert result.test.mean < 10 * best  # not the broken parameters'
+
+
+def test_a_resumed_run_whose_best_checkpoint_is_unreadable_keeps_the_best_of_the_new_sitting(tmp_path):
+    """(a run stopped while uploading checkpoints/best): a warning, and the sitting's first validation is its best."""
+    from urllib.parse import urlparse
+
+    _, client, run_id = train_in_process(tmp_path, LocalPool)
+    tensors = Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / "checkpoints" / "best" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-8])  # cut short: its sha256 no longer matches state.json's
+    with pytest.warns(UserWarning, match="resuming without the run's best checkpoint .*sha256 does not match"):
+        config, result = resume_in_process(tmp_path, run_id, 9, broken=True)
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "val/mse")}
+    assert client.get_run(run_id).data.metrics["val/best"] == val[9]
+    assert result.test.mean == pytest.approx(evaluated_best(config, run_id).mean, rel=1e-6)
+
+
 def test_sigterm_while_training_raises_terminated_and_the_previous_handler_comes_back():
     import os
     import signal
