@@ -38,7 +38,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from pipeline.algorithms.meta_batch import sliced_meta_grad
+from pipeline.algorithms.meta_batch import episodes_per_pass, sliced_meta_grad
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.mlp import MLP
 from pipeline.nets.module import ModuleNet, for_evaluation
@@ -94,13 +94,6 @@ def resolve_batching(batching: Batching, network: Network, device: torch.device)
     if isinstance(network, ModuleNet):
         return "vmap" if device.type == "cuda" else "loop"
     return "stacked"
-
-
-def resolve_chunk(task_chunk: int | None, network: Network, device: torch.device, tasks: int) -> int:
-    """Tasks per stacked pass: ``task_chunk``, else 8 for a Conv4 on a CPU (measured best), else all of them."""
-    if task_chunk is not None:
-        return task_chunk
-    return 8 if isinstance(network, Conv4) and device.type == "cpu" else tasks
 
 
 def adapt_tasks(
@@ -362,7 +355,8 @@ class MAML:
             keys = list(params)
             loss, metrics = self.meta_loss(params, episodes)
             return dict(zip(keys, torch.autograd.grad(loss, [params[k] for k in keys]))), metrics
-        size = 1 if batching == "loop" else resolve_chunk(self.task_chunk, self.network, device, len(episodes))
+        n = len(episodes)
+        size = 1 if batching == "loop" else episodes_per_pass(self.task_chunk, device, 8 if isinstance(self.network, Conv4) else n, n)
         return sliced_meta_grad(params, episodes, size, lambda part: self._task_losses(params, part, batching))
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> Predictor:

@@ -4,6 +4,8 @@ MAML (``loop`` and ``stacked`` batching) and Meta Networks backpropagate a meta-
 that one slice's autograd graph is alive at a time. Episodes do not interact in either learner, so
 summing each slice's gradient of ``sum(per-episode losses) / n`` gives the gradient of the whole
 meta-batch's mean loss, to float rounding.
+
+How many episodes go in one pass is a learner's choice, measured per device type (``episodes_per_pass``).
 """
 
 from collections.abc import Callable
@@ -15,6 +17,14 @@ from tasks.episodes import Episodes
 
 EpisodeLosses = Callable[[Episodes], tuple[torch.Tensor, Metrics]]
 """Per-episode losses ``[len(part)]`` of a slice of episodes, differentiable, and that slice's mean metrics."""
+
+
+def episodes_per_pass(asked: int | None, device: torch.device, cpu: int, gpu: int) -> int:
+    """Episodes per pass: ``asked`` when given, else the learner's default for ``device``: ``cpu`` on a CPU,
+    ``gpu`` on an accelerator (each learner's own figures, from its benchmark where one was measured)."""
+    if asked is not None:
+        return asked
+    return cpu if device.type == "cpu" else gpu
 
 
 def sliced_meta_grad(params: Params, episodes: Episodes, size: int, losses_of: EpisodeLosses) -> tuple[Params, Metrics]:

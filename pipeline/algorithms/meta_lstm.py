@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.algorithms.maml import task_accuracy
+from pipeline.algorithms.meta_batch import episodes_per_pass
 from pipeline.nets import init, lstm
 from pipeline.nets.conv4 import Conv4
 from pipeline.nets.layers import Moments
@@ -241,7 +242,7 @@ class MetaLSTM:
         statistics), so batching changes nothing but float rounding. Default ``chunk``: 1 on a CPU, where
         stacking episodes was measured slower (``python -m bench.evaluation``, README), 32 on a GPU (unmeasured).
         """
-        chunk = chunk or (1 if episodes.support_x.device.type == "cpu" else 32)
+        chunk = episodes_per_pass(chunk, episodes.support_x.device, 1, 32)
         rows: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(episodes), chunk):
             part = episodes[start : start + chunk]

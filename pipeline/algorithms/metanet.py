@@ -59,7 +59,7 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
-from pipeline.algorithms.meta_batch import sliced_meta_grad
+from pipeline.algorithms.meta_batch import episodes_per_pass, sliced_meta_grad
 from pipeline.nets import init
 from pipeline.nets.layers import conv_tasks
 from pipeline.types import Metrics, Params
@@ -264,7 +264,7 @@ class MetaNet:
         if self.shuffle_support:
             episodes = shuffle_support(episodes, self.seed)
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        size = self.task_chunk or (1 if episodes.support_x.device.type == "cpu" else len(episodes))
+        size = episodes_per_pass(self.task_chunk, episodes.support_x.device, 1, len(episodes))
         return sliced_meta_grad(leaves, episodes, size, lambda part: self._episode_losses(leaves, part))
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> MetaNetPredictor:

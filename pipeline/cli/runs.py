@@ -83,8 +83,10 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.out is None and args.register is None:
         raise ConfigError("export: give --out DIR, --register NAME, or both")
+    if args.set and not args.out:
+        raise ConfigError(f"export --set {' '.join(args.set)}: --set changes the --out DIR export; --register registers the model the run logged")
     if args.out:
-        config, params, state = load_run(args.run_id, args.tracking_uri, args.checkpoint)
+        config, params, state = load_run(args.run_id, args.tracking_uri, args.checkpoint, args.set)
         print(f"exported run {args.run_id} ({args.checkpoint} checkpoint) to {export(params, config, args.out, state=state)}")
     if args.register:
         from pipeline.tracking.mlflow_tracker import tracking_uri
@@ -102,6 +104,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--register", metavar="NAME", help="register the run's MLflow model as a version of NAME")
     p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
     p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for --out: how the export adapts, e.g. algorithm.eval_inner_steps=10")
     p.set_defaults(func=_export)
 
 

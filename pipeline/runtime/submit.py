@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-from pipeline.config import load_config, read_with_bases
+from pipeline.config import RunConfig, load_config, read_with_bases
 from pipeline.errors import SubmitError
 from pipeline.runtime.ray_env import REPO_ROOT
 
@@ -55,6 +55,8 @@ class JobSpec:
 
     entrypoint: str
     runtime_env: dict[str, Any]
+    config: RunConfig
+    """The run's config as the job will load it (the file with the overrides), validated."""
     metadata: dict[str, str] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
 
@@ -106,7 +108,7 @@ def job_spec(
             f"store.path={config.store.path!r} is local to the node running the job: workers on other nodes cannot read it; "
             "precompute to s3:// (python -m pipeline precompute CONFIG --out s3://BUCKET/PREFIX) for a multi-node cluster",
         )
-    return JobSpec(entrypoint, runtime_env, {"metapipe.config": relative, "metapipe.name": config.name}, warnings)
+    return JobSpec(entrypoint, runtime_env, config, {"metapipe.config": relative, "metapipe.name": config.name}, warnings)
 
 
 def run_id_in(text: str) -> str | None:
@@ -185,7 +187,7 @@ def submit(
     if resume:
         from pipeline.runtime.driver import open_resumed
 
-        open_resumed(load_config(config_path, overrides), resume)
+        open_resumed(spec.config, resume)
     for warning in spec.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     client = _client(address)

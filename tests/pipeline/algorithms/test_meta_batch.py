@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.algorithms.meta_batch import sliced_meta_grad
+from pipeline.algorithms.meta_batch import episodes_per_pass, sliced_meta_grad
 from tasks.episodes import Episodes
 
 
@@ -39,3 +39,9 @@ def test_a_slice_size_below_one_is_refused_naming_it():
     params = {"w": torch.zeros(3, dtype=torch.float64, requires_grad=True)}
     with pytest.raises(ValueError, match="episodes per backward pass must be at least 1, got 0"):
         sliced_meta_grad(params, regression(2), 0, lambda part: squared_errors(params, part))
+
+
+def test_episodes_per_pass_is_the_asked_number_else_the_default_of_the_device_type():
+    assert episodes_per_pass(None, torch.device("cpu"), cpu=1, gpu=32) == 1
+    assert episodes_per_pass(None, torch.device("meta"), cpu=1, gpu=32) == 32  # any accelerator
+    assert episodes_per_pass(5, torch.device("cpu"), cpu=1, gpu=32) == 5

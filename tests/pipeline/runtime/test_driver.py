@@ -98,6 +98,19 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
         load_run(run_id, uri, "best", ["model.hidden=[8]"])
 
 
+def test_export_with_set_writes_a_learner_that_adapts_as_told_and_refuses_set_for_a_registration(tmp_path, capsys):
+    import pipeline
+    from pipeline.cli import main
+
+    _, _, run_id = train_in_process(tmp_path, LocalPool)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "exported"
+    assert main(["export", run_id, "--out", str(out), "--tracking-uri", uri, "--set", "algorithm.eval_inner_steps=3"]) == 0
+    assert pipeline.load(out).config.algorithm.eval_inner_steps == 3
+    assert main(["export", run_id, "--register", "sinusoid", "--tracking-uri", uri, "--set", "algorithm.eval_inner_steps=3"]) == 2
+    assert "--set changes the --out DIR export; --register registers the model the run logged" in capsys.readouterr().err
+
+
 def test_resuming_ignores_description_and_tracking_but_refuses_another_training_setting(tmp_path, monkeypatch):
     """... and resumes a checkpoint written before a setting existed (its config without the key, as a run checkpointed
     before Reptile's algorithm.eval_state) when the setting is at its default."""
