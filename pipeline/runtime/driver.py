@@ -180,12 +180,11 @@ def run(
         finally:
             shown.close()
     except KeyboardInterrupt as e:
-        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         try:
             checkpoints.save("latest")
-            print(f"{how} at step {loop.version}: checkpoint written, run marked KILLED", file=sys.stderr)
+            print(f"{_stopped(e)} at step {loop.version}: checkpoint written, run marked KILLED", file=sys.stderr)
         except Exception as err:  # the actors may have received the signal too
-            print(f"{how}; the final checkpoint failed ({err}), the last periodic one stands", file=sys.stderr)
+            print(f"{_stopped(e)}; the final checkpoint failed ({err}), the last periodic one stands", file=sys.stderr)
         _end_early(pool, tracker, scratch, "KILLED")
         raise
     except BaseException:
@@ -203,8 +202,24 @@ def run(
         out = Path(export_dir or scratch / "export")
         test = _end_finished(config, store, params, state, test, figures, tracker, loop.version, out, scratch)
         return TrainResult(tracker.run_id, loop.version, *test)
+    except KeyboardInterrupt as e:  # training is over and checkpointed: what is left can be done from the run
+        print(
+            f"{_stopped(e)} after the last step, during the meta-test and export: run marked KILLED; its checkpoints"
+            f" stand (pipeline evaluate {tracker.run_id}, pipeline export {tracker.run_id} --out DIR)",
+            file=sys.stderr,
+        )
+        _end_early(pool, tracker, scratch, "KILLED")
+        raise
+    except BaseException:
+        _end_early(pool, tracker, scratch, "FAILED")
+        raise
     finally:
         pool.stop()
+
+
+def _stopped(interrupt: KeyboardInterrupt) -> str:
+    """How the run was stopped, for its last message."""
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
 
 
 def _eval_count(store: Store, split: str, asked: int) -> int:

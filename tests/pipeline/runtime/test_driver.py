@@ -9,6 +9,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import Terminated
 from pipeline.runtime.driver import run
 from pipeline.runtime.local import LocalPool
 from pipeline.tracking.mlflow_tracker import MlflowTracker
@@ -84,6 +85,29 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/episodes.png", "plots/learning_curve.png"}
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
+
+
+class TerminatedInMetaTest(LocalPool):
+    """SIGTERM (as the driver's handler raises it) during the meta-test, after the last step."""
+
+    def evaluate(self, split, episodes, flat, state=None):
+        if split == "test":
+            raise Terminated
+        return super().evaluate(split, episodes, flat, state)
+
+
+def test_a_signal_after_the_last_step_marks_the_run_killed_with_its_checkpoints(tmp_path, capsys):
+    from pipeline.runtime import checkpoint
+
+    with pytest.raises(Terminated):
+        train_in_process(tmp_path, TerminatedInMetaTest)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    run_id = run_info.info.run_id
+    assert run_info.info.status == "KILLED" and "test/episodes" not in run_info.data.metrics
+    assert "terminated (SIGTERM) after the last step, during the meta-test and export: run marked KILLED" in capsys.readouterr().err
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert checkpoint.load(client.download_artifacts(run_id, "checkpoints/latest", str(tmp_path / "dl"))).server.version == 6
 
 
 def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_path):
@@ -212,7 +236,6 @@ def test_sigterm_while_training_raises_terminated_and_the_previous_handler_comes
     import signal
     import threading
 
-    from pipeline.errors import Terminated
     from pipeline.runtime.driver import _sigterm_as_interrupt
 
     seen = []
