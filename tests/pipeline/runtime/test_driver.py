@@ -90,22 +90,30 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
 class TerminatedInMetaTest(LocalPool):
     """SIGTERM (as the driver's handler raises it) during the meta-test, after the last step."""
 
+    error: BaseException = Terminated()
+
     def evaluate(self, split, episodes, flat, state=None):
         if split == "test":
-            raise Terminated
+            raise self.error
         return super().evaluate(split, episodes, flat, state)
 
 
-def test_a_signal_after_the_last_step_marks_the_run_killed_with_its_checkpoints(tmp_path, capsys):
+class FailsInMetaTest(TerminatedInMetaTest):
+    error = RuntimeError("a worker's disk is full")
+
+
+@pytest.mark.parametrize("pool_class, error, status", [(TerminatedInMetaTest, Terminated, "KILLED"), (FailsInMetaTest, RuntimeError, "FAILED")], ids=["killed", "failed"])
+def test_a_run_that_stops_after_its_last_step_is_marked_with_its_checkpoints(tmp_path, capsys, pool_class, error, status):
     from pipeline.runtime import checkpoint
 
-    with pytest.raises(Terminated):
-        train_in_process(tmp_path, TerminatedInMetaTest)
+    with pytest.raises(error):
+        train_in_process(tmp_path, pool_class)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run_info,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
     run_id = run_info.info.run_id
-    assert run_info.info.status == "KILLED" and "test/episodes" not in run_info.data.metrics
-    assert "terminated (SIGTERM) after the last step, during the meta-test and export: run marked KILLED" in capsys.readouterr().err
+    assert run_info.info.status == status and "test/episodes" not in run_info.data.metrics
+    told = "terminated (SIGTERM) after the last step, during the meta-test and export: run marked KILLED"
+    assert (told in capsys.readouterr().err) == (status == "KILLED")
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
     assert checkpoint.load(client.download_artifacts(run_id, "checkpoints/latest", str(tmp_path / "dl"))).server.version == 6
 
