@@ -183,8 +183,9 @@ def run(
         try:
             checkpoints.save("latest")
             print(f"{_stopped(e)} at step {loop.version}: checkpoint written, run marked KILLED", file=sys.stderr)
-        except Exception as err:  # the actors may have received the signal too
-            print(f"{_stopped(e)}; the final checkpoint failed ({err}), the last periodic one stands", file=sys.stderr)
+        except (Exception, KeyboardInterrupt) as err:  # the actors may have received the signal too, or a second one came
+            why = "a second signal" if isinstance(err, KeyboardInterrupt) else err
+            print(f"{_stopped(e)}; the final checkpoint failed ({why}), the last periodic one stands", file=sys.stderr)
         _end_early(pool, tracker, scratch, "KILLED")
         raise
     except BaseException:

@@ -87,6 +87,28 @@ def test_a_run_that_ends_early_gets_its_learning_curve(tmp_path, pool_class, err
     assert {a.path for a in client.list_artifacts(run_id, "checkpoints")} == {"checkpoints/latest", "checkpoints/best"}
 
 
+class InterruptedTwiceAt3(InterruptedAt3):
+    """A second Ctrl-C while the final checkpoint is written."""
+
+    def state(self):
+        if self.server.version() == 3 and getattr(self, "interrupted", False):
+            raise KeyboardInterrupt
+        return super().state()
+
+    def step_all(self):
+        self.interrupted = self.server.version() == 3
+        return super().step_all()
+
+
+def test_a_second_interrupt_during_the_final_checkpoint_still_marks_the_run_killed(tmp_path, capsys):
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(tmp_path, InterruptedTwiceAt3)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run_info.info.status == "KILLED"
+    assert "interrupted; the final checkpoint failed (a second signal), the last periodic one stands" in capsys.readouterr().err
+
+
 class TerminatedInMetaTest(LocalPool):
     """SIGTERM (as the driver's handler raises it) during the meta-test, after the last step."""
 
