@@ -3,11 +3,14 @@
     python -m bench.evaluation                                   # Omniglot 5w1s MAML, 600 test episodes, 1 2 4 workers
     python -m bench.evaluation --episodes 20 --workers 2 --config configs/sinusoid_maml.yaml   # a quick check
     python -m bench.evaluation --episodes 100 --workers --config configs/meta_lstm_omniglot_5w1s.yaml   # batching only
+    python -m bench.evaluation --episodes 64 --workers --chunks 1 4 16 64 --config configs/metanet_omniglot_5w1s.yaml
 
 Rows:
 
 - ``driver, one at a time``: for a learner with a batched ``evaluate``, the same evaluation through
   ``learner.adapt`` one episode at a time (what ``pipeline.evaluation`` does for a learner without it),
+- ``driver, N per pass`` (``--chunks``, for a learner whose ``evaluate`` takes ``chunk``: the Meta-LSTM, MetaNet):
+  the same with N episodes stacked in each pass, to choose its default,
 - ``driver``: ``pipeline.evaluation.evaluate`` in the driver process (what a run did before the workers
   evaluated) on the first ``--episodes`` test episodes (read from the store, adapted batched on its CPU),
 - ``workers N, first``: ``RayPool.evaluate`` over N workers as a run's final test does it
@@ -24,6 +27,7 @@ The store is precomputed when missing, as a run would.
 from __future__ import annotations
 
 import argparse
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +46,7 @@ from pipeline.runtime.pool import RayPool
 from pipeline.runtime.ray_env import start_ray
 from pipeline.runtime.server import ParameterServer
 from pipeline.types import BatchedEvaluation, MetaLearner, Params, Predictor
+from tasks.episodes import Episodes
 from tasks.store.parquet import precompute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,18 +70,31 @@ class OneAtATime:
         return self.learner.adapt(params, support_x, support_y)
 
 
+@dataclass(frozen=True)
+class PerPass(OneAtATime):
+    """``learner`` evaluating ``chunk`` episodes per pass instead of its default."""
+
+    chunk: int
+
+    def evaluate(self, params: Params, episodes: Episodes) -> dict[str, torch.Tensor]:
+        return self.learner.evaluate(params, episodes, chunk=self.chunk)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.evaluation", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "omniglot_maml_5w1s.yaml"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--episodes", type=int, default=600, help="test episodes (default 600, the papers' count)")
     parser.add_argument("--workers", nargs="*", type=int, default=[1, 2, 4], help="worker counts (none: driver rows only)")
+    parser.add_argument("--chunks", nargs="*", type=int, default=[], help="episodes per pass to time (Meta-LSTM, MetaNet)")
     args = parser.parse_args(argv)
 
     base = load_config(args.config, args.set)
     store = precompute(base)
     episodes = min(args.episodes, store.episodes("test"))
     learner = build_learner(base)
+    if args.chunks and "chunk" not in inspect.signature(getattr(learner, "evaluate", lambda: None)).parameters:
+        parser.error(f"--chunks: {base.algorithm.name}'s evaluation takes no chunk (the Meta-LSTM's and MetaNet's do)")
     params = learner.init(base.seed)
     layout = Layout.of(params)
     flat = layout.flatten(params).numpy()
@@ -86,6 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(("driver, one at a time", wall, cpu, one))
     reference, wall, cpu = timed(lambda: evaluate(learner, params, store.read_split("test", limit=episodes)))
     rows.append(("driver", wall, cpu, reference))
+    for chunk in args.chunks:
+        result, wall, cpu = timed(lambda: evaluate(PerPass(learner, chunk), params, store.read_split("test", limit=episodes)))  # noqa: B023
+        rows.append((f"driver, {chunk} per pass", wall, cpu, result))
     for n in args.workers:
         config = load_config(args.config, [*args.set, f"train.workers={n}", f"train.meta_batch={max(n, base.train.meta_batch)}"])
         placement = Placement.reserve(config, start_ray(config))

@@ -59,6 +59,7 @@ from pipeline.algorithms.fast_weights import (
     lstm_generate,
     mlp_generate,
 )
+from pipeline.algorithms.maml import task_accuracy
 from pipeline.algorithms.meta_batch import episodes_per_pass, sliced_meta_grad
 from pipeline.nets import init
 from pipeline.nets.layers import conv_tasks
@@ -266,6 +267,26 @@ class MetaNet:
         leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
         size = episodes_per_pass(self.task_chunk, episodes.support_x.device, 1, len(episodes))
         return sliced_meta_grad(leaves, episodes, size, lambda part: self._episode_losses(leaves, part))
+
+    def evaluate(self, params: Params, episodes: Episodes, chunk: int | None = None) -> dict[str, torch.Tensor]:
+        """Per-episode query ``loss`` and ``accuracy``, each ``[len(episodes)]``: ``adapt``'s, the memories of
+        ``chunk`` support sets written in one pass (episodes do not interact: batching changes float rounding
+        only). Default ``chunk``: 1 on a CPU, where stacking episodes was measured slower (``python -m
+        bench.evaluation --chunks``, README), 32 on a GPU (unmeasured)."""
+        self._check("query", episodes.query_x, episodes.query_y)
+        fixed = {k: v.detach() for k, v in params.items()}
+        chunk = episodes_per_pass(chunk, episodes.support_x.device, 1, 32)
+        rows: list[dict[str, torch.Tensor]] = []
+        for start in range(0, len(episodes), chunk):
+            part = episodes[start : start + chunk]
+            memory = self.write_memory(fixed, part.support_x, part.support_y)  # autograd inside: u's gradients
+            with torch.no_grad():
+                logits = self.read(fixed, memory, part.query_x)  # [B, Q, ways]
+            rows.append({
+                "loss": F.cross_entropy(logits.transpose(1, 2), part.query_y, reduction="none").mean(1),
+                "accuracy": task_accuracy(logits, part.query_y),
+            })
+        return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor) -> MetaNetPredictor:
         """Fill the memories from one support set ``[S, C, H, W]``, ``[S]``; the predictor reads them."""

@@ -20,6 +20,7 @@ from pipeline.config import load_config, validate
 from pipeline.errors import ConfigError
 from pipeline.nets.lstm import preprocess
 from tasks.episodes import Episodes
+from tests.pipeline.algorithms.adapted_alone import adapted_alone
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
@@ -367,3 +368,16 @@ def test_support_shuffle_is_seeded_per_episode_and_used_in_training():
     for key in grads:
         torch.testing.assert_close(grads[key], expected[key])
     assert any(not torch.allclose(grads[k], unshuffled[k]) for k in grads)
+
+
+def test_batched_meta_test_equals_adapting_each_episode_alone():
+    from pipeline.evaluation import scores
+    from pipeline.types import BatchedEvaluation
+
+    net = tiny(dtype=torch.float64)
+    params, batch = net.init(5), episodes(5, 1, 2, 5, seed=8, dtype=torch.float64)
+    metrics, alone = net.evaluate(params, batch, chunk=2), adapted_alone(net, params, batch)  # chunks 2, 2, 1
+    torch.testing.assert_close(metrics["loss"], alone["loss"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(metrics["accuracy"], alone["accuracy"])
+    assert len(set(metrics["loss"].tolist())) == 5 and not metrics["loss"].requires_grad  # five episodes, no graph kept
+    assert isinstance(net, BatchedEvaluation) and scores(net, params, batch) == metrics["accuracy"].tolist()
