@@ -125,7 +125,11 @@ def test_a_node_killed_after_its_worker_pushed_has_the_step_redone_once_on_the_n
     faulty = driver.train(run_config(tmp_path / "b", "s3://episodes/sin"), progress=False)
     assert spread == [{n.node_id for n in nodes}]  # one worker on each worker node
     assert killed and faulty.steps == STEPS
-    assert "worker 1 failed (ActorDiedError" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    # the error's kind depends on when Ray notices the node's death (ActorDiedError once it is declared dead,
+    # ActorUnavailableError while it is only unreachable): any of them is reported and replaces the worker
+    reported = [line for line in err.splitlines() if "worker 1 failed (" in line and "replacing it" in line]
+    assert reported, err[-4000:]
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
     # Ray may place the first replacement on the dying node before it is declared dead: then a second one
     assert metrics["faults/worker_restarts"] in (1, 2) and "faults/server_restores" not in metrics
