@@ -126,8 +126,8 @@ def test_a_node_killed_after_its_worker_pushed_has_the_step_redone_once_on_the_n
     assert spread == [{n.node_id for n in nodes}]  # one worker on each worker node
     assert killed and faulty.steps == STEPS
     err = capfd.readouterr().err
-    # the error's kind depends on when Ray notices the node's death (ActorDiedError once it is declared dead,
-    # ActorUnavailableError while it is only unreachable): any of them is reported and replaces the worker
+    # the error's kind depends on when Ray notices the node's death (ActorDiedError once it is declared dead; a CI
+    # run once printed another, elided by pytest): any RayActorError is reported and replaces the worker
     reported = [line for line in err.splitlines() if "worker 1 failed (" in line and "replacing it" in line]
     assert reported, err[-4000:]
     metrics = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow.db").get_run(faulty.run_id).data.metrics
