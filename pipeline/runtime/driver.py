@@ -311,10 +311,14 @@ def resumed_checkpoint(config: RunConfig, tracker: Tracker, scratch: Path) -> ch
 
 
 def _end_early(pool: Pool, tracker: Tracker, scratch: Path, status: str) -> None:
-    """Stop the actors, draw the learning curve so far (best effort) and mark the run ``status``."""
-    pool.stop()
+    """Stop the actors, draw the learning curve so far (best effort) and mark the run ``status``. A further signal
+    meanwhile (Ctrl-C pressed again) cuts the stopping or the drawing short, never the marking: the run is not left
+    RUNNING."""
     try:
-        log_learning_curve(tracker, scratch)
-    except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
-        print(f"no learning curve for this {status} run: {e}", file=sys.stderr)
-    tracker.finish(status)
+        pool.stop()
+        try:
+            log_learning_curve(tracker, scratch)
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to report
+            print(f"no learning curve for this {status} run: {e}", file=sys.stderr)
+    finally:
+        tracker.finish(status)

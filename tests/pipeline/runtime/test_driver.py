@@ -109,6 +109,24 @@ def test_a_second_interrupt_during_the_final_checkpoint_still_marks_the_run_kill
     assert "interrupted; the final checkpoint failed (a second signal), the last periodic one stands" in capsys.readouterr().err
 
 
+class InterruptedThriceAt3(InterruptedTwiceAt3):
+    """A third Ctrl-C while the actors are stopped, after the final checkpoint was given up."""
+
+    def stop(self):
+        if getattr(self, "interrupted", False):
+            self.interrupted = False
+            raise KeyboardInterrupt
+        super().stop()
+
+
+def test_a_third_interrupt_while_the_actors_stop_still_marks_the_run_killed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(tmp_path, InterruptedThriceAt3)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run_info,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run_info.info.status == "KILLED" and run_info.info.end_time is not None
+
+
 class TerminatedInMetaTest(LocalPool):
     """SIGTERM (as the driver's handler raises it) during the meta-test, after the last step."""
 
@@ -144,7 +162,7 @@ def test_reading_a_run_back_refuses_overrides_that_change_its_parameters(tmp_pat
     from pipeline.errors import RunError
     from pipeline.runtime.runs import load_run
 
-    _, client, run_id = train_in_process(tmp_path, LocalPool)
+    _, _, run_id = train_in_process(tmp_path, LocalPool)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     config, params, state = load_run(run_id, uri, "best", ["algorithm.eval_inner_steps=3"])
     assert config.algorithm.eval_inner_steps == 3 and params and state is None  # MAML adapts from a fresh start
