@@ -110,7 +110,7 @@ def test_a_second_interrupt_during_the_final_checkpoint_still_marks_the_run_kill
 
 
 class InterruptedThriceAt3(InterruptedTwiceAt3):
-    """A third Ctrl-C while the actors are stopped, after the final checkpoint was given up."""
+    """A third Ctrl-C while the actors are being stopped, after the second cut the final checkpoint short."""
 
     def stop(self):
         if getattr(self, "interrupted", False):
